@@ -1,0 +1,1 @@
+"""Everything that runs inside a worker process: drain a ring, send, count."""
