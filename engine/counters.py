@@ -1,0 +1,219 @@
+"""The counter block: per-worker counters in shared memory, written once per batch.
+
+Layout, version 1 (u64 words, native little-endian):
+
+    Block header, 64 bytes
+      0   u64  magic          COUNTERS_MAGIC ("EDGCNTR" + 0x01)
+      8   u32  version        COUNTERS_VERSION;  12 u32 header size (64)
+      16  u64  workers        number of regions
+      24  u64  region words   u64 words per region
+      32  u64  max events     event-id slots per region
+      40  u64  owner pid      the engine's main process
+      48  ..63 reserved
+    Region k, at byte 64 + k * region words * 8, as u64 words
+      0   pid                 the worker process now serving this region
+      1   state               STATE_BOOTING, STATE_READY, STATE_EXITED
+      2   sending upto        ring position of the batch being sent (in-flight marker)
+      3   journal upto        ring position the journal commits to; 0 = no journal
+      4   journal length      entries in the journal
+      5   heartbeat           time.monotonic_ns() of the worker's last loop
+      6   generation          1 + restarts of this region's worker
+      7   reserved
+      8   journal             JOURNAL_MAX (counter index, new absolute value) pairs
+      8 + 2*JOURNAL_MAX       counters, indexed by `CounterLayout` (below)
+
+Why a journal. A batch's counters and its read position must move together,
+even if the worker is killed between two stores: the worker writes the new
+absolute values into the journal, commits it with one store (journal upto),
+applies it, stores the ring's read position, then clears the journal. A
+restarted region replays a committed journal (idempotent: absolute values) and
+resumes after it, so counters never go backwards or count a batch twice. A
+batch that was being sent but not committed is sent again (counted once) and
+its pairs are added to `redelivered_pairs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from engine.ring import Ring
+
+COUNTERS_MAGIC: Final = int.from_bytes(b"EDGCNTR\x01", "little")
+COUNTERS_VERSION: Final = 1
+BLOCK_HEADER_WORDS: Final = 8
+REGION_HEADER_WORDS: Final = 8
+JOURNAL_MAX: Final = 4096
+
+STATE_BOOTING: Final = 0
+STATE_READY: Final = 1
+STATE_EXITED: Final = 2
+
+# Region header word indexes.
+R_PID, R_STATE, R_SENDING_UPTO, R_JOURNAL_UPTO, R_JOURNAL_LEN, R_HEARTBEAT, R_GENERATION = range(7)
+
+TRANSPORTS: Final = ("udp", "unix")
+REASONS: Final = ("eagain", "enobufs", "econnrefused", "enoent", "emsgsize", "other")
+BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+LATENCY_BUCKETS_S: Final = (
+    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
+    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5,
+)  # fmt: skip
+LATENCY_BUCKETS_NS: Final = tuple(int(b * 1e9) for b in LATENCY_BUCKETS_S)
+
+SCALARS: Final = (
+    "records_read",  # ring records consumed (events + control)
+    "events",  # event records consumed
+    "controls",  # control records applied
+    "batches",  # send rounds
+    "pairs_sent",  # (event, subscriber) pairs handed to the kernel
+    "pairs_failed",  # pairs whose send failed (any reason)
+    "redelivered_pairs",  # pairs sent again after a worker died mid-batch
+    "subscribers",  # sockets this worker holds now (a gauge)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CounterLayout:
+    """Indexes of each counter inside a region's counter area."""
+
+    max_events: int
+
+    @property
+    def scalar_base(self) -> int:
+        return 0
+
+    def scalar(self, name: str) -> int:
+        return SCALARS.index(name)
+
+    @property
+    def sent_base(self) -> int:
+        return len(SCALARS)
+
+    def sent(self, event_id: int, transport: int) -> int:
+        """Datagrams sent of `event_id` over transport index `transport`."""
+        return self.sent_base + event_id * len(TRANSPORTS) + transport
+
+    def sent_bytes(self, event_id: int, transport: int) -> int:
+        return self.sent(event_id, transport) + self.max_events * len(TRANSPORTS)
+
+    @property
+    def failures_base(self) -> int:
+        return self.sent_base + 2 * self.max_events * len(TRANSPORTS)
+
+    def failure(self, transport: int, reason: int) -> int:
+        return self.failures_base + transport * len(REASONS) + reason
+
+    @property
+    def batch_base(self) -> int:
+        """len(BATCH_BUCKETS)+1 bucket counts (last = +Inf), then the sum."""
+        return self.failures_base + len(TRANSPORTS) * len(REASONS)
+
+    @property
+    def latency_base(self) -> int:
+        """len(LATENCY_BUCKETS)+1 bucket counts (last = +Inf), then the sum in ns."""
+        return self.batch_base + len(BATCH_BUCKETS) + 2
+
+    @property
+    def size(self) -> int:
+        return self.latency_base + len(LATENCY_BUCKETS_NS) + 2
+
+
+def region_words(layout: CounterLayout) -> int:
+    return REGION_HEADER_WORDS + 2 * JOURNAL_MAX + layout.size
+
+
+def block_size(workers: int, layout: CounterLayout) -> int:
+    return 8 * (BLOCK_HEADER_WORDS + workers * region_words(layout))
+
+
+class CounterBlock:
+    """A view of the counter block; `region(k)` is worker k's u64 words."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.words = buf.cast("Q")
+        if self.words[0] != COUNTERS_MAGIC:
+            raise ValueError("not an event-datagram counter block (bad magic)")
+        version = self.words[1] & 0xFFFFFFFF
+        if version != COUNTERS_VERSION:
+            raise ValueError(f"counter block version {version}, expected {COUNTERS_VERSION}")
+        self.workers = int(self.words[2])
+        self.region_words = int(self.words[3])
+        self.layout = CounterLayout(int(self.words[4]))
+
+    @staticmethod
+    def format(buf: memoryview, workers: int, max_events: int, owner_pid: int) -> None:
+        layout = CounterLayout(max_events)
+        words = buf.cast("Q")
+        words[1] = COUNTERS_VERSION | (BLOCK_HEADER_WORDS * 8) << 32
+        words[2] = workers
+        words[3] = region_words(layout)
+        words[4] = max_events
+        words[5] = owner_pid
+        words[0] = COUNTERS_MAGIC
+        words.release()
+
+    @property
+    def owner_pid(self) -> int:
+        return int(self.words[5])
+
+    def region(self, worker: int) -> memoryview:
+        start = BLOCK_HEADER_WORDS + worker * self.region_words
+        return self.words[start : start + self.region_words]
+
+    def release(self) -> None:
+        self.words.release()
+
+
+class Region:
+    """One worker's region: header words, the journal, and its counters."""
+
+    def __init__(self, words: memoryview, layout: CounterLayout) -> None:
+        self.words = words
+        self.layout = layout
+        self.base = REGION_HEADER_WORDS + 2 * JOURNAL_MAX
+
+    def counter(self, index: int) -> int:
+        return int(self.words[self.base + index])
+
+    def counters(self) -> list[int]:
+        return self.words[self.base : self.base + self.layout.size].tolist()
+
+    def commit(self, values: list[int], touched: set[int], ring: Ring, read_pos: int) -> None:
+        """Publish the touched counters together with the ring's new read position."""
+        words = self.words
+        base = self.base
+        j = REGION_HEADER_WORDS
+        for index in touched:
+            words[j] = index
+            words[j + 1] = values[index]
+            j += 2
+        words[R_JOURNAL_LEN] = len(touched)
+        words[R_JOURNAL_UPTO] = read_pos  # the commit point
+        for index in touched:
+            words[base + index] = values[index]
+        ring.set_read_pos(read_pos, values[self.layout.scalar("records_read")])
+        words[R_JOURNAL_UPTO] = 0
+
+    def recover(self, ring: Ring) -> int:
+        """Make a dead worker's region and ring consistent before a successor starts.
+
+        Replays a committed journal, then counts the pairs of the batch that was in
+        flight (they will be sent again). Returns those redelivered pairs.
+        """
+        words = self.words
+        upto = int(words[R_JOURNAL_UPTO])
+        if upto:
+            for i in range(int(words[R_JOURNAL_LEN])):
+                j = REGION_HEADER_WORDS + 2 * i
+                words[self.base + words[j]] = words[j + 1]
+            ring.set_read_pos(upto, self.counter(self.layout.scalar("records_read")))
+            words[R_JOURNAL_UPTO] = 0
+        sending = int(words[R_SENDING_UPTO])
+        redelivered = 0
+        if sending > ring.read_pos:
+            redelivered = ring.pending_fanout(sending)
+            index = self.base + self.layout.scalar("redelivered_pairs")
+            words[index] += redelivered
+        words[R_SENDING_UPTO] = 0
+        return redelivered

@@ -1,0 +1,65 @@
+"""The engine's own settings (the `[engine]` table of the config file)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import msgspec
+
+
+class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How the fan-out engine runs. Every field has a working default."""
+
+    instance: str = "default"
+    """Names this engine's shared-memory segments (edg-<instance>-*)."""
+    workers: int = 0
+    """Worker processes; 0 = CPUs - 1, at least 1."""
+    cpus: list[int] = msgspec.field(default_factory=list)
+    """CPUs to pin workers to, in order; empty = every CPU but the producer's."""
+    pin: bool = True
+    """Pin workers (and the producer, where a CPU is left for it) with psutil."""
+    ring_bytes: int = 8 * 1024 * 1024
+    """Data bytes per worker ring."""
+    full_ring_policy: Literal["drop", "wait"] = "drop"
+    """With a full ring: drop the event for that worker (counted) or wait."""
+    full_ring_wait_ms: float = 10.0
+    """With policy "wait": the longest a raise waits for room before dropping."""
+    batch_max: int = 256
+    """Most event records a worker sends per round."""
+    drain_timeout_s: float = 5.0
+    """On stop: how long workers may take to drain their rings."""
+    max_events: int = 256
+    """Event-id slots in the counter block."""
+    use_sendmmsg: bool = True
+    """False forces the portable one-send-per-datagram path."""
+    socket_limit: int = 0
+    """Connected sockets per worker; beyond it subscribers share one unconnected
+    socket per family. 0 = as many as the open-files limit allows."""
+    sndbuf_bytes: int = 0
+    """SO_SNDBUF for subscriber sockets; 0 = the kernel default."""
+    runtime_dir: str = ""
+    """Where the engine keeps its files; "" = $XDG_RUNTIME_DIR/event-datagram or /tmp."""
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.workers >= 0, "workers", "must be >= 0"),
+            (self.ring_bytes >= 65536 * 4, "ring_bytes", "must be >= 262144"),
+            (self.ring_bytes % 8 == 0, "ring_bytes", "must be a multiple of 8"),
+            (self.full_ring_wait_ms >= 0, "full_ring_wait_ms", "must be >= 0"),
+            (1 <= self.batch_max <= 1024, "batch_max", "must be 1-1024"),
+            (self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0"),
+            (1 <= self.max_events <= 65535, "max_events", "must be 1-65535"),
+            (self.socket_limit >= 0, "socket_limit", "must be >= 0"),
+            (self.sndbuf_bytes >= 0, "sndbuf_bytes", "must be >= 0"),
+            (all(c >= 0 for c in self.cpus), "cpus", "must be CPU numbers >= 0"),
+        )
+        for ok, name, why in checks:
+            if not ok:
+                raise msgspec.ValidationError(f"{why} - at `$.{name}`")
+
+    def resolved_runtime_dir(self) -> str:
+        if self.runtime_dir:
+            return self.runtime_dir
+        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+        return os.path.join(base, "event-datagram")

@@ -1,0 +1,407 @@
+"""The Engine: the public raise path, its routing to worker rings, its accounting.
+
+`raise_event` encodes once, then appends one record to the ring of every worker
+that holds a subscriber of that event. It never blocks on a subscriber: a full
+ring drops the record for that worker (counted), or with the "wait" policy
+waits a bounded time first. Subscription changes become control records in the
+owning worker's ring, under the same lock, so "subscribe" and "the next event"
+reach the worker in the order they happened.
+
+Accounting (checked by `EngineStatistics.check_identity`):
+  events:  raised = oversize + dropped[no_subscribers] + dropped[ring_full] + queued
+           (an event is "queued" when every target ring took it, "ring_full"
+           when at least one did not)
+  pairs, per worker:  queued = sent + failed + in ring
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from engine.address import Destination
+from engine.counters import REASONS, TRANSPORTS, CounterBlock, Region
+from engine.options import EngineOptions
+from engine.ring import (
+    CONTROL_ENCODER,
+    KIND_EVENT,
+    KIND_STOP,
+    KIND_SUBSCRIBE,
+    KIND_UNSUBSCRIBE,
+    ControlPayload,
+)
+from engine.statistics import EngineStatistics, WorkerStatistics
+from engine.subscriptions import DEFAULT_EXPIRE, AllowList, Change, Registry
+from engine.supervisor import Supervisor
+from engine.wire import Params, PayloadTooLarge, encode_notification
+
+log = logging.getLogger("event_datagram.engine")
+
+DROP_REASONS = ("ring_full", "no_subscribers")
+
+
+class EngineError(RuntimeError):
+    """The engine cannot start or has stopped (the message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RaiseResult:
+    """What became of one raised event."""
+
+    event: str
+    size: int  # payload bytes
+    workers_queued: int  # rings that took it
+    workers_dropped: int  # rings that were full
+    pairs: int  # (event, subscriber) pairs queued
+
+    @property
+    def queued(self) -> bool:
+        """True when every subscriber's worker took the event."""
+        return self.workers_queued > 0 and self.workers_dropped == 0
+
+    @property
+    def no_subscribers(self) -> bool:
+        return self.workers_queued == 0 and self.workers_dropped == 0
+
+
+@dataclass(slots=True)
+class _WorkerRoute:
+    """The producer's view of one worker: what its table holds, what it was sent."""
+
+    fanout: dict[int, int]  # event id -> subscribers of it in this worker
+    keys: dict[str, int]  # subscriber key -> events it has in this worker
+    log: deque[tuple[int, int, int, ControlPayload]]  # (end pos, kind, event id, payload)
+    base: list[tuple[int, ControlPayload]]  # the worker's table at the oldest log entry
+    pending: deque[tuple[int, int, bytes]]  # control records waiting for room
+    pairs_queued: int = 0
+    pairs_dropped: int = 0
+    records_dropped: int = 0
+
+
+class Engine:
+    """The fan-out engine. Use as a context manager, or call start() and stop().
+
+    Thread-safe: every public method may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        options: EngineOptions | None = None,
+        *,
+        events: list[str] | None = None,
+        allow: AllowList | None = None,
+        state_file: str | None = None,
+    ) -> None:
+        self.options = options or EngineOptions()
+        self.lock = threading.RLock()
+        self.registry = Registry(
+            allow=allow or AllowList.default(self.options.resolved_runtime_dir()),
+            state_file=state_file,
+            on_change=self._on_change,
+            max_events=self.options.max_events,
+        )
+        for name in events or ():
+            self.registry.register_event(name)
+        self.supervisor = Supervisor(self)
+        self._routes: list[_WorkerRoute] = []
+        self._owner: dict[str, int] = {}  # subscriber key -> worker index
+        self._targets: dict[int, list[tuple[int, int]]] = {}  # event id -> [(worker, fanout)]
+        self._next_expiry: float | None = None
+        self._accepting = False
+        self._failure: str | None = None
+        self.started_at = time.time()
+        # Producer-side counters (main process only).
+        self.raised: list[int] = [0] * self.options.max_events
+        self.oversize: list[int] = [0] * self.options.max_events
+        self.events_queued = 0
+        self.drops = dict.fromkeys(DROP_REASONS, 0)
+        self._wait_s = (
+            self.options.full_ring_wait_ms / 1000.0
+            if self.options.full_ring_policy == "wait"
+            else 0.0
+        )
+
+    # -- life cycle -------------------------------------------------------------------
+    def start(self) -> Engine:
+        self.supervisor.start()  # creates the segments and boots the workers (no lock:
+        # the supervisor thread takes it to spawn them)
+        with self.lock:
+            self._routes = [
+                _WorkerRoute({}, {}, deque(), [], deque()) for _ in self.supervisor.rings
+            ]
+            self._accepting = True
+            self.registry.load()
+            self._refresh_expiry()
+        return self
+
+    def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Stop accepting, let workers drain their rings (bounded), free everything."""
+        with self.lock:
+            if not self._accepting and not self.supervisor.running:
+                return
+            self._accepting = False
+            self._flush_pending()
+            for ring in self.supervisor.rings:
+                ring.append(KIND_STOP, 0, 0, time.monotonic_ns(), b"", wait_s=0.5)
+        timeout = self.options.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        self.supervisor.stop(timeout)
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._accepting
+
+    def fail(self, reason: str) -> None:
+        """Called by the supervisor when workers cannot be kept alive."""
+        log.error("engine stopping: %s", reason)
+        self._failure = reason
+        self._accepting = False
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    # -- events and subscriptions ----------------------------------------------------------
+    def register_event(self, name: str) -> int:
+        with self.lock:
+            return self.registry.register_event(name)
+
+    def subscribe(
+        self, event: str, socket: str | Destination, expire: int | None = DEFAULT_EXPIRE
+    ) -> Change | None:
+        with self.lock:
+            return self.registry.subscribe(event, socket, expire)
+
+    def unsubscribe(self, event: str, socket: str | Destination) -> Change | None:
+        with self.lock:
+            return self.registry.unsubscribe(event, socket)
+
+    def raise_event(self, name: str, params: Params = None) -> RaiseResult:
+        """Queue one event for every subscriber of `name`.
+
+        Raises UnknownEvent; WireError for bad params; PayloadTooLarge (counted as an
+        oversize rejection) for a payload over the limit; EngineError when stopped.
+        """
+        try:
+            payload = encode_notification(name, params)
+        except PayloadTooLarge:
+            with self.lock:
+                eid = self.registry.event_id(name)
+                self.raised[eid] += 1
+                self.oversize[eid] += 1
+            raise
+        with self.lock:
+            if not self._accepting:
+                raise EngineError(self._failure or "engine is not running")
+            eid = self.registry.event_id(name)
+            if self._next_expiry is not None and time.time() >= self._next_expiry:
+                self.registry.sweep()
+                self._refresh_expiry()
+            return self._queue(name, eid, payload)
+
+    def _queue(self, name: str, eid: int, payload: bytes) -> RaiseResult:
+        self.raised[eid] += 1
+        targets = self._targets.get(eid)
+        if not targets:
+            self.drops["no_subscribers"] += 1
+            return RaiseResult(name, len(payload), 0, 0, 0)
+        rings = self.supervisor.rings
+        routes = self._routes
+        ts = time.monotonic_ns()
+        queued = dropped = pairs = 0
+        for worker, fanout in targets:
+            route = routes[worker]
+            ok = not route.pending and rings[worker].append(
+                KIND_EVENT, eid, fanout, ts, payload, self._wait_s
+            )
+            if ok:
+                queued += 1
+                pairs += fanout
+                route.pairs_queued += fanout
+            else:
+                dropped += 1
+                route.pairs_dropped += fanout
+                route.records_dropped += 1
+        if dropped:
+            self.drops["ring_full"] += 1
+        else:
+            self.events_queued += 1
+        return RaiseResult(name, len(payload), queued, dropped, pairs)
+
+    # -- control records -----------------------------------------------------------------
+    def _on_change(self, change: Change) -> None:
+        """Registry callback (under self.lock): tell the owning worker, in order."""
+        if change.kind == "refreshed":
+            self._refresh_expiry()
+            return
+        dest = change.subscriber.dest
+        key = dest.key
+        if not self._routes:
+            return  # not started yet: load() will replay after start
+        if change.kind == "added":
+            worker = self._owner.get(key)
+            if worker is None:
+                worker = min(range(len(self._routes)), key=lambda k: len(self._routes[k].keys))
+                self._owner[key] = worker
+            route = self._routes[worker]
+            route.keys[key] = route.keys.get(key, 0) + 1
+            route.fanout[change.event_id] = route.fanout.get(change.event_id, 0) + 1
+            kind = KIND_SUBSCRIBE
+        else:
+            worker = self._owner[key]
+            route = self._routes[worker]
+            route.fanout[change.event_id] -= 1
+            if not route.fanout[change.event_id]:
+                del route.fanout[change.event_id]
+            route.keys[key] -= 1
+            if not route.keys[key]:
+                del route.keys[key]
+                del self._owner[key]
+            kind = KIND_UNSUBSCRIBE
+        control = ControlPayload(
+            key,
+            dest.transport,
+            dest.family,
+            dest.sockaddr if isinstance(dest.sockaddr, str) else list(dest.sockaddr),
+        )
+        self._send_control(worker, kind, change.event_id, control)
+        self._rebuild_targets(change.event_id)
+        self._refresh_expiry()
+
+    def _send_control(self, worker: int, kind: int, eid: int, control: ControlPayload) -> None:
+        route = self._routes[worker]
+        route.pending.append((kind, eid, CONTROL_ENCODER.encode(control)))
+        route.log.append((-1, kind, eid, control))
+        self._flush_route(worker)
+
+    def _flush_route(self, worker: int) -> None:
+        """Move waiting control records into the ring, oldest first, while they fit."""
+        route = self._routes[worker]
+        ring = self.supervisor.rings[worker]
+        if not route.pending:
+            return
+        # Log entries without a position are the pending ones, in the same order.
+        unplaced = [i for i, entry in enumerate(route.log) if entry[0] < 0]
+        while route.pending:
+            kind, eid, payload = route.pending[0]
+            if not ring.try_append(kind, eid, 0, time.monotonic_ns(), payload):
+                return
+            route.pending.popleft()
+            i = unplaced.pop(0)
+            _, k, e, control = route.log[i]
+            route.log[i] = (ring.write_pos, k, e, control)
+
+    def _flush_pending(self) -> None:
+        for worker in range(len(self._routes)):
+            self._flush_route(worker)
+
+    def _rebuild_targets(self, eid: int) -> None:
+        targets = [
+            (worker, route.fanout[eid])
+            for worker, route in enumerate(self._routes)
+            if route.fanout.get(eid)
+        ]
+        if targets:
+            self._targets[eid] = targets
+        else:
+            self._targets.pop(eid, None)
+
+    def _refresh_expiry(self) -> None:
+        self._next_expiry = self.registry.next_expiry()
+
+    # -- supervisor hooks (called with self.lock held) --------------------------------------
+    def snapshot_for(self, worker: int, read_pos: int) -> list[tuple[int, ControlPayload]]:
+        """The worker's table as of ring position `read_pos` (for a restarted worker)."""
+        self.fold_log(worker, read_pos)
+        return list(self._routes[worker].base) if self._routes else []
+
+    def fold_log(self, worker: int, read_pos: int) -> None:
+        """Fold control records the worker has consumed into the base table."""
+        if not self._routes:
+            return
+        route = self._routes[worker]
+        while route.log and 0 <= route.log[0][0] <= read_pos:
+            _, kind, eid, control = route.log.popleft()
+            if kind == KIND_SUBSCRIBE:
+                route.base.append((eid, control))
+            else:
+                route.base = [
+                    (e, c) for e, c in route.base if not (e == eid and c.key == control.key)
+                ]
+
+    def tick(self) -> None:
+        """Periodic housekeeping (supervisor thread): expiry sweep, pending controls."""
+        with self.lock:
+            if not self._accepting:
+                return
+            now = time.time()
+            if self._next_expiry is not None and now >= self._next_expiry:
+                self.registry.sweep()
+                self._refresh_expiry()
+            self._flush_pending()
+            for worker, ring in enumerate(self.supervisor.rings):
+                self.fold_log(worker, ring.read_pos)
+
+    # -- statistics --------------------------------------------------------------------------
+    def statistics(self) -> EngineStatistics:
+        """A consistent snapshot of every counter (taken under the producer lock)."""
+        with self.lock:
+            workers = []
+            block: CounterBlock | None = self.supervisor.counters
+            for k, ring in enumerate(self.supervisor.rings):
+                route = self._routes[k] if self._routes else None
+                assert block is not None
+                region = Region(block.region(k), block.layout)
+                values = region.counters()
+                lay = block.layout
+                failures = {
+                    (TRANSPORTS[t], REASONS[r]): values[lay.failure(t, r)]
+                    for t in range(len(TRANSPORTS))
+                    for r in range(len(REASONS))
+                }
+                workers.append(
+                    WorkerStatistics(
+                        index=k,
+                        pid=self.supervisor.pid_of(k),
+                        alive=self.supervisor.alive(k),
+                        restarts=self.supervisor.restarts[k],
+                        ring=ring.statistics(),
+                        pairs_queued=route.pairs_queued if route else 0,
+                        pairs_dropped=route.pairs_dropped if route else 0,
+                        records_dropped=route.records_dropped if route else 0,
+                        pairs_sent=values[lay.scalar("pairs_sent")],
+                        pairs_failed=values[lay.scalar("pairs_failed")],
+                        pairs_in_ring=ring.pending_fanout(),
+                        redelivered_pairs=values[lay.scalar("redelivered_pairs")],
+                        subscribers=values[lay.scalar("subscribers")],
+                        failures=failures,
+                        counters=tuple(values),
+                    )
+                )
+            names = dict((eid, name) for name, eid in self.registry.events())
+            return EngineStatistics(
+                events_raised={names[e]: self.raised[e] for e in names},
+                events_oversize={names[e]: self.oversize[e] for e in names},
+                events_queued=self.events_queued,
+                drops=dict(self.drops),
+                workers=tuple(workers),
+                event_names=names,
+                max_events=self.options.max_events,
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """Where the engine runs, for logs and the `run` command's ready line."""
+        return {
+            "instance": self.options.instance,
+            "workers": len(self.supervisor.rings),
+            "cpus": self.supervisor.cpus,
+        }

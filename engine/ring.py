@@ -1,0 +1,263 @@
+"""Single-producer / single-consumer ring of variable-length records in shared memory.
+
+Layout, version 1 (all integers native little-endian, x86-64):
+
+    Header, 256 bytes
+      0   u64  magic             RING_MAGIC ("EDGRING" + 0x01)
+      8   u32  version           RING_VERSION
+      12  u32  header size       HEADER_SIZE (256)
+      16  u64  capacity          data bytes, a multiple of 8
+      24  ..63                   reserved (0)
+      -- producer cache line --
+      64  u64  write position    ever-increasing byte count; written by the producer only
+      72  u64  records written   written by the producer only
+      80  u64  drops             records the producer could not fit (ring full)
+      88  ..127                  reserved
+      -- consumer cache line --
+      128 u64  read position     ever-increasing byte count; written by the consumer only
+      136 u64  records read      written by the consumer only
+      144 ..255                  reserved
+    Data, `capacity` bytes, starting at offset 256
+
+    Record, at data offset (position % capacity), 8-byte aligned
+      0   u32  payload length    bytes
+      4   u16  kind              KIND_EVENT, KIND_SUBSCRIBE, KIND_UNSUBSCRIBE, KIND_STOP, KIND_WRAP
+      6   u16  flags             0
+      8   u32  event id
+      12  u32  fanout            subscribers of this event in this worker when queued
+      16  u64  raise timestamp   time.monotonic_ns() of the raise
+      24       payload           padded with zeros to a multiple of 8
+
+A record never straddles the end of the data area: when it does not fit, the
+producer writes a KIND_WRAP header there (or, when fewer than 24 bytes remain,
+nothing) and the record starts at data offset 0; the consumer skips to 0 the same way.
+
+Publication order. The producer copies the payload and the record header, then
+stores the new write position; the consumer loads the write position, then
+reads the records before it, and stores its read position only when done with
+them. Each position is one aligned 8-byte store/load through a native `'Q'`
+memoryview (a single `mov`; the `'<Q'` struct path would copy byte by byte).
+This relies on x86-64 ordering: stores are not reordered with other stores,
+loads not with other loads. `check_architecture()` refuses to run elsewhere.
+"""
+
+from __future__ import annotations
+
+import platform
+import struct
+import time
+from dataclasses import dataclass
+from typing import Final
+
+import msgspec
+
+RING_MAGIC: Final = int.from_bytes(b"EDGRING\x01", "little")
+RING_VERSION: Final = 1
+HEADER_SIZE: Final = 256
+RECORD_HEADER: Final = struct.Struct("<IHHIIQ")
+RECORD_HEADER_SIZE: Final = RECORD_HEADER.size  # 24
+
+KIND_EVENT: Final = 1
+KIND_SUBSCRIBE: Final = 2
+KIND_UNSUBSCRIBE: Final = 3
+KIND_STOP: Final = 4
+KIND_WRAP: Final = 0xFFFF
+
+# Indexes into the header viewed as u64 words (byte offset / 8).
+_MAGIC, _VERSION_SIZE, _CAPACITY = 0, 1, 2
+_WRITE_POS, _RECORDS_WRITTEN, _DROPS = 8, 9, 10
+_READ_POS, _RECORDS_READ = 16, 17
+
+
+class ControlPayload(msgspec.Struct, array_like=True, frozen=True):
+    """The payload of a subscribe/unsubscribe record (msgpack): one subscriber."""
+
+    key: str
+    transport: str  # "udp" | "unix"
+    family: int
+    sockaddr: str | list[str | int]  # a UNIX path, or [host, port(, flowinfo, scope)]
+
+    def address(self) -> str | tuple[str | int, ...]:
+        """The sockaddr as socket.connect() takes it."""
+        return self.sockaddr if isinstance(self.sockaddr, str) else tuple(self.sockaddr)
+
+
+CONTROL_ENCODER: Final = msgspec.msgpack.Encoder()
+CONTROL_DECODER: Final = msgspec.msgpack.Decoder(ControlPayload)
+
+
+_X86_64: Final = frozenset({"x86_64", "amd64", "AMD64"})
+
+
+def check_architecture() -> None:
+    """Refuse to run where plain stores/loads could be reordered (see module doc)."""
+    machine = platform.machine()
+    if machine not in _X86_64:
+        raise RuntimeError(
+            f"event-datagram's shared-memory ring relies on x86-64 store ordering; "
+            f"this machine is {machine!r}, which is not supported"
+        )
+
+
+def align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def segment_size(capacity: int) -> int:
+    return HEADER_SIZE + capacity
+
+
+@dataclass(frozen=True, slots=True)
+class RingStatistics:
+    capacity: int
+    used_bytes: int
+    records_written: int
+    records_read: int
+    drops: int
+
+
+class Ring:
+    """A view of one ring segment; the producer and the consumer each hold one."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf = buf
+        self.words = buf[:HEADER_SIZE].cast("Q")
+        if self.words[_MAGIC] != RING_MAGIC:
+            raise ValueError("not an event-datagram ring (bad magic)")
+        version = self.words[_VERSION_SIZE] & 0xFFFFFFFF
+        if version != RING_VERSION:
+            raise ValueError(f"ring layout version {version}, expected {RING_VERSION}")
+        self.capacity: int = self.words[_CAPACITY]
+        self.data = buf[HEADER_SIZE : HEADER_SIZE + self.capacity]
+
+    @staticmethod
+    def format(buf: memoryview, capacity: int) -> None:
+        """Write a fresh header into a zeroed segment of `segment_size(capacity)` bytes."""
+        check_architecture()
+        if capacity % 8 or capacity < 4096:
+            raise ValueError(f"ring capacity {capacity}: must be a multiple of 8, >= 4096")
+        words = buf[:HEADER_SIZE].cast("Q")
+        words[_VERSION_SIZE] = RING_VERSION | (HEADER_SIZE << 32)
+        words[_CAPACITY] = capacity
+        words[_MAGIC] = RING_MAGIC
+        words.release()
+
+    def release(self) -> None:
+        """Drop every view into the segment so it can be closed."""
+        self.data.release()
+        self.words.release()
+
+    # -- positions ----------------------------------------------------------------
+    @property
+    def write_pos(self) -> int:
+        return int(self.words[_WRITE_POS])
+
+    @property
+    def read_pos(self) -> int:
+        return int(self.words[_READ_POS])
+
+    def max_record(self) -> int:
+        """Largest payload that can ever fit (half the ring, so a wrap always fits)."""
+        return self.capacity // 2 - RECORD_HEADER_SIZE
+
+    # -- producer -------------------------------------------------------------------
+    def try_append(self, kind: int, event_id: int, fanout: int, ts_ns: int, payload: bytes) -> bool:
+        """Append one record; False (and a counted drop) when it does not fit now."""
+        words = self.words
+        cap = self.capacity
+        wpos = words[_WRITE_POS]
+        size = RECORD_HEADER_SIZE + align8(len(payload))
+        off = wpos % cap
+        tail = cap - off
+        skip = tail if tail < size else 0
+        if size + skip > cap - (wpos - words[_READ_POS]):
+            words[_DROPS] += 1
+            return False
+        data = self.data
+        if skip:
+            if tail >= RECORD_HEADER_SIZE:
+                RECORD_HEADER.pack_into(data, off, 0, KIND_WRAP, 0, 0, 0, 0)
+            off = 0
+        start = off + RECORD_HEADER_SIZE
+        data[start : start + len(payload)] = payload
+        RECORD_HEADER.pack_into(data, off, len(payload), kind, 0, event_id, fanout, ts_ns)
+        words[_RECORDS_WRITTEN] += 1
+        words[_WRITE_POS] = wpos + skip + size
+        return True
+
+    def append(
+        self,
+        kind: int,
+        event_id: int,
+        fanout: int,
+        ts_ns: int,
+        payload: bytes,
+        wait_s: float = 0.0,
+    ) -> bool:
+        """Append, waiting up to `wait_s` for room; the drop is counted once."""
+        if len(payload) > self.max_record():
+            raise ValueError(f"record of {len(payload)} bytes exceeds the ring's maximum")
+        if wait_s <= 0:
+            return self.try_append(kind, event_id, fanout, ts_ns, payload)
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self._fits(len(payload)):
+                return self.try_append(kind, event_id, fanout, ts_ns, payload)
+            if time.monotonic() >= deadline:
+                return self.try_append(kind, event_id, fanout, ts_ns, payload)
+            time.sleep(0.0001)
+
+    def _fits(self, payload_len: int) -> bool:
+        wpos = self.words[_WRITE_POS]
+        size = RECORD_HEADER_SIZE + align8(payload_len)
+        tail = self.capacity - wpos % self.capacity
+        skip = tail if tail < size else 0
+        return size + skip <= self.capacity - (wpos - self.words[_READ_POS])
+
+    # -- consumer -------------------------------------------------------------------
+    def set_read_pos(self, pos: int, records_read: int) -> None:
+        """Release everything before `pos`; `records_read` is the new absolute total."""
+        self.words[_RECORDS_READ] = records_read
+        self.words[_READ_POS] = pos
+
+    def records(self, start: int, end: int) -> list[tuple[int, int, int, int, int, int, int]]:
+        """Decode the records in [start, end) as (pos, next_pos, kind, event_id, fanout,
+        ts_ns, length). The slow path, for accounting and recovery, not for sending."""
+        out = []
+        pos = start
+        cap = self.capacity
+        while pos < end:
+            off = pos % cap
+            tail = cap - off
+            if tail < RECORD_HEADER_SIZE:
+                pos += tail
+                continue
+            length, kind, _flags, event_id, fanout, ts = RECORD_HEADER.unpack_from(self.data, off)
+            if kind == KIND_WRAP:
+                pos += tail
+                continue
+            nxt = pos + RECORD_HEADER_SIZE + align8(length)
+            out.append((pos, nxt, kind, event_id, fanout, ts, length))
+            pos = nxt
+        return out
+
+    def payload(self, pos: int, length: int) -> bytes:
+        off = pos % self.capacity + RECORD_HEADER_SIZE
+        return bytes(self.data[off : off + length])
+
+    def pending_fanout(self, end: int | None = None) -> int:
+        """Subscriber pairs in event records from the read position up to `end`
+        (default: everything written). Call it where the producer is not writing."""
+        stop = self.write_pos if end is None else end
+        return sum(r[4] for r in self.records(self.read_pos, stop) if r[2] == KIND_EVENT)
+
+    def statistics(self) -> RingStatistics:
+        words = self.words
+        rpos = words[_READ_POS]
+        return RingStatistics(
+            capacity=self.capacity,
+            used_bytes=int(words[_WRITE_POS] - rpos),
+            records_written=int(words[_RECORDS_WRITTEN]),
+            records_read=int(words[_RECORDS_READ]),
+            drops=int(words[_DROPS]),
+        )

@@ -1,0 +1,100 @@
+"""Named POSIX shared-memory segments: create, attach, reclaim.
+
+The main process creates every segment through `multiprocessing.shared_memory`
+(so Python's resource tracker unlinks them if the whole engine dies). Workers
+attach *without* that tracker: in Python 3.11 a process that attaches through
+`SharedMemory` registers the name too, and its resource tracker unlinks the
+segment when that process exits -- a dying worker would destroy its own ring.
+On Linux, glibc's `shm_open(name)` is `open("/dev/shm/" + name)`, so a worker
+maps the file directly and nothing tracks it.
+
+Every segment of one engine is named `edg-<instance>-<part>`, so a new engine
+can find and reclaim what a crashed engine of the same instance left behind.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from multiprocessing import resource_tracker, shared_memory
+from typing import Final
+
+SHM_DIR: Final = "/dev/shm"
+PREFIX: Final = "edg-"
+_INSTANCE_RE: Final = re.compile(r"^[A-Za-z0-9_.]{1,48}$")
+
+
+def check_instance_name(instance: str) -> str:
+    """Return `instance` if it can name segments, else raise ValueError naming it."""
+    if not _INSTANCE_RE.match(instance):
+        raise ValueError(f"instance name {instance!r}: use 1-48 letters, digits, '_' or '.'")
+    return instance
+
+
+def segment_name(instance: str, part: str) -> str:
+    return f"{PREFIX}{instance}-{part}"
+
+
+class Segment:
+    """One mapped shared-memory segment; `buf` is a writable memoryview of it."""
+
+    def __init__(self, name: str, size: int, buf: memoryview, owner: object) -> None:
+        self.name = name
+        self.size = size
+        self.buf = buf
+        self._owner = owner  # the SharedMemory or mmap keeping the mapping alive
+
+    @classmethod
+    def create(cls, name: str, size: int) -> Segment:
+        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        assert shm.buf is not None
+        return cls(name, size, shm.buf, shm)
+
+    @classmethod
+    def attach(cls, name: str) -> Segment:
+        """Map an existing segment without registering it with a resource tracker."""
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, size, memoryview(mm), mm)
+
+    def close(self) -> None:
+        """Unmap. Every view derived from `buf` must have been released first."""
+        self.buf.release()
+        owner = self._owner
+        if isinstance(owner, (shared_memory.SharedMemory, mmap.mmap)):
+            owner.close()
+
+    def unlink(self) -> None:
+        """Remove the name; mappings stay valid until closed."""
+        owner = self._owner
+        if isinstance(owner, shared_memory.SharedMemory):
+            try:
+                owner.unlink()
+            except FileNotFoundError:
+                resource_tracker.unregister(owner._name, "shared_memory")  # type: ignore[attr-defined]
+        else:
+            unlink_name(self.name)
+
+
+def unlink_name(name: str) -> bool:
+    """Unlink a segment by name; False if it did not exist."""
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def list_segments(instance: str) -> list[str]:
+    """Names of every segment that belongs to `instance`."""
+    prefix = segment_name(instance, "")
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.startswith(prefix))

@@ -1,0 +1,99 @@
+"""Frozen snapshots of the engine's counters: one source of truth for tests,
+the bench and the metrics collector."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.counters import LATENCY_BUCKETS_S, TRANSPORTS, CounterLayout
+from engine.ring import RingStatistics
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatistics:
+    index: int
+    pid: int | None
+    alive: bool
+    restarts: int
+    ring: RingStatistics
+    pairs_queued: int  # (event, subscriber) pairs appended to this worker's ring
+    pairs_dropped: int  # pairs lost because the ring was full
+    records_dropped: int  # event records lost because the ring was full
+    pairs_sent: int
+    pairs_failed: int
+    pairs_in_ring: int  # pairs in records the worker has not finished
+    redelivered_pairs: int  # pairs possibly sent twice (a worker died mid-batch)
+    subscribers: int  # sockets the worker holds
+    failures: dict[tuple[str, str], int]  # (transport, reason) -> failed pairs
+    counters: tuple[int, ...]  # the raw counter area (see counters.CounterLayout)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatistics:
+    events_raised: dict[str, int]
+    events_oversize: dict[str, int]
+    events_queued: int
+    drops: dict[str, int]  # reason -> events
+    workers: tuple[WorkerStatistics, ...]
+    event_names: dict[int, str]
+    max_events: int
+
+    @property
+    def raised(self) -> int:
+        return sum(self.events_raised.values())
+
+    @property
+    def oversize(self) -> int:
+        return sum(self.events_oversize.values())
+
+    @property
+    def pairs_sent(self) -> int:
+        return sum(w.pairs_sent for w in self.workers)
+
+    @property
+    def pairs_failed(self) -> int:
+        return sum(w.pairs_failed for w in self.workers)
+
+    def sent_by_event(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(event, transport) -> (datagrams, bytes) over all workers."""
+        layout = CounterLayout(self.max_events)
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for eid, name in self.event_names.items():
+            for t, transport in enumerate(TRANSPORTS):
+                n = sum(w.counters[layout.sent(eid, t)] for w in self.workers)
+                b = sum(w.counters[layout.sent_bytes(eid, t)] for w in self.workers)
+                out[(name, transport)] = (n, b)
+        return out
+
+    def latency_buckets(self) -> tuple[list[int], int]:
+        """Cumulative-free bucket counts (len(LATENCY_BUCKETS_S)+1) and the sum in ns."""
+        layout = CounterLayout(self.max_events)
+        n = len(LATENCY_BUCKETS_S) + 1
+        counts = [sum(w.counters[layout.latency_base + i] for w in self.workers) for i in range(n)]
+        total = sum(w.counters[layout.latency_base + n] for w in self.workers)
+        return counts, total
+
+    def identity_errors(self) -> list[str]:
+        """Every way the accounting identity (SPEC section 5) fails; empty when it holds."""
+        errors = []
+        drops = sum(self.drops.values())
+        if self.raised != self.oversize + drops + self.events_queued:
+            errors.append(
+                f"events: raised {self.raised} != oversize {self.oversize} + dropped "
+                f"{self.drops} + queued {self.events_queued}"
+            )
+        for w in self.workers:
+            accounted = w.pairs_sent + w.pairs_failed + w.pairs_in_ring
+            if w.pairs_queued != accounted:
+                errors.append(
+                    f"worker {w.index}: pairs queued {w.pairs_queued} != sent {w.pairs_sent}"
+                    f" + failed {w.pairs_failed} + in ring {w.pairs_in_ring}"
+                )
+            if sum(w.failures.values()) != w.pairs_failed:
+                errors.append(f"worker {w.index}: failures by reason do not add up")
+        return errors
+
+    def check_identity(self) -> None:
+        errors = self.identity_errors()
+        if errors:
+            raise AssertionError("; ".join(errors))

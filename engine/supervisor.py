@@ -1,0 +1,379 @@
+"""Start, pin, watch, restart, drain and stop the worker processes.
+
+The supervisor thread's loop is short: wait for a worker to die (its process
+sentinel) or for the next tick; restart the dead one on the same ring and
+counter region; let the engine do its periodic housekeeping. A worker that dies
+before it ever became ready counts as a boot failure; BOOT_ATTEMPTS of those in
+a row stop the engine with the reason instead of crash-looping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import wait
+from typing import TYPE_CHECKING, Final
+
+from engine.counters import (
+    R_PID,
+    R_STATE,
+    STATE_BOOTING,
+    STATE_READY,
+    CounterBlock,
+    CounterLayout,
+    Region,
+    block_size,
+)
+from engine.ring import Ring, check_architecture, segment_size
+from engine.shm import Segment, check_instance_name, list_segments, segment_name, unlink_name
+from workers.worker import WorkerSpec
+
+if TYPE_CHECKING:
+    from engine.producer import Engine
+
+log = logging.getLogger("event_datagram.supervisor")
+
+
+class WorkerProcess:
+    """A worker started as `python -m workers` (a fresh interpreter: nothing of the
+    embedding application's __main__ is re-run), its spec pickled on stdin.
+    `sentinel` is a pidfd: readable once the process has exited."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "workers"], stdin=subprocess.PIPE, close_fds=True
+        )
+        self.pid = self.popen.pid
+        self.sentinel = os.pidfd_open(self.pid)
+        assert self.popen.stdin is not None
+        try:
+            self.popen.stdin.write(pickle.dumps(spec))
+            self.popen.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once; the sentinel reports it
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.terminate()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.kill()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.sentinel)
+
+
+BOOT_ATTEMPTS: Final = 3
+BOOT_TIMEOUT_S: Final = 20.0
+TICK_S: Final = 0.1
+
+
+class Supervisor:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.options = engine.options
+        self.rings: list[Ring] = []
+        self.counters: CounterBlock | None = None
+        self.cpus: list[int | None] = []
+        self.restarts: list[int] = []
+        self._segments: list[Segment] = []
+        self._procs: list[WorkerProcess | None] = []
+        self._boot_failures: list[int] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._booted = threading.Event()
+        self._boot_error: str | None = None
+        self._saved_affinity: list[int] | None = None
+        self.running = False
+
+    # -- start ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        check_architecture()
+        opts = self.options
+        instance = check_instance_name(opts.instance)
+        self._reclaim(instance)
+        workers, producer_cpu = self._plan_cpus()
+        layout = CounterLayout(opts.max_events)
+        try:
+            seg = Segment.create(segment_name(instance, "counters"), block_size(workers, layout))
+            self._segments.append(seg)
+            CounterBlock.format(seg.buf, workers, opts.max_events, os.getpid())
+            self.counters = CounterBlock(seg.buf)
+            for k in range(workers):
+                ring_seg = Segment.create(
+                    segment_name(instance, f"ring{k}"), segment_size(opts.ring_bytes)
+                )
+                self._segments.append(ring_seg)
+                Ring.format(ring_seg.buf, opts.ring_bytes)
+                self.rings.append(Ring(ring_seg.buf))
+        except BaseException:
+            self._free_segments()
+            raise
+        self._procs = [None] * workers
+        self.restarts = [0] * workers
+        self._boot_failures = [0] * workers
+        if producer_cpu is not None:
+            self._pin_producer(producer_cpu)
+        self.running = True
+        self._thread = threading.Thread(target=self._run, name="edg-supervisor", daemon=True)
+        self._thread.start()
+        if not self._booted.wait(BOOT_TIMEOUT_S) or self._boot_error:
+            reason = self._boot_error or f"workers not ready after {BOOT_TIMEOUT_S:.0f} s"
+            self.stop(0.0)
+            from engine.producer import EngineError
+
+            raise EngineError(reason)
+
+    def _reclaim(self, instance: str) -> None:
+        """Remove segments a crashed engine of this instance left; refuse if it still runs."""
+        names = list_segments(instance)
+        if not names:
+            return
+        counters = segment_name(instance, "counters")
+        if counters in names:
+            with contextlib.suppress(OSError, ValueError):
+                seg = Segment.attach(counters)
+                try:
+                    owner = CounterBlock(seg.buf)
+                    pid = owner.owner_pid
+                    owner.release()
+                finally:
+                    seg.close()
+                if pid != os.getpid() and _alive(pid):
+                    from engine.producer import EngineError
+
+                    raise EngineError(
+                        f"instance {instance!r} is already running (pid {pid}); "
+                        f"stop it or choose another instance name"
+                    )
+        for name in names:
+            unlink_name(name)
+        log.warning("reclaimed %d stale shared-memory segment(s): %s", len(names), names)
+
+    def _plan_cpus(self) -> tuple[int, int | None]:
+        """Number of workers and the producer's CPU; fills self.cpus (one per worker)."""
+        opts = self.options
+        import psutil
+
+        try:
+            available = sorted(psutil.Process().cpu_affinity())
+        except (AttributeError, psutil.Error, OSError):
+            available = list(range(os.cpu_count() or 1))
+        workers = opts.workers or max(1, len(available) - 1)
+        producer_cpu: int | None = None
+        if not opts.pin:
+            self.cpus = [None] * workers
+        elif opts.cpus:
+            self.cpus = [opts.cpus[k % len(opts.cpus)] for k in range(workers)]
+            spare = [c for c in available if c not in opts.cpus]
+            producer_cpu = spare[0] if spare else None
+        elif len(available) > workers:
+            producer_cpu = available[0]
+            self.cpus = list(available[1 : workers + 1])
+        else:
+            self.cpus = [available[k % len(available)] for k in range(workers)]
+        return workers, producer_cpu
+
+    def _pin_producer(self, cpu: int) -> None:
+        import psutil
+
+        with contextlib.suppress(psutil.Error, OSError, ValueError):
+            me = psutil.Process()
+            self._saved_affinity = me.cpu_affinity()
+            me.cpu_affinity([cpu])
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        # Workers are spawned from this thread: their PR_SET_PDEATHSIG fires when it ends.
+        try:
+            for k in range(len(self.rings)):
+                self._spawn(k)
+            self._wait_ready()
+        except Exception as exc:  # pragma: no cover - reported to start()
+            self._boot_error = f"cannot start workers: {exc}"
+        self._booted.set()
+        next_tick = time.monotonic()
+        while not self._stopping.is_set():
+            sentinels = [p.sentinel for p in self._procs if p is not None]
+            timeout = max(0.0, next_tick - time.monotonic())
+            ready = wait(sentinels, timeout) if sentinels else self._stopping.wait(timeout)
+            if self._stopping.is_set():
+                break
+            if ready:
+                self._reap()
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + TICK_S
+                try:
+                    self.engine.tick()
+                except Exception:  # housekeeping must never kill the supervisor
+                    log.exception("engine housekeeping failed")
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        assert self.counters is not None
+        while time.monotonic() < deadline:
+            if self._boot_error:
+                return
+            if all(self.counters.region(k)[R_STATE] == STATE_READY for k in range(len(self.rings))):
+                return
+            for k, proc in enumerate(self._procs):
+                if proc is not None and not proc.is_alive():
+                    self._reap_one(k, proc)
+            time.sleep(0.01)
+        self._boot_error = f"workers not ready after {BOOT_TIMEOUT_S:.0f} s"
+
+    def _spawn(self, k: int) -> None:
+        assert self.counters is not None
+        engine = self.engine
+        with engine.lock:
+            region = Region(self.counters.region(k), self.counters.layout)
+            ring = self.rings[k]
+            redelivered = region.recover(ring)
+            if redelivered:
+                log.warning(
+                    "worker %d: %d pair(s) of its last batch will be resent", k, redelivered
+                )
+            snapshot = engine.snapshot_for(k, ring.read_pos)
+            region.words[R_STATE] = STATE_BOOTING
+            region.words[R_PID] = 0
+            opts = self.options
+            spec = WorkerSpec(
+                index=k,
+                ring_name=segment_name(opts.instance, f"ring{k}"),
+                counters_name=segment_name(opts.instance, "counters"),
+                cpu=self.cpus[k],
+                batch_max=opts.batch_max,
+                use_sendmmsg=opts.use_sendmmsg,
+                socket_limit=opts.socket_limit,
+                sndbuf=opts.sndbuf_bytes,
+                parent_pid=os.getpid(),
+                snapshot=snapshot,
+            )
+            self._procs[k] = WorkerProcess(spec)
+
+    def _reap(self) -> None:
+        for k, proc in enumerate(self._procs):
+            if proc is not None and proc.exitcode is not None:
+                self._reap_one(k, proc)
+
+    def _reap_one(self, k: int, proc: WorkerProcess) -> None:
+        assert self.counters is not None
+        proc.join(0)
+        proc.close()
+        # READY, or EXITED (set by a worker that had been ready), means it booted.
+        was_ready = self.counters.region(k)[R_STATE] != STATE_BOOTING
+        log.error("worker %d (pid %s) %s", k, proc.pid, _describe_exit(proc.exitcode))
+        if self._stopping.is_set():
+            self._procs[k] = None
+            return
+        if was_ready:
+            self._boot_failures[k] = 0
+        else:
+            self._boot_failures[k] += 1
+            if self._boot_failures[k] >= BOOT_ATTEMPTS:
+                reason = (
+                    f"worker {k} failed to start {BOOT_ATTEMPTS} times in a row "
+                    f"(last: {_describe_exit(proc.exitcode)})"
+                )
+                self._boot_error = reason
+                self._procs[k] = None
+                self.engine.fail(reason)
+                self._stopping.set()
+                return
+        self.restarts[k] += 1
+        self._spawn(k)
+
+    # -- stop ------------------------------------------------------------------------------------
+    def stop(self, drain_timeout_s: float) -> None:
+        """Wait for workers to drain and exit (they were sent STOP), then free everything."""
+        deadline = time.monotonic() + drain_timeout_s
+        self._stopping.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        for k, proc in enumerate(self._procs):
+            if proc is None:
+                continue
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("worker %d did not drain in %.1f s; terminating", k, drain_timeout_s)
+                proc.terminate()
+                proc.join(1.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1.0)
+            proc.close()
+            self._procs[k] = None
+        self.running = False
+        self._free_segments()
+        if self._saved_affinity is not None:
+            import psutil
+
+            with contextlib.suppress(psutil.Error, OSError, ValueError):
+                psutil.Process().cpu_affinity(self._saved_affinity)
+            self._saved_affinity = None
+
+    def _free_segments(self) -> None:
+        for ring in self.rings:
+            ring.release()
+        if self.counters is not None:
+            self.counters.release()
+        for seg in self._segments:
+            seg.unlink()
+            with contextlib.suppress(BufferError):
+                seg.close()
+        self._segments.clear()
+
+    # -- introspection -----------------------------------------------------------------------------
+    def pid_of(self, k: int) -> int | None:
+        proc = self._procs[k] if k < len(self._procs) else None
+        return proc.pid if proc is not None else None
+
+    def alive(self, k: int) -> bool:
+        proc = self._procs[k] if k < len(self._procs) else None
+        return proc is not None and proc.is_alive()
+
+    def ready(self, k: int) -> bool:
+        return self.counters is not None and self.counters.region(k)[R_STATE] == STATE_READY
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the OOM killer or an operator?)" if name == "SIGKILL" else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {code}"

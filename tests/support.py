@@ -1,0 +1,131 @@
+"""Shared test helpers: real receivers on loopback/UNIX sockets, engines, vectors."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from engine.options import EngineOptions
+from engine.producer import Engine
+from engine.shm import list_segments
+
+VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "opensips"
+_counter = itertools.count()
+
+
+def vectors_dir() -> Path:
+    if not VECTORS.is_dir():
+        raise FileNotFoundError(f"test vectors not found at {VECTORS} (shared/ beside the repo)")
+    return VECTORS
+
+
+def unique_instance(tag: str = "t") -> str:
+    return f"{tag}{os.getpid()}x{next(_counter)}"
+
+
+class Receiver:
+    """A bound datagram socket whose datagrams a thread collects, in arrival order."""
+
+    def __init__(self, family: int, address: str | tuple[str, int], rcvbuf: int = 8 << 20) -> None:
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.bind(address)
+        self.sock.settimeout(0.05)
+        self.family = family
+        self.datagrams: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def socket_text(self) -> str:
+        """The subscriber socket string for this receiver."""
+        name = self.sock.getsockname()
+        if self.family == socket.AF_UNIX:
+            return f"unix:{name}"
+        if self.family == socket.AF_INET6:
+            return f"udp:[{name[0]}]:{name[1]}"
+        return f"udp:{name[0]}:{name[1]}"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(70000)
+            except (TimeoutError, BlockingIOError):
+                continue
+            except OSError:
+                return
+            self.datagrams.append(data)
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while len(self.datagrams) < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return list(self.datagrams)
+
+    def quiet(self, settle: float = 0.2) -> list[bytes]:
+        """Wait until nothing new arrives for `settle` seconds; return everything."""
+        seen = -1
+        while seen != len(self.datagrams):
+            seen = len(self.datagrams)
+            time.sleep(settle)
+        return list(self.datagrams)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        path = self.sock.getsockname() if self.family == socket.AF_UNIX else None
+        self.sock.close()
+        if path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def udp_receiver(host: str = "127.0.0.1") -> Receiver:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return Receiver(family, (host, 0))
+
+
+def unix_receiver(directory: Path, name: str = "rx.sock") -> Receiver:
+    return Receiver(socket.AF_UNIX, str(directory / name))
+
+
+@contextmanager
+def running_engine(events: list[str] | None = None, **options: object) -> Iterator[Engine]:
+    """An Engine with a unique instance name; stopped (and checked clean) afterwards."""
+    opts = EngineOptions(instance=unique_instance(), **options)  # type: ignore[arg-type]
+    engine = Engine(opts, events=events or ["E_TEST"])
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+        leftover = list_segments(opts.instance)
+        assert not leftover, f"shared-memory segments left behind: {leftover}"
+
+
+def settle(engine: Engine, timeout: float = 10.0) -> None:
+    """Wait until every worker has consumed everything in its ring."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.statistics()
+        if all(w.ring.used_bytes == 0 for w in stats.workers):
+            return
+        time.sleep(0.005)
+    raise AssertionError("workers did not drain their rings in time")
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")

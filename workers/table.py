@@ -1,0 +1,138 @@
+"""A worker's own subscriber table: one socket per subscriber, the events it wants.
+
+The worker applies control records (`engine.ring.ControlPayload`) in ring order,
+so a subscribe takes effect exactly before the next event record.
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+from engine.counters import TRANSPORTS
+from engine.ring import ControlPayload
+
+RECONNECT_INTERVAL_S: Final = 0.05
+FD_RESERVE: Final = 64  # descriptors kept free for the worker's own needs
+
+
+@dataclass(eq=False, slots=True)
+class Subscriber:
+    key: str
+    transport: int  # index into TRANSPORTS
+    family: int
+    sockaddr: str | tuple[str | int, ...]
+    sock: socket.socket
+    connected: bool  # False: shared socket (sendto) or a connect still pending
+    shared: bool  # True: uses the worker's shared unconnected socket for its family
+    events: set[int] = field(default_factory=set)
+    retry_at: float = 0.0
+    last_errno: int = 0
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class SubscriberTable:
+    """Subscribers by key and by event id; owns their sockets."""
+
+    def __init__(self, socket_limit: int, sndbuf: int = 0) -> None:
+        self.by_key: dict[str, Subscriber] = {}
+        self.by_event: dict[int, list[Subscriber]] = {}
+        self.socket_limit = socket_limit
+        self.sndbuf = sndbuf
+        self.own_sockets = 0
+        self.shared: dict[int, socket.socket] = {}
+
+    def subscribe(self, event_id: int, control: ControlPayload) -> None:
+        sub = self.by_key.get(control.key)
+        if sub is None:
+            sub = self._open(control)
+            self.by_key[control.key] = sub
+        if event_id not in sub.events:
+            sub.events.add(event_id)
+            self.by_event.setdefault(event_id, []).insert(0, sub)  # newest first
+
+    def unsubscribe(self, event_id: int, key: str) -> None:
+        sub = self.by_key.get(key)
+        if sub is None or event_id not in sub.events:
+            return
+        sub.events.discard(event_id)
+        subs = self.by_event[event_id]
+        subs.remove(sub)
+        if not subs:
+            del self.by_event[event_id]
+        if not sub.events:
+            del self.by_key[key]
+            if not sub.shared:
+                sub.sock.close()
+                self.own_sockets -= 1
+
+    def _open(self, control: ControlPayload) -> Subscriber:
+        transport = TRANSPORTS.index(control.transport)
+        sockaddr = control.address()
+        kind = socket.SOCK_DGRAM
+        if self.own_sockets >= self.socket_limit:
+            sock = self.shared.get(control.family)
+            if sock is None:
+                sock = socket.socket(control.family, kind)
+                sock.setblocking(False)
+                self.shared[control.family] = sock
+            return Subscriber(control.key, transport, control.family, sockaddr, sock, False, True)
+        sock = socket.socket(control.family, kind)
+        sock.setblocking(False)
+        if self.sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+        self.own_sockets += 1
+        sub = Subscriber(control.key, transport, control.family, sockaddr, sock, False, False)
+        self.connect(sub, time.monotonic())
+        return sub
+
+    @staticmethod
+    def connect(sub: Subscriber, now: float) -> bool:
+        """(Re)connect a subscriber's own socket; on failure retry no sooner than later."""
+        try:
+            sub.sock.connect(sub.sockaddr)
+        except OSError as exc:
+            sub.connected = False
+            sub.last_errno = exc.errno or 0
+            sub.retry_at = now + RECONNECT_INTERVAL_S
+            return False
+        sub.connected = True
+        return True
+
+    def snapshot(self) -> list[tuple[int, ControlPayload]]:
+        return [
+            (
+                event_id,
+                ControlPayload(s.key, TRANSPORTS[s.transport], s.family, _listed(s.sockaddr)),
+            )
+            for event_id, subs in self.by_event.items()
+            for s in reversed(subs)
+        ]
+
+    def close(self) -> None:
+        for sub in self.by_key.values():
+            if not sub.shared:
+                sub.sock.close()
+        for sock in self.shared.values():
+            sock.close()
+        self.by_key.clear()
+        self.by_event.clear()
+
+
+def _listed(sockaddr: str | tuple[str | int, ...]) -> str | list[str | int]:
+    return sockaddr if isinstance(sockaddr, str) else list(sockaddr)

@@ -1,0 +1,345 @@
+"""A worker process: drain its ring in batches, send, count once per batch.
+
+The loop, per batch:
+  1. read up to `batch_max` event records (a control record ends the batch, and
+     is applied once the events before it are sent, so ordering is exact);
+  2. mark the batch in flight (region `sending upto`);
+  3. aim the iovec table at the payloads inside the ring and, for every
+     subscriber of those events, send them with one `sendmmsg` on its socket;
+  4. commit the counters and the ring's read position together (counters.py).
+Nothing here imports the MI, HTTP or config code.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+from engine.counters import (
+    BATCH_BUCKETS,
+    LATENCY_BUCKETS_NS,
+    R_GENERATION,
+    R_HEARTBEAT,
+    R_PID,
+    R_SENDING_UPTO,
+    R_STATE,
+    STATE_EXITED,
+    STATE_READY,
+    CounterBlock,
+    Region,
+)
+from engine.ring import (
+    CONTROL_DECODER,
+    KIND_EVENT,
+    KIND_STOP,
+    KIND_SUBSCRIBE,
+    KIND_UNSUBSCRIBE,
+    KIND_WRAP,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    ControlPayload,
+    Ring,
+)
+from engine.shm import Segment
+from workers.sender import RECONNECT_ERRNOS, BatchSender, reason_index
+from workers.table import FD_RESERVE, Subscriber, SubscriberTable, raise_fd_limit
+
+_WRITE_POS_WORD: Final = 8  # ring header word of the write position (ring.py layout)
+IDLE_SPINS: Final = 200
+SHORT_SLEEP_S: Final = 50e-6
+LONG_SLEEP_S: Final = 500e-6
+BUSY_WINDOW_NS: Final = 20_000_000  # keep short sleeps this long after the last record
+
+PR_SET_PDEATHSIG: Final = 1
+PR_SET_TIMERSLACK: Final = 29
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs; pickled into the spawned process."""
+
+    index: int
+    ring_name: str
+    counters_name: str
+    cpu: int | None = None
+    batch_max: int = 256
+    use_sendmmsg: bool = True
+    socket_limit: int = 0  # 0 = as many as the open-files limit allows
+    sndbuf: int = 0
+    parent_pid: int = 0
+    snapshot: list[tuple[int, ControlPayload]] = field(default_factory=list)
+
+
+def _prctl(option: int, value: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+
+
+def _prepare_process(spec: WorkerSpec) -> None:
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the engine
+    _prctl(PR_SET_TIMERSLACK, 1000)  # 1 us: short idle sleeps stay short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor drains and stops us
+    if spec.cpu is not None:
+        import psutil
+
+        with contextlib.suppress(psutil.Error, OSError, ValueError):
+            psutil.Process().cpu_affinity([spec.cpu])
+
+
+def main(spec: WorkerSpec) -> None:
+    """Process entry point."""
+    _prepare_process(spec)
+    if spec.parent_pid and os.getppid() != spec.parent_pid:
+        return  # the engine died while we were starting
+    Worker(spec).run()
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.ring_segment = Segment.attach(spec.ring_name)
+        self.counter_segment = Segment.attach(spec.counters_name)
+        self.ring = Ring(self.ring_segment.buf)
+        block = CounterBlock(self.counter_segment.buf)
+        self.region = Region(block.region(spec.index), block.layout)
+        self.layout = block.layout
+        self.values = self.region.counters()
+        limit = spec.socket_limit or max(1, raise_fd_limit() - FD_RESERVE)
+        self.table = SubscriberTable(limit, spec.sndbuf)
+        for event_id, control in spec.snapshot:
+            self.table.subscribe(event_id, control)
+        self.sender = BatchSender(self.ring.data, spec.batch_max, spec.use_sendmmsg)
+        self.touched: set[int] = set()
+        lay = self.layout
+        self.i_records = lay.scalar("records_read")
+        self.i_events = lay.scalar("events")
+        self.i_controls = lay.scalar("controls")
+        self.i_batches = lay.scalar("batches")
+        self.i_sent = lay.scalar("pairs_sent")
+        self.i_failed = lay.scalar("pairs_failed")
+        self.i_subscribers = lay.scalar("subscribers")
+        self._set(self.i_subscribers, len(self.table.by_key))
+
+    def _add(self, index: int, delta: int) -> None:
+        self.values[index] += delta
+        self.touched.add(index)
+
+    def _set(self, index: int, value: int) -> None:
+        self.values[index] = value
+        self.touched.add(index)
+
+    def run(self) -> None:
+        words = self.region.words
+        words[R_PID] = os.getpid()
+        words[R_GENERATION] += 1
+        words[R_STATE] = STATE_READY
+        try:
+            self._loop()
+        finally:
+            words[R_STATE] = STATE_EXITED
+            self.table.close()
+
+    def _loop(self) -> None:
+        ring = self.ring
+        ring_words = ring.words
+        data = ring.data
+        cap = ring.capacity
+        unpack = RECORD_HEADER.unpack_from
+        region_words = self.region.words
+        batch_max = self.spec.batch_max
+        iov = self.sender.iov_words
+        base = self.sender.data_address
+        parent = self.spec.parent_pid
+        rpos = ring.read_pos
+        idle = 0
+        last_busy = time.monotonic_ns()
+        eids: list[int] = []
+        lengths: list[int] = []
+        stamps: list[int] = []
+        while True:
+            wpos = ring_words[_WRITE_POS_WORD]
+            if wpos == rpos:
+                idle += 1
+                if idle < IDLE_SPINS:
+                    continue
+                now = time.monotonic_ns()
+                region_words[R_HEARTBEAT] = now
+                if now - last_busy < BUSY_WINDOW_NS:
+                    time.sleep(SHORT_SLEEP_S)
+                else:
+                    if parent and os.getppid() != parent:
+                        return
+                    time.sleep(LONG_SLEEP_S)
+                continue
+            idle = 0
+            pos = rpos
+            records = 0
+            n = 0
+            eids.clear()
+            lengths.clear()
+            stamps.clear()
+            control: tuple[int, int, int, int] | None = None  # kind, event id, offset, length
+            while pos < wpos and n < batch_max:
+                off = pos % cap
+                tail = cap - off
+                if tail < RECORD_HEADER_SIZE:
+                    pos += tail
+                    continue
+                length, kind, _flags, eid, _fanout, ts = unpack(data, off)
+                if kind == KIND_WRAP:
+                    pos += tail
+                    continue
+                nxt = pos + RECORD_HEADER_SIZE + ((length + 7) & ~7)
+                if kind != KIND_EVENT:
+                    if n == 0:
+                        control = (kind, eid, off + RECORD_HEADER_SIZE, length)
+                        records += 1
+                        pos = nxt
+                    break
+                iov[2 * n] = base + off + RECORD_HEADER_SIZE
+                iov[2 * n + 1] = length
+                eids.append(eid)
+                lengths.append(length)
+                stamps.append(ts)
+                n += 1
+                records += 1
+                pos = nxt
+            if n:
+                region_words[R_SENDING_UPTO] = pos
+                self._send_batch(n, eids, lengths, stamps)
+                self._add(self.i_events, n)
+                self._add(self.i_batches, 1)
+            stop = False
+            if control is not None:
+                stop = self._apply_control(*control)
+            self._add(self.i_records, records)
+            self.region.commit(self.values, self.touched, ring, pos)
+            self.touched.clear()
+            rpos = pos
+            last_busy = time.monotonic_ns()
+            region_words[R_HEARTBEAT] = last_busy
+            if stop:
+                return
+
+    def _apply_control(self, kind: int, event_id: int, offset: int, length: int) -> bool:
+        self._add(self.i_controls, 1)
+        if kind == KIND_STOP:
+            return True
+        control = CONTROL_DECODER.decode(self.ring.data[offset : offset + length])
+        if kind == KIND_SUBSCRIBE:
+            self.table.subscribe(event_id, control)
+        elif kind == KIND_UNSUBSCRIBE:
+            self.table.unsubscribe(event_id, control.key)
+        self._set(self.i_subscribers, len(self.table.by_key))
+        return False
+
+    def _send_batch(self, n: int, eids: list[int], lengths: list[int], stamps: list[int]) -> None:
+        by_event = self.table.by_event
+        first = eids[0]
+        if eids.count(first) == n:
+            subs = by_event.get(first, ())
+            total = sum(lengths)
+            for sub in subs:
+                self._send_range(sub, n, first, total, lengths)
+            pairs = n * len(subs)
+        else:
+            pairs = self._send_mixed(n, eids, lengths)
+        self._observe(pairs, stamps)
+
+    def _send_range(
+        self, sub: Subscriber, n: int, eid: int, total: int, lengths: list[int]
+    ) -> None:
+        """Entries [0, n) all carry `eid`: one sendmmsg call (or a few) on sub's socket."""
+        lay = self.layout
+        sent = self._deliver(sub, 0, n)
+        failed = self.sender.errors
+        if failed:
+            total -= sum(lengths[i] for i, _ in failed)
+        self._add(lay.sent(eid, sub.transport), sent)
+        self._add(lay.sent_bytes(eid, sub.transport), total)
+        self._add(self.i_sent, sent)
+
+    def _send_mixed(self, n: int, eids: list[int], lengths: list[int]) -> int:
+        """Several event ids in one batch: each subscriber gets its own events, in order.
+
+        A subscriber that wants only some of them gets a compact copy of those
+        iovec entries in the table's second half. Returns the pairs handled.
+        """
+        by_event = self.table.by_event
+        wanted: dict[int, Subscriber] = {}
+        for eid in set(eids):
+            for sub in by_event.get(eid, ()):
+                wanted[id(sub)] = sub
+        lay = self.layout
+        sender = self.sender
+        iov = sender.iov_words
+        spare = self.spec.batch_max
+        pairs = 0
+        for sub in wanted.values():
+            mine = [i for i in range(n) if eids[i] in sub.events]
+            if len(mine) == n:
+                start = 0
+            else:
+                start = spare
+                for j, i in enumerate(mine):
+                    iov[2 * (spare + j)] = iov[2 * i]
+                    iov[2 * (spare + j) + 1] = iov[2 * i + 1]
+            sent = self._deliver(sub, start, len(mine))
+            failed = {entry - start for entry, _ in sender.errors}
+            for j, i in enumerate(mine):
+                if j not in failed:
+                    self._add(lay.sent(eids[i], sub.transport), 1)
+                    self._add(lay.sent_bytes(eids[i], sub.transport), lengths[i])
+            self._add(self.i_sent, sent)
+            pairs += len(mine)
+        return pairs
+
+    def _deliver(self, sub: Subscriber, start: int, count: int, scratch: bool = False) -> int:
+        """Send entries [start, start+count) to one subscriber; count failures by reason."""
+        sender = self.sender
+        if sub.shared:
+            sent = sender.send_to(sub.sock, sub.sockaddr, start, count)
+        elif not sub.connected:
+            now = time.monotonic()
+            if now < sub.retry_at or not self.table.connect(sub, now):
+                sender.errors[:] = [(i, sub.last_errno) for i in range(start, start + count)]
+                self._count_failures(sub, count)
+                return 0
+            sent = sender.send(sub.sock, start, count)
+        else:
+            sent = sender.send(sub.sock, start, count)
+        if sender.errors:
+            self._count_failures(sub, len(sender.errors))
+            last = sender.errors[-1][1]
+            if sub.transport == 1 and last in RECONNECT_ERRNOS and not sub.shared:
+                sub.connected = False  # peer gone: connect again before the next send
+                sub.last_errno = last
+                sub.retry_at = 0.0
+        return sent
+
+    def _count_failures(self, sub: Subscriber, count: int) -> None:
+        lay = self.layout
+        for _i, err in self.sender.errors:
+            self._add(lay.failure(sub.transport, reason_index(err or errno.EIO)), 1)
+        self._add(self.i_failed, count)
+
+    def _observe(self, pairs: int, stamps: list[int]) -> None:
+        """Batch-size (datagrams) and raise-to-send latency histograms, once per batch."""
+        lay = self.layout
+        self._add(lay.batch_base + bisect.bisect_left(BATCH_BUCKETS, pairs), 1)
+        self._add(lay.batch_base + len(BATCH_BUCKETS) + 1, pairs)
+        now = time.monotonic_ns()
+        lat_base = lay.latency_base
+        total = 0
+        for ts in stamps:
+            delta = max(now - ts, 0)
+            total += delta
+            self._add(lat_base + bisect.bisect_left(LATENCY_BUCKETS_NS, delta), 1)
+        self._add(lat_base + len(LATENCY_BUCKETS_NS) + 1, total)
