@@ -1,0 +1,399 @@
+"""Events and their subscribers: expiry, the allow-list, persistence, change feed.
+
+The OpenSIPS Event Interface semantics (SPEC section 3; MEASUREMENTS 5 and 6):
+
+- Events are known by name and get dense ids 0, 1, 2... in registration order.
+- ``subscribe(event, socket, expire=3600)``: ``expire`` 0 unsubscribes at once
+  (OpenSIPS waits for the next clock second), a negative one is an error, and
+  ``None`` means "never expires" (a static subscription from the config).
+  Subscribing the same socket again (same printed key) refreshes its time and
+  expire in place: no duplicate, same list position. Lists are newest first.
+- ``ttl = expire - whole seconds elapsed``; a subscriber is expired once
+  ``now >= subscribed_at + expire`` and is removed lazily (when its event is
+  listed, subscribed to or searched) and by ``sweep()``. ``next_expiry()`` lets
+  a hot path skip sweeping with one float compare.
+- Beyond OpenSIPS: an allow-list checked at subscribe time, and expiring
+  subscriptions persisted atomically to a state file (see engine/state.py).
+
+Every added/removed/refreshed subscriber is reported, in order, to ``on_change``
+(the engine turns these into control records for its workers); it must not
+raise. A method that raises leaves the registry unchanged.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from .address import AddressError, Destination, parse_destination
+from .state import MAX_EXPIRE, StateEntry, StateStore
+from .state import StateFileError as StateFileError  # re-exported
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPIRE: Final = 3600
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SubscriptionError(Exception):
+    """A subscription request was refused; the message names the bad part."""
+
+
+class UnknownEvent(SubscriptionError):
+    def __init__(self, event: str | int) -> None:
+        super().__init__(f"unknown event {event!r}")
+        self.event = event
+
+
+class BadExpire(SubscriptionError):
+    def __init__(self, expire: object) -> None:
+        super().__init__(f"bad expire {expire!r}: expected an integer from 0 to {MAX_EXPIRE}")
+        self.expire = expire
+
+
+class NotAllowed(SubscriptionError):
+    def __init__(self, dest: str, allow: AllowList, detail: str = "") -> None:
+        super().__init__(f"destination {dest}{detail} is not in the allow-list ({allow})")
+        self.dest = dest
+
+
+@dataclass(frozen=True, slots=True)
+class AllowList:
+    """Destinations a subscriber may name: UDP networks and UNIX directory prefixes."""
+
+    networks: tuple[IPNetwork, ...]
+    unix_prefixes: tuple[str, ...]
+
+    @classmethod
+    def default(cls, runtime_dir: str | None = None) -> AllowList:
+        """Loopback (127.0.0.0/8, ::1), /tmp/ and the engine's runtime directory."""
+        items = ["127.0.0.0/8", "::1/128", "/tmp/"]
+        return cls.parse(items if runtime_dir is None else [*items, runtime_dir])
+
+    @classmethod
+    def parse(cls, items: Iterable[str]) -> AllowList:
+        """Parse networks ("10.0.0.0/8", "::1") and directories ("unix:/run/app/", "/run/app").
+
+        A directory always ends up with a trailing "/", so "/run/app" does not
+        admit "/run/apple". Raises ValueError naming the bad item.
+        """
+        networks: dict[IPNetwork, None] = {}
+        prefixes: dict[str, None] = {}
+        for item in items:
+            if not isinstance(item, str) or not item:
+                raise ValueError(f"allow-list item {item!r}: expected a network or a directory")
+            path = item.removeprefix("unix:")
+            if path.startswith("/"):
+                path = os.path.normpath(path)
+                prefixes[path if path.endswith("/") else path + "/"] = None
+            elif path != item:
+                raise ValueError(f"allow-list item {item!r}: a UNIX prefix must be absolute")
+            else:
+                try:
+                    networks[ipaddress.ip_network(item)] = None
+                except ValueError as exc:
+                    raise ValueError(f"allow-list item {item!r}: {exc}") from None
+        return cls(tuple(networks), tuple(prefixes))
+
+    def check(self, dest: Destination) -> None:
+        """Raise NotAllowed unless the resolved address or normalised path is allowed."""
+        if dest.transport == "unix":
+            path = os.path.normpath(dest.path)
+            if not path.startswith(self.unix_prefixes):
+                raise NotAllowed(dest.key, self, "" if path == dest.path else f" (= {path})")
+            return
+        try:
+            ip = ipaddress.ip_address(dest.sockaddr[0])
+        except ValueError:
+            raise NotAllowed(dest.key, self, " (not resolved)") from None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if not any(ip in net for net in self.networks):
+            raise NotAllowed(dest.key, self, "" if str(ip) == dest.host else f" (= {ip})")
+
+    def __str__(self) -> str:
+        parts = [str(n) for n in self.networks] + [f"unix:{p}" for p in self.unix_prefixes]
+        return ", ".join(parts) or "empty"
+
+
+@dataclass(frozen=True, slots=True)
+class Subscriber:
+    dest: Destination
+    expire: int | None  # None = never expires (static, from config)
+    subscribed_at: float  # the registry's wall clock
+
+    def ttl(self, now: float) -> int | None:
+        """Seconds left as OpenSIPS shows them (may be <= 0); None for never."""
+        if self.expire is None:
+            return None
+        return self.expire - max(0, int(now - self.subscribed_at))
+
+    @property
+    def expires_at(self) -> float | None:
+        """The expiry instant on the registry's clock; None for never."""
+        return None if self.expire is None else self.subscribed_at + self.expire
+
+    def expired(self, now: float) -> bool:
+        return self.expire is not None and now >= self.subscribed_at + self.expire
+
+
+_Subs = dict[str, Subscriber]  # one event's subscribers by key, OLDEST first
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    kind: Literal["added", "removed", "refreshed"]
+    event: str
+    event_id: int
+    subscriber: Subscriber
+
+
+def _check_expire(expire: object) -> None:
+    if expire is None:
+        return
+    if not isinstance(expire, int) or isinstance(expire, bool) or not 0 <= expire <= MAX_EXPIRE:
+        raise BadExpire(expire)
+
+
+class Registry:
+    """Not thread-safe: the engine serialises calls with its own lock."""
+
+    def __init__(
+        self,
+        *,
+        allow: AllowList | None = None,
+        state_file: str | os.PathLike[str] | None = None,
+        clock: Callable[[], float] = time.time,
+        on_change: Callable[[Change], None] | None = None,
+        max_events: int = 256,
+    ) -> None:
+        self._allow = AllowList.default() if allow is None else allow
+        self._store = None if state_file is None else StateStore(os.fspath(state_file))
+        self._clock = clock
+        self._on_change = on_change
+        self._max_events = max_events
+        self._ids: dict[str, int] = {}
+        self._names: list[str] = []
+        self._subs: list[_Subs] = []  # per event id
+        self._heap: list[tuple[float, int, str]] = []  # (expiry instant, event id, key), lazy
+        self._heap_limit = 64
+
+    def register_event(self, name: str) -> int:
+        """Return the event's id, registering it first if needed."""
+        eid = self._ids.get(name) if isinstance(name, str) else None
+        if eid is not None:
+            return eid
+        if not isinstance(name, str) or not 1 <= len(name) <= 255 or not name.isascii():
+            raise ValueError(f"event name {name!r}: expected 1-255 printable ASCII characters")
+        if not name.isprintable() or any(c.isspace() for c in name):
+            raise ValueError(f"event name {name!r}: whitespace and control characters are refused")
+        if len(self._names) >= self._max_events:
+            raise SubscriptionError(
+                f"cannot register event {name!r}: {self._max_events} is the limit"
+            )
+        self._ids[name] = eid = len(self._names)
+        self._names.append(name)
+        self._subs.append({})
+        return eid
+
+    def event_id(self, name: str) -> int:
+        eid = self._ids.get(name) if isinstance(name, str) else None
+        if eid is None:
+            raise UnknownEvent(name)
+        return eid
+
+    def event_name(self, event_id: int) -> str:
+        if not isinstance(event_id, int) or not 0 <= event_id < len(self._names):
+            raise UnknownEvent(event_id)
+        return self._names[event_id]
+
+    def events(self) -> list[tuple[str, int]]:
+        return [(name, eid) for eid, name in enumerate(self._names)]
+
+    def subscribe(
+        self, event: str, socket: str | Destination, expire: int | None = DEFAULT_EXPIRE
+    ) -> Change | None:
+        """Add or refresh a subscriber; expire 0 unsubscribes, None never expires."""
+        _check_expire(expire)
+        eid = self.event_id(event)
+        if expire == 0:
+            return self.unsubscribe(event, socket)
+        dest = socket if isinstance(socket, Destination) else parse_destination(_text(socket))
+        self._allow.check(dest)
+        now = self._clock()
+        subs = self._subs[eid]
+        before = dict(subs)
+        changes = self._sweep_event(eid, now)
+        old = subs.get(dest.key)
+        subs[dest.key] = new = Subscriber(dest, expire, now)
+        change = Change("added" if old is None else "refreshed", self._names[eid], eid, new)
+        if expire is not None:  # a stale heap entry is harmless if the commit fails
+            self._push(now + expire, eid, dest.key)
+        persist = expire is not None or (old is not None and old.expire is not None)
+        self._commit(eid, before, [*changes, change], persist)
+        return change
+
+    def unsubscribe(self, event: str, socket: str | Destination) -> Change | None:
+        """Remove a subscriber; None when it was not subscribed."""
+        eid = self.event_id(event)
+        key = _key(socket)
+        subs = self._subs[eid]
+        before = dict(subs)
+        changes = self._sweep_event(eid, self._clock())
+        old = subs.pop(key, None)
+        if old is None:
+            self._commit(eid, before, changes, persist=False)
+            return None
+        change = Change("removed", self._names[eid], eid, old)
+        self._commit(eid, before, [*changes, change], persist=old.expire is not None)
+        return change
+
+    def subscribers(self, event: str) -> list[Subscriber]:
+        """The event's live subscribers, newest first (expired ones are removed first)."""
+        eid = self.event_id(event)
+        self._finish_sweep(self._sweep_event(eid, self._clock()))
+        return list(reversed(self._subs[eid].values()))
+
+    def find(self, event: str, socket: str | Destination) -> Subscriber | None:
+        """The live subscriber with exactly this key; None also for an unparsable socket."""
+        eid = self.event_id(event)
+        try:
+            key = _key(socket)
+        except ValueError:
+            return None
+        self._finish_sweep(self._sweep_event(eid, self._clock()))
+        return self._subs[eid].get(key)
+
+    def sweep(self) -> list[Change]:
+        """Remove every expired subscriber; return (and report) the removals."""
+        now = self._clock()
+        heap, changes = self._heap, []
+        while heap and heap[0][0] <= now:
+            _, eid, key = heapq.heappop(heap)
+            sub = self._subs[eid].get(key)
+            if sub is not None and sub.expired(now):
+                del self._subs[eid][key]
+                changes.append(Change("removed", self._names[eid], eid, sub))
+        self._finish_sweep(changes)
+        return changes
+
+    def next_expiry(self) -> float | None:
+        """The earliest expiry instant among expiring subscribers, None if there are none."""
+        heap = self._heap
+        while heap:
+            instant, eid, key = heap[0]
+            sub = self._subs[eid].get(key)
+            if sub is not None and sub.expires_at == instant:
+                return instant
+            heapq.heappop(heap)
+        return None
+
+    def load(self) -> int:
+        """Restore the state file's live subscriptions; return how many were restored.
+
+        Raises StateFileError (and refuses to save from then on) for a corrupt file.
+        """
+        entries = None if self._store is None else self._store.read()
+        if self._store is None or entries is None:
+            return 0
+        now, changes = self._clock(), []
+        for entry in entries:
+            if now >= entry.subscribed_at + entry.expire:
+                continue
+            try:
+                dest = parse_destination(entry.socket)
+                self._allow.check(dest)
+                eid = self.register_event(entry.event)
+            except (ValueError, OSError, SubscriptionError) as exc:
+                what = f"{entry.event} {entry.socket}"
+                log.warning("state file %s: dropped %s: %s", self._store.path, what, exc)
+                continue
+            subs = self._subs[eid]
+            old = subs.get(dest.key)
+            subs[dest.key] = sub = Subscriber(dest, entry.expire, entry.subscribed_at)
+            self._push(entry.subscribed_at + entry.expire, eid, dest.key)
+            kind: Literal["added", "refreshed"] = "added" if old is None else "refreshed"
+            changes.append(Change(kind, entry.event, eid, sub))
+        if self._entries() != entries:
+            self._store.write_quietly(self._entries())
+        for change in changes:
+            self._emit(change)
+        return len(changes)
+
+    def save(self) -> None:
+        """Write every expiring subscription to the state file, atomically."""
+        if self._store is not None:
+            self._store.write(self._entries())
+
+    def _sweep_event(self, eid: int, now: float) -> list[Change]:
+        subs, name = self._subs[eid], self._names[eid]
+        gone = [(k, s) for k, s in subs.items() if s.expired(now)]
+        for key, _ in gone:
+            del subs[key]
+        return [Change("removed", name, eid, s) for _, s in gone]
+
+    def _finish_sweep(self, changes: list[Change]) -> None:
+        if changes:
+            self._save_quietly()
+        for change in changes:
+            self._emit(change)
+
+    def _commit(self, eid: int, undo: _Subs, changes: list[Change], persist: bool) -> None:
+        """Persist (putting ``undo`` back if that fails), then report the changes."""
+        if persist:
+            try:
+                self.save()
+            except BaseException:
+                self._subs[eid] = undo
+                raise
+        elif any(c.subscriber.expire is not None for c in changes):
+            self._save_quietly()  # only expired ones were swept
+        for change in changes:
+            self._emit(change)
+
+    def _emit(self, change: Change) -> None:
+        if self._on_change is not None:
+            self._on_change(change)
+
+    def _push(self, instant: float, eid: int, key: str) -> None:
+        heapq.heappush(self._heap, (instant, eid, key))
+        if len(self._heap) > self._heap_limit:  # drop stale entries, amortised O(1)
+            self._heap = [
+                (s.subscribed_at + s.expire, e, k)
+                for e, subs in enumerate(self._subs)
+                for k, s in subs.items()
+                if s.expire is not None
+            ]
+            heapq.heapify(self._heap)
+            self._heap_limit = max(64, 2 * len(self._heap))
+
+    def _entries(self) -> list[StateEntry]:
+        return [
+            StateEntry(self._names[eid], key, s.expire, s.subscribed_at)
+            for eid, subs in enumerate(self._subs)
+            for key, s in subs.items()
+            if s.expire is not None
+        ]
+
+    def _save_quietly(self) -> None:
+        if self._store is not None:
+            self._store.write_quietly(self._entries())
+
+
+def _text(socket: object) -> str:
+    if not isinstance(socket, str):
+        raise AddressError(f"socket {socket!r}: expected a string")
+    return socket
+
+
+def _key(socket: str | Destination) -> str:
+    if isinstance(socket, Destination):
+        return socket.key
+    return parse_destination(_text(socket), resolve=False).key
