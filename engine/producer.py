@@ -17,9 +17,11 @@ Accounting (checked by `EngineStatistics.check_identity`):
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +115,7 @@ class Engine:
         self._next_expiry: float | None = None
         self._accepting = False
         self._failure: str | None = None
+        self.final_statistics: EngineStatistics | None = None
         self.started_at = time.time()
         # Producer-side counters (main process only).
         self.raised: list[int] = [0] * self.options.max_events
@@ -134,6 +137,7 @@ class Engine:
                 _WorkerRoute({}, {}, deque(), [], deque()) for _ in self.supervisor.rings
             ]
             self._accepting = True
+            self._replay_registry()  # subscriptions made before start()
             self.registry.load()
             self._refresh_expiry()
         return self
@@ -148,7 +152,31 @@ class Engine:
             for ring in self.supervisor.rings:
                 ring.append(KIND_STOP, 0, 0, time.monotonic_ns(), b"", wait_s=0.5)
         timeout = self.options.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
-        self.supervisor.stop(timeout)
+        self.supervisor.join_workers(timeout)
+        with self.lock:
+            self.final_statistics = self.statistics()  # the last word, before unmapping
+            self.supervisor.free()
+
+    def run_until_signalled(
+        self,
+        signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+        on_ready: Callable[[], None] | None = None,
+    ) -> int:
+        """Block the main thread until one of `signals` arrives or the engine fails,
+        then stop (draining). `on_ready` runs once the handlers are in place.
+        Returns 0 after a signal, 1 after a failure."""
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
+        try:
+            if on_ready is not None:
+                on_ready()
+            while not stop.wait(0.2) and self._failure is None:
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.stop()
+        return 1 if self._failure is not None else 0
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -276,6 +304,11 @@ class Engine:
         self._send_control(worker, kind, change.event_id, control)
         self._rebuild_targets(change.event_id)
         self._refresh_expiry()
+
+    def _replay_registry(self) -> None:
+        for name, eid in self.registry.events():
+            for sub in reversed(self.registry.subscribers(name)):  # oldest first
+                self._on_change(Change("added", name, eid, sub))
 
     def _send_control(self, worker: int, kind: int, eid: int, control: ControlPayload) -> None:
         route = self._routes[worker]

@@ -48,7 +48,11 @@ class WorkerProcess:
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "workers"], stdin=subprocess.PIPE, close_fds=True
+            # -P: never put the current directory on sys.path (a `workers` folder
+            # there must not replace ours).
+            [sys.executable, "-P", "-m", "workers"],
+            stdin=subprocess.PIPE,
+            close_fds=True,
         )
         self.pid = self.popen.pid
         self.sentinel = os.pidfd_open(self.pid)
@@ -159,7 +163,7 @@ class Supervisor:
                     owner.release()
                 finally:
                     seg.close()
-                if pid != os.getpid() and _alive(pid):
+                if _alive(pid):
                     from engine.producer import EngineError
 
                     raise EngineError(
@@ -306,6 +310,11 @@ class Supervisor:
     # -- stop ------------------------------------------------------------------------------------
     def stop(self, drain_timeout_s: float) -> None:
         """Wait for workers to drain and exit (they were sent STOP), then free everything."""
+        self.join_workers(drain_timeout_s)
+        self.free()
+
+    def join_workers(self, drain_timeout_s: float) -> None:
+        """Wait for workers to drain and exit; terminate those past the deadline."""
         deadline = time.monotonic() + drain_timeout_s
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -324,6 +333,9 @@ class Supervisor:
             proc.close()
             self._procs[k] = None
         self.running = False
+
+    def free(self) -> None:
+        """Unmap and unlink every segment; restore the producer's CPU affinity."""
         self._free_segments()
         if self._saved_affinity is not None:
             import psutil

@@ -18,6 +18,7 @@ from engine.shm import list_segments
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "opensips"
 _counter = itertools.count()
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 def vectors_dir() -> Path:
@@ -33,9 +34,12 @@ def unique_instance(tag: str = "t") -> str:
 class Receiver:
     """A bound datagram socket whose datagrams a thread collects, in arrival order."""
 
-    def __init__(self, family: int, address: str | tuple[str, int], rcvbuf: int = 8 << 20) -> None:
+    def __init__(self, family: int, address: str | tuple[str, int], rcvbuf: int = 64 << 20) -> None:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        try:  # as root, past net.core.rmem_max: bursts must not overflow the receiver
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except PermissionError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.bind(address)
         self.sock.settimeout(0.05)
         self.family = family

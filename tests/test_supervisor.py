@@ -1,0 +1,162 @@
+"""Supervisor life cycle with real processes and real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.options import EngineOptions
+from engine.producer import Engine, EngineError
+from engine.shm import list_segments
+from tests.support import eventually, running_engine, udp_receiver, unique_instance
+
+ENGINE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from engine.options import EngineOptions
+    from engine.producer import Engine
+    engine = Engine(EngineOptions(instance=sys.argv[1]), events=["E_TEST"])
+    engine.start()
+    engine.subscribe("E_TEST", sys.argv[2])
+    for seq in range(int(sys.argv[3])):
+        engine.raise_event("E_TEST", {"seq": seq})
+    pids = [w.pid for w in engine.statistics().workers]
+    sys.exit(engine.run_until_signalled(on_ready=lambda: print(json.dumps(pids), flush=True)))
+    """
+)
+
+
+def start_engine_process(
+    instance: str, socket_text: str, events: int
+) -> tuple[subprocess.Popen[str], list[int]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ENGINE_SCRIPT, instance, socket_text, str(events)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        raise AssertionError(f"engine process failed: {proc.communicate(timeout=10)[1]}")
+    return proc, json.loads(line)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie still answers kill(0); it is gone for our purposes once it is not running.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_sigterm_drains_the_rings_and_leaves_no_segment() -> None:
+    instance = unique_instance("term")
+    rx = udp_receiver()
+    try:
+        proc, _pids = start_engine_process(instance, rx.socket_text, 20000)
+        proc.send_signal(signal.SIGTERM)  # right after the burst was queued
+        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+        got = rx.quiet()
+        assert sorted(json.loads(d)["params"]["seq"] for d in got) == list(range(20000))
+        assert list_segments(instance) == []
+    finally:
+        rx.close()
+
+
+def test_sigint_stops_cleanly_too() -> None:
+    instance = unique_instance("int")
+    rx = udp_receiver()
+    try:
+        proc, pids = start_engine_process(instance, rx.socket_text, 10)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert all(process_gone(pid) for pid in pids)
+        assert list_segments(instance) == []
+        assert len(rx.quiet()) == 10
+    finally:
+        rx.close()
+
+
+def test_after_the_supervisor_is_killed_workers_die_and_a_restart_reclaims() -> None:
+    instance = unique_instance("kill")
+    rx = udp_receiver()
+    try:
+        proc, pids = start_engine_process(instance, rx.socket_text, 10)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        eventually(lambda: all(process_gone(pid) for pid in pids), what="orphan workers to exit")
+        engine = Engine(EngineOptions(instance=instance), events=["E_TEST"])
+        engine.start()  # must not be refused: the old owner is dead
+        try:
+            engine.subscribe("E_TEST", rx.socket_text)
+            rx.datagrams.clear()
+            engine.raise_event("E_TEST", {"seq": 1})
+            assert len(rx.wait_for(1)) == 1
+        finally:
+            engine.stop()
+        assert list_segments(instance) == []
+    finally:
+        rx.close()
+
+
+def test_a_worker_that_cannot_boot_stops_the_engine_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "workers"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('simulated broken install')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # shadows the real `workers` package
+    instance = unique_instance("boot")
+    engine = Engine(EngineOptions(instance=instance), events=["E_TEST"])
+    started = time.monotonic()
+    with pytest.raises(EngineError, match="failed to start 3 times in a row"):
+        engine.start()
+    assert time.monotonic() - started < 30  # no crash loop
+    assert list_segments(instance) == []
+
+
+def test_a_workers_folder_in_the_current_directory_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shadow = tmp_path / "workers"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise SystemExit('wrong workers package')\n")
+    monkeypatch.chdir(tmp_path)
+    with running_engine(["E_TEST"]) as engine:
+        assert all(w.alive for w in engine.statistics().workers)
+
+
+def test_restarts_resume_from_the_shared_read_position() -> None:
+    rx = udp_receiver()
+    try:
+        with running_engine(["E_TEST"]) as engine:
+            engine.subscribe("E_TEST", rx.socket_text)
+            pid = engine.statistics().workers[0].pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            for seq in range(500):  # queued while the worker is frozen
+                engine.raise_event("E_TEST", {"seq": seq})
+            os.kill(pid, signal.SIGKILL)
+            eventually(lambda: engine.supervisor.ready(0), what="restart")
+            got = rx.wait_for(500)
+            assert sorted(json.loads(d)["params"]["seq"] for d in got) == list(range(500))
+            stats = engine.statistics()
+            stats.check_identity()
+            assert stats.workers[0].restarts == 1
+    finally:
+        rx.close()
