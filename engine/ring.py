@@ -129,6 +129,10 @@ class Ring:
             raise ValueError(f"ring layout version {version}, expected {RING_VERSION}")
         self.capacity: int = self.words[_CAPACITY]
         self.data = buf[HEADER_SIZE : HEADER_SIZE + self.capacity]
+        # Producer-side copies (only the producer's Ring object uses them).
+        self._wpos = int(self.words[_WRITE_POS])
+        self._rpos = int(self.words[_READ_POS])
+        self._written = int(self.words[_RECORDS_WRITTEN])
 
     @staticmethod
     def format(buf: memoryview, capacity: int) -> None:
@@ -162,27 +166,36 @@ class Ring:
 
     # -- producer -------------------------------------------------------------------
     def try_append(self, kind: int, event_id: int, fanout: int, ts_ns: int, payload: bytes) -> bool:
-        """Append one record; False (and a counted drop) when it does not fit now."""
-        words = self.words
+        """Append one record; False (and a counted drop) when it does not fit now.
+
+        The producer keeps its own copy of the write position and a possibly stale
+        copy of the read position (re-read only when the ring looks full), so the
+        consumer's cache line is not touched on every append.
+        """
+        n = len(payload)
+        size = RECORD_HEADER_SIZE + ((n + 7) & ~7)
+        wpos = self._wpos
         cap = self.capacity
-        wpos = words[_WRITE_POS]
-        size = RECORD_HEADER_SIZE + align8(len(payload))
         off = wpos % cap
         tail = cap - off
-        skip = tail if tail < size else 0
-        if size + skip > cap - (wpos - words[_READ_POS]):
-            words[_DROPS] += 1
-            return False
+        need = size + tail if tail < size else size
+        if need > cap - (wpos - self._rpos):
+            self._rpos = int(self.words[_READ_POS])
+            if need > cap - (wpos - self._rpos):
+                self.words[_DROPS] += 1
+                return False
         data = self.data
-        if skip:
+        if tail < size:
             if tail >= RECORD_HEADER_SIZE:
                 RECORD_HEADER.pack_into(data, off, 0, KIND_WRAP, 0, 0, 0, 0)
             off = 0
-        start = off + RECORD_HEADER_SIZE
-        data[start : start + len(payload)] = payload
-        RECORD_HEADER.pack_into(data, off, len(payload), kind, 0, event_id, fanout, ts_ns)
-        words[_RECORDS_WRITTEN] += 1
-        words[_WRITE_POS] = wpos + skip + size
+        data[off + RECORD_HEADER_SIZE : off + RECORD_HEADER_SIZE + n] = payload
+        RECORD_HEADER.pack_into(data, off, n, kind, 0, event_id, fanout, ts_ns)
+        words = self.words
+        self._written += 1
+        words[_RECORDS_WRITTEN] = self._written
+        self._wpos = wpos = wpos + need
+        words[_WRITE_POS] = wpos  # publish: the consumer may now read the record
         return True
 
     def append(
