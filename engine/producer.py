@@ -155,6 +155,7 @@ class Engine:
         with self.lock:
             self.final_statistics = self.statistics()  # the last word, before unmapping
             self.supervisor.free()
+            self._routes, self._targets, self._owner = [], {}, {}
 
     def run_until_signalled(
         self,
@@ -391,6 +392,8 @@ class Engine:
     def statistics(self) -> EngineStatistics:
         """A consistent snapshot of every counter (taken under the producer lock)."""
         with self.lock:
+            if not self.supervisor.running and self.final_statistics is not None:
+                return self.final_statistics  # stopped: the segments are gone
             workers = []
             block: CounterBlock | None = self.supervisor.counters
             for k, ring in enumerate(self.supervisor.rings):

@@ -354,6 +354,8 @@ class Supervisor:
             with contextlib.suppress(BufferError):
                 seg.close()
         self._segments.clear()
+        self.rings = []
+        self.counters = None
 
     # -- introspection -----------------------------------------------------------------------------
     def pid_of(self, k: int) -> int | None:
