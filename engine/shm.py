@@ -8,8 +8,11 @@ segment when that process exits -- a dying worker would destroy its own ring.
 On Linux, glibc's `shm_open(name)` is `open("/dev/shm/" + name)`, so a worker
 maps the file directly and nothing tracks it.
 
-Every segment of one engine is named `edg-<instance>-<part>`, so a new engine
-can find and reclaim what a crashed engine of the same instance left behind.
+Every segment of one engine is named `edg-<instance>-<pid>-<part>`: a new engine
+finds (by instance) and reclaims what a crashed engine of the same instance left
+behind, and the pid keeps two generations apart -- the resource tracker of a
+killed engine may unlink that engine's segments late, and must never hit the
+segments its successor has just created under the same instance name.
 """
 
 from __future__ import annotations
@@ -32,8 +35,14 @@ def check_instance_name(instance: str) -> str:
     return instance
 
 
-def segment_name(instance: str, part: str) -> str:
-    return f"{PREFIX}{instance}-{part}"
+def segment_name(instance: str, part: str, pid: int | None = None) -> str:
+    return f"{PREFIX}{instance}-{os.getpid() if pid is None else pid}-{part}"
+
+
+def segment_owner(name: str) -> int | None:
+    """The engine pid in a segment name made by segment_name(), or None."""
+    parts = name.split("-")
+    return int(parts[2]) if len(parts) >= 4 and parts[2].isdigit() else None
 
 
 class Segment:
@@ -92,7 +101,7 @@ def unlink_name(name: str) -> bool:
 
 def list_segments(instance: str) -> list[str]:
     """Names of every segment that belongs to `instance`."""
-    prefix = segment_name(instance, "")
+    prefix = f"{PREFIX}{instance}-"
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:

@@ -32,7 +32,14 @@ from engine.counters import (
     block_size,
 )
 from engine.ring import Ring, check_architecture, segment_size
-from engine.shm import Segment, check_instance_name, list_segments, segment_name, unlink_name
+from engine.shm import (
+    Segment,
+    check_instance_name,
+    list_segments,
+    segment_name,
+    segment_owner,
+    unlink_name,
+)
 from workers.worker import WorkerSpec
 
 if TYPE_CHECKING:
@@ -149,30 +156,20 @@ class Supervisor:
             raise EngineError(reason)
 
     def _reclaim(self, instance: str) -> None:
-        """Remove segments a crashed engine of this instance left; refuse if it still runs."""
+        """Remove segments a dead engine of this instance left; refuse if one still runs."""
         names = list_segments(instance)
-        if not names:
-            return
-        counters = segment_name(instance, "counters")
-        if counters in names:
-            with contextlib.suppress(OSError, ValueError):
-                seg = Segment.attach(counters)
-                try:
-                    owner = CounterBlock(seg.buf)
-                    pid = owner.owner_pid
-                    owner.release()
-                finally:
-                    seg.close()
-                if _alive(pid):
-                    from engine.producer import EngineError
+        live = {pid for pid in map(segment_owner, names) if pid is not None and _alive(pid)}
+        if live:
+            from engine.producer import EngineError
 
-                    raise EngineError(
-                        f"instance {instance!r} is already running (pid {pid}); "
-                        f"stop it or choose another instance name"
-                    )
+            raise EngineError(
+                f"instance {instance!r} is already running (pid {min(live)}); "
+                f"stop it or choose another instance name"
+            )
         for name in names:
             unlink_name(name)
-        log.warning("reclaimed %d stale shared-memory segment(s): %s", len(names), names)
+        if names:
+            log.warning("reclaimed %d stale shared-memory segment(s): %s", len(names), names)
 
     def _plan_cpus(self) -> tuple[int, int | None]:
         """Number of workers and the producer's CPU; fills self.cpus (one per worker)."""

@@ -74,8 +74,10 @@ class Receiver:
             time.sleep(0.005)
         return list(self.datagrams)
 
-    def quiet(self, settle: float = 0.2) -> list[bytes]:
-        """Wait until nothing new arrives for `settle` seconds; return everything."""
+    def quiet(self, expect: int = 0, settle: float = 0.3, timeout: float = 20.0) -> list[bytes]:
+        """Wait for at least `expect` datagrams (bounded by `timeout`: the machine may
+        be busy), then until nothing new arrives for `settle` seconds; return all."""
+        self.wait_for(expect, timeout)
         seen = -1
         while seen != len(self.datagrams):
             seen = len(self.datagrams)

@@ -23,7 +23,7 @@ from engine.ring import (
     check_architecture,
     segment_size,
 )
-from engine.shm import SHM_DIR, Segment, list_segments, segment_name
+from engine.shm import SHM_DIR, Segment, list_segments, segment_name, segment_owner
 from tests.support import unique_instance
 
 CAPACITY = 4096
@@ -176,6 +176,13 @@ def test_a_consumer_process_reads_and_its_exit_does_not_destroy_the_ring(
     assert os.path.exists(os.path.join(SHM_DIR, seg_name))
     assert ring.read_pos == ring.write_pos
     assert ring.append(KIND_EVENT, 1, 1, 0, b"still here")
+
+
+def test_segment_names_carry_the_owner_pid() -> None:
+    name = segment_name("inst", "ring0", pid=1234)
+    assert name == "edg-inst-1234-ring0"
+    assert segment_owner(name) == 1234
+    assert segment_owner("edg-inst-ring0") is None
 
 
 def test_segments_are_listed_by_instance() -> None:

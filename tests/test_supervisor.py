@@ -68,11 +68,11 @@ def test_sigterm_drains_the_rings_and_leaves_no_segment() -> None:
     instance = unique_instance("term")
     rx = udp_receiver()
     try:
-        proc, _pids = start_engine_process(instance, rx.socket_text, 20000)
+        proc, _pids = start_engine_process(instance, rx.socket_text, 5000)
         proc.send_signal(signal.SIGTERM)  # right after the burst was queued
         assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
-        got = rx.quiet()
-        assert sorted(json.loads(d)["params"]["seq"] for d in got) == list(range(20000))
+        got = rx.quiet(5000)
+        assert sorted(json.loads(d)["params"]["seq"] for d in got) == list(range(5000))
         assert list_segments(instance) == []
     finally:
         rx.close()
@@ -87,7 +87,7 @@ def test_sigint_stops_cleanly_too() -> None:
         assert proc.wait(30) == 0
         assert all(process_gone(pid) for pid in pids)
         assert list_segments(instance) == []
-        assert len(rx.quiet()) == 10
+        assert len(rx.quiet(10)) == 10
     finally:
         rx.close()
 
