@@ -98,7 +98,12 @@ class Engine:
         state_file: str | None = None,
     ) -> None:
         self.options = options or EngineOptions()
+        # Two locks, always taken in this order: `lock` guards the registry (the
+        # control plane; it may write the state file), `_hot` guards the rings and
+        # routing (the raise path never waits on a file write).
         self.lock = threading.RLock()
+        self._hot = threading.RLock()
+        self._event_ids: dict[str, int] = {}
         self.registry = Registry(
             allow=allow or AllowList.default(self.options.resolved_runtime_dir()),
             state_file=state_file,
@@ -131,7 +136,7 @@ class Engine:
     def start(self) -> Engine:
         self.supervisor.start()  # creates the segments and boots the workers (no lock:
         # the supervisor thread takes it to spawn them)
-        with self.lock:
+        with self.lock, self._hot:
             self._routes = [
                 _WorkerRoute({}, {}, deque(), [], deque()) for _ in self.supervisor.rings
             ]
@@ -143,7 +148,7 @@ class Engine:
 
     def stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop accepting, let workers drain their rings (bounded), free everything."""
-        with self.lock:
+        with self.lock, self._hot:
             if not self._accepting and not self.supervisor.running:
                 return
             self._accepting = False
@@ -154,8 +159,9 @@ class Engine:
         self.supervisor.join_workers(timeout)
         with self.lock:
             self.final_statistics = self.statistics()  # the last word, before unmapping
-            self.supervisor.free()
-            self._routes, self._targets, self._owner = [], {}, {}
+            with self._hot:
+                self.supervisor.free()
+                self._routes, self._targets, self._owner = [], {}, {}
 
     def run_until_signalled(
         self,
@@ -219,22 +225,34 @@ class Engine:
         Raises UnknownEvent; WireError for bad params; PayloadTooLarge (counted as an
         oversize rejection) for a payload over the limit; EngineError when stopped.
         """
+        eid = self._event_ids.get(name)
+        if eid is None:
+            eid = self._learn_event(name)  # raises UnknownEvent
         try:
             payload = encode_notification(name, params)
         except PayloadTooLarge:
-            with self.lock:
-                eid = self.registry.event_id(name)
+            with self._hot:
                 self.raised[eid] += 1
                 self.oversize[eid] += 1
             raise
-        with self.lock:
+        if self._next_expiry is not None and time.time() >= self._next_expiry:
+            self.sweep()  # an expired subscriber must receive nothing more
+        with self._hot:
             if not self._accepting:
                 raise EngineError(self._failure or "engine is not running")
-            eid = self.registry.event_id(name)
-            if self._next_expiry is not None and time.time() >= self._next_expiry:
-                self.registry.sweep()
-                self._refresh_expiry()
             return self._queue(name, eid, payload)
+
+    def _learn_event(self, name: str) -> int:
+        with self.lock:
+            eid = self.registry.event_id(name)
+        self._event_ids[name] = eid  # ids never change once given
+        return eid
+
+    def sweep(self) -> None:
+        """Remove expired subscribers now (their workers are told in order)."""
+        with self.lock:
+            self.registry.sweep()
+            self._refresh_expiry()
 
     def _queue(self, name: str, eid: int, payload: bytes) -> RaiseResult:
         self.raised[eid] += 1
@@ -272,6 +290,10 @@ class Engine:
     # -- control records -----------------------------------------------------------------
     def _on_change(self, change: Change) -> None:
         """Registry callback (under self.lock): tell the owning worker, in order."""
+        with self._hot:
+            self._route_change(change)
+
+    def _route_change(self, change: Change) -> None:
         if change.kind == "refreshed":
             self._refresh_expiry()
             return
@@ -355,7 +377,11 @@ class Engine:
     def _refresh_expiry(self) -> None:
         self._next_expiry = self.registry.next_expiry()
 
-    # -- supervisor hooks (called with self.lock held) --------------------------------------
+    # -- supervisor hooks (called with `hot_lock()` held) -------------------------------------
+    def hot_lock(self) -> threading.RLock:
+        """The lock of the raise path: the supervisor holds it to restart a worker."""
+        return self._hot
+
     def snapshot_for(self, worker: int, read_pos: int) -> list[tuple[int, ControlPayload]]:
         """The worker's table as of ring position `read_pos` (for a restarted worker)."""
         self.fold_log(worker, read_pos)
@@ -377,21 +403,21 @@ class Engine:
 
     def tick(self) -> None:
         """Periodic housekeeping (supervisor thread): expiry sweep, pending controls."""
-        with self.lock:
+        if not self._accepting:
+            return
+        if self._next_expiry is not None and time.time() >= self._next_expiry:
+            self.sweep()
+        with self._hot:
             if not self._accepting:
                 return
-            now = time.time()
-            if self._next_expiry is not None and now >= self._next_expiry:
-                self.registry.sweep()
-                self._refresh_expiry()
             self._flush_pending()
             for worker, ring in enumerate(self.supervisor.rings):
                 self.fold_log(worker, ring.read_pos)
 
     # -- statistics --------------------------------------------------------------------------
     def statistics(self) -> EngineStatistics:
-        """A consistent snapshot of every counter (taken under the producer lock)."""
-        with self.lock:
+        """A consistent snapshot of every counter (taken under both locks)."""
+        with self.lock, self._hot:
             if not self.supervisor.running and self.final_statistics is not None:
                 return self.final_statistics  # stopped: the segments are gone
             workers = []

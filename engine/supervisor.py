@@ -246,7 +246,7 @@ class Supervisor:
     def _spawn(self, k: int) -> None:
         assert self.counters is not None
         engine = self.engine
-        with engine.lock:
+        with engine.hot_lock():
             region = Region(self.counters.region(k), self.counters.layout)
             ring = self.rings[k]
             redelivered = region.recover(ring)
