@@ -152,6 +152,7 @@ class Engine:
             if not self._accepting and not self.supervisor.running:
                 return
             self._accepting = False
+            self.supervisor.stopping()  # a worker leaving at STOP must not be restarted
             self._flush_pending()
             for ring in self.supervisor.rings:
                 ring.append(KIND_STOP, 0, 0, time.monotonic_ns(), b"", wait_s=0.5)

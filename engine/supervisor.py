@@ -310,6 +310,10 @@ class Supervisor:
         self.join_workers(drain_timeout_s)
         self.free()
 
+    def stopping(self) -> None:
+        """From now on, exiting workers are not replaced."""
+        self._stopping.set()
+
     def join_workers(self, drain_timeout_s: float) -> None:
         """Wait for workers to drain and exit; terminate those past the deadline."""
         deadline = time.monotonic() + drain_timeout_s
