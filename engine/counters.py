@@ -40,7 +40,7 @@ from typing import Final
 from engine.ring import Ring
 
 COUNTERS_MAGIC: Final = int.from_bytes(b"EDGCNTR\x01", "little")
-COUNTERS_VERSION: Final = 1
+COUNTERS_VERSION: Final = 2
 BLOCK_HEADER_WORDS: Final = 8
 REGION_HEADER_WORDS: Final = 8
 JOURNAL_MAX: Final = 4096
@@ -70,6 +70,7 @@ SCALARS: Final = (
     "pairs_failed",  # pairs whose send failed (any reason)
     "redelivered_pairs",  # pairs sent again after a worker died mid-batch
     "subscribers",  # sockets this worker holds now (a gauge)
+    "pairs_consumed",  # fan-out of the event records consumed (= sent + failed)
 )
 
 

@@ -426,8 +426,10 @@ class Engine:
             for k, ring in enumerate(self.supervisor.rings):
                 route = self._routes[k] if self._routes else None
                 assert block is not None
-                region = Region(block.region(k), block.layout)
-                values = region.counters()
+                # The ring first: the worker applies counters before it releases ring
+                # space, so counters read after it are never older than it.
+                ring_stats = ring.statistics()
+                values = Region(block.region(k), block.layout).counters()
                 lay = block.layout
                 failures = {
                     (TRANSPORTS[t], REASONS[r]): values[lay.failure(t, r)]
@@ -440,13 +442,13 @@ class Engine:
                         pid=self.supervisor.pid_of(k),
                         alive=self.supervisor.alive(k),
                         restarts=self.supervisor.restarts[k],
-                        ring=ring.statistics(),
+                        ring=ring_stats,
                         pairs_queued=route.pairs_queued if route else 0,
                         pairs_dropped=route.pairs_dropped if route else 0,
                         records_dropped=route.records_dropped if route else 0,
                         pairs_sent=values[lay.scalar("pairs_sent")],
                         pairs_failed=values[lay.scalar("pairs_failed")],
-                        pairs_in_ring=ring.pending_fanout(),
+                        pairs_consumed=values[lay.scalar("pairs_consumed")],
                         redelivered_pairs=values[lay.scalar("redelivered_pairs")],
                         subscribers=values[lay.scalar("subscribers")],
                         failures=failures,

@@ -21,11 +21,16 @@ class WorkerStatistics:
     records_dropped: int  # event records lost because the ring was full
     pairs_sent: int
     pairs_failed: int
-    pairs_in_ring: int  # pairs in records the worker has not finished
+    pairs_consumed: int  # pairs of the event records the worker has finished
     redelivered_pairs: int  # pairs possibly sent twice (a worker died mid-batch)
     subscribers: int  # sockets the worker holds
     failures: dict[tuple[str, str], int]  # (transport, reason) -> failed pairs
     counters: tuple[int, ...]  # the raw counter area (see counters.CounterLayout)
+
+    @property
+    def pairs_in_ring(self) -> int:
+        """Pairs queued but not yet handled: queued = sent + failed + in ring."""
+        return self.pairs_queued - self.pairs_consumed
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +88,16 @@ class EngineStatistics:
                 f"{self.drops} + queued {self.events_queued}"
             )
         for w in self.workers:
-            accounted = w.pairs_sent + w.pairs_failed + w.pairs_in_ring
-            if w.pairs_queued != accounted:
+            if w.pairs_consumed != w.pairs_sent + w.pairs_failed:
                 errors.append(
-                    f"worker {w.index}: pairs queued {w.pairs_queued} != sent {w.pairs_sent}"
-                    f" + failed {w.pairs_failed} + in ring {w.pairs_in_ring}"
+                    f"worker {w.index}: pairs consumed {w.pairs_consumed} != sent "
+                    f"{w.pairs_sent} + failed {w.pairs_failed}"
+                )
+            if w.pairs_in_ring < 0 or (w.pairs_in_ring and not w.ring.used_bytes):
+                errors.append(
+                    f"worker {w.index}: pairs queued {w.pairs_queued} - consumed "
+                    f"{w.pairs_consumed} = {w.pairs_in_ring} pairs in ring, but the ring "
+                    f"holds {w.ring.used_bytes} bytes"
                 )
             if sum(w.failures.values()) != w.pairs_failed:
                 errors.append(f"worker {w.index}: failures by reason do not add up")

@@ -128,6 +128,7 @@ class Worker:
         self.i_sent = lay.scalar("pairs_sent")
         self.i_failed = lay.scalar("pairs_failed")
         self.i_subscribers = lay.scalar("subscribers")
+        self.i_consumed = lay.scalar("pairs_consumed")
         self._set(self.i_subscribers, len(self.table.by_key))
 
     def _add(self, index: int, delta: int) -> None:
@@ -184,6 +185,7 @@ class Worker:
             idle = 0
             pos = rpos
             records = 0
+            consumed = 0
             n = 0
             eids.clear()
             lengths.clear()
@@ -195,7 +197,7 @@ class Worker:
                 if tail < RECORD_HEADER_SIZE:
                     pos += tail
                     continue
-                length, kind, _flags, eid, _fanout, ts = unpack(data, off)
+                length, kind, _flags, eid, fanout, ts = unpack(data, off)
                 if kind == KIND_WRAP:
                     pos += tail
                     continue
@@ -211,6 +213,7 @@ class Worker:
                 eids.append(eid)
                 lengths.append(length)
                 stamps.append(ts)
+                consumed += fanout
                 n += 1
                 records += 1
                 pos = nxt
@@ -219,6 +222,7 @@ class Worker:
                 self._send_batch(n, eids, lengths, stamps)
                 self._add(self.i_events, n)
                 self._add(self.i_batches, 1)
+                self._add(self.i_consumed, consumed)
             stop = False
             if control is not None:
                 stop = self._apply_control(*control)
