@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from engine.address import Destination
+from engine.address import Destination, parse_destination
 from engine.counters import REASONS, TRANSPORTS, CounterBlock, Region
 from engine.options import EngineOptions
 from engine.ring import (
@@ -213,6 +213,8 @@ class Engine:
     def subscribe(
         self, event: str, socket: str | Destination, expire: int | None = DEFAULT_EXPIRE
     ) -> Change | None:
+        if isinstance(socket, str) and expire != 0:
+            socket = parse_destination(socket)  # DNS happens here, outside the locks
         with self.lock:
             return self.registry.subscribe(event, socket, expire)
 
