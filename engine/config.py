@@ -1,0 +1,179 @@
+"""The configuration file: TOML decoded into msgspec structs.
+
+Every key has a default (the values in engine/default.toml, which is what
+``event-datagram run`` uses without ``--config``). An unknown key, a wrong
+type or a bad value fails at start with the key's path, e.g.::
+
+    config error in my.toml: Expected `int`, got `str` - at `$.engine.workers`
+
+Command-line flags of ``run`` override the file (see engine/cli.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from importlib import resources
+from typing import Any
+
+import msgspec
+
+from engine.address import parse_destination
+from engine.options import EngineOptions
+from engine.server import parse_listen
+from engine.shm import check_instance_name
+from engine.subscriptions import AllowList
+
+__all__ = [
+    "DEFAULT_EVENTS",
+    "Config",
+    "ConfigError",
+    "MIConfig",
+    "MetricsConfig",
+    "StateConfig",
+    "StaticSubscription",
+    "default_text",
+    "load",
+    "loads",
+]
+
+DEFAULT_EVENTS = [
+    "E_PIKE_BLOCKED",
+    "E_CORE_THRESHOLD",
+    "E_CORE_SHM_THRESHOLD",
+    "E_CORE_PKG_THRESHOLD",
+    "E_SAMPLE",
+]
+
+
+class ConfigError(Exception):
+    """The config cannot be used; ``str()`` is the full message for the operator."""
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class MIConfig(_Section):
+    http: str = "127.0.0.1:8888"
+    """HTTP listener for POST /mi and GET /metrics; "" disables it."""
+    datagram: str = "127.0.0.1:8080"
+    """UDP listener for MI datagrams; "" disables it."""
+    fifo: str = ""
+    """Path of the MI FIFO to create; "" = no FIFO."""
+    fifo_reply_dir: str = "/tmp"
+    """Directory where clients' reply FIFOs are."""
+
+
+class StateConfig(_Section):
+    enabled: bool = True
+    """Persist subscriptions made over the MI, so they survive a restart."""
+    file: str = ""
+    """The state file; "" = <runtime_dir>/<instance>.state.json."""
+
+
+class StaticSubscription(_Section):
+    event: str
+    socket: str
+
+
+class MetricsConfig(_Section):
+    per_subscriber: bool = False
+    """Label datagram metrics per subscriber (high cardinality)."""
+
+
+class Config(_Section):
+    events: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_EVENTS))
+    allow: list[str] = msgspec.field(default_factory=list)
+    engine: EngineOptions = msgspec.field(default_factory=EngineOptions)
+    mi: MIConfig = msgspec.field(default_factory=MIConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
+    subscription: list[StaticSubscription] = msgspec.field(default_factory=list)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+    def state_path(self) -> str | None:
+        """Where subscriptions are persisted, or None when persistence is off."""
+        if not self.state.enabled:
+            return None
+        if self.state.file:
+            return self.state.file
+        runtime = self.engine.resolved_runtime_dir()
+        return os.path.join(runtime, f"{self.engine.instance}.state.json")
+
+    def allow_list(self) -> AllowList:
+        if not self.allow:
+            return AllowList.default(self.engine.resolved_runtime_dir())
+        return AllowList.parse(self.allow)
+
+    def validate(self) -> None:
+        """Check what msgspec's types cannot; raise ConfigError naming the key."""
+        try:
+            check_instance_name(self.engine.instance)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} - at `$.engine.instance`") from None
+        for i, name in enumerate(self.events):
+            _check_event(name, f"$.events[{i}]")
+        for key, value in (("http", self.mi.http), ("datagram", self.mi.datagram)):
+            try:
+                parse_listen(value, "listen address")
+            except ValueError as exc:
+                raise ConfigError(f"{exc} - at `$.mi.{key}`") from None
+        try:
+            self.allow_list()
+        except ValueError as exc:
+            raise ConfigError(f"{exc} - at `$.allow`") from None
+        for i, sub in enumerate(self.subscription):
+            _check_event(sub.event, f"$.subscription[{i}].event")
+            try:
+                parse_destination(sub.socket, resolve=False)
+            except ValueError as exc:
+                raise ConfigError(f"{exc} - at `$.subscription[{i}].socket`") from None
+
+
+def _check_event(name: str, where: str) -> None:
+    ok = 1 <= len(name) <= 255 and name.isascii() and name.isprintable()
+    if not ok or any(c.isspace() for c in name):
+        raise ConfigError(
+            f"event name {name!r}: expected 1-255 printable ASCII characters - at `{where}`"
+        )
+
+
+def loads(text: str, source: str = "<string>") -> Config:
+    """Parse and check a TOML config; raise ConfigError("config error in SOURCE: ...")."""
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+        config = msgspec.convert(data, Config)
+        config.validate()
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config error in {source}: TOML syntax: {exc}") from None
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config error in {source}: {_engine_path(str(exc))}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"config error in {source}: {exc}") from None
+    return config
+
+
+def _engine_path(message: str) -> str:
+    """EngineOptions checks its own values, so its paths lack the `engine.` prefix."""
+    m = re.search(r" - at `\$\.(\w+)", message)
+    if m and m.group(1) not in Config.__struct_fields__:
+        return message[: m.start(1)] + "engine." + message[m.start(1) :]
+    return message
+
+
+def load(path: str | None) -> Config:
+    """Load ``path``, or the shipped default config when None."""
+    if path is None:
+        return loads(default_text(), "the default config")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config error in {path}: cannot read it: {exc}") from None
+    return loads(text, path)
+
+
+def default_text() -> str:
+    """The text of engine/default.toml (package data)."""
+    return resources.files("engine").joinpath("default.toml").read_text(encoding="utf-8")

@@ -1,0 +1,131 @@
+"""What ``event-datagram run`` runs: the engine from a Config, and its MI listeners.
+
+Start order: the engine (with the config's events, static subscriptions and
+allow-list; the state file is loaded by ``Engine.start``), then the MI
+listeners. Stop order is the reverse: the MI stops taking requests, then the
+engine drains its rings and frees its shared memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Protocol
+
+from engine.address import AddressError
+from engine.config import Config, ConfigError
+from engine.mi_fifo import FifoServer
+from engine.producer import Engine, EngineError
+from engine.server import DatagramServer, HTTPServer, parse_listen
+from engine.subscriptions import StateFileError, SubscriptionError
+
+
+class RunError(Exception):
+    """The engine or a listener could not start; the message says why."""
+
+
+class _Listener(Protocol):
+    @property
+    def url(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class Runner:
+    def __init__(self, config: Config, source: str = "the config") -> None:
+        self.config = config
+        self.source = source
+        self.engine: Engine = None  # type: ignore[assignment]  # set by start()
+        self.http: HTTPServer | None = None
+        self.datagram: DatagramServer | None = None
+        self.fifo: FifoServer | None = None
+
+    def start(self) -> None:
+        """Start everything; on any failure stop what was started and raise
+        ConfigError (bad static subscription) or RunError."""
+        cfg = self.config
+        state = cfg.state_path()
+        if state is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(state)), mode=0o700, exist_ok=True)
+        try:
+            self.engine = Engine(
+                cfg.engine, events=cfg.events, allow=cfg.allow_list(), state_file=state
+            )
+        except (ValueError, SubscriptionError) as exc:
+            raise ConfigError(f"config error in {self.source}: {exc}") from None
+        for i, sub in enumerate(cfg.subscription):
+            try:
+                self.engine.register_event(sub.event)
+                self.engine.subscribe(sub.event, sub.socket, None)
+            except (AddressError, SubscriptionError, ValueError) as exc:
+                where = f"$.subscription[{i}]"
+                raise ConfigError(f"config error in {self.source}: {exc} - at `{where}`") from None
+        try:
+            self.engine.start()
+        except (EngineError, ValueError, OSError) as exc:
+            raise RunError(f"cannot start the engine: {exc}") from None
+        except StateFileError as exc:
+            self.engine.stop()
+            raise RunError(str(exc)) from None
+        try:
+            self._start_listeners()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_listeners(self) -> None:
+        cfg = self.config.mi
+        http = parse_listen(cfg.http)
+        datagram = parse_listen(cfg.datagram)
+        if http is not None:
+            try:
+                per_subscriber = self.config.metrics.per_subscriber
+                self.http = HTTPServer(self.engine, http, per_subscriber=per_subscriber)
+            except OSError as exc:
+                raise RunError(f"cannot listen on {cfg.http} (HTTP MI): {exc.strerror}") from None
+        if datagram is not None:
+            try:
+                self.datagram = DatagramServer(self.engine, datagram)
+            except OSError as exc:
+                why = exc.strerror
+                raise RunError(f"cannot listen on {cfg.datagram} (MI datagram): {why}") from None
+        if cfg.fifo:
+            try:
+                self.fifo = FifoServer(self.engine, cfg.fifo, cfg.fifo_reply_dir)
+            except OSError as exc:
+                raise RunError(f"cannot create the MI FIFO {cfg.fifo}: {exc}") from None
+        for listener in self._listeners():
+            listener.start()
+
+    def _listeners(self) -> list[_Listener]:
+        return [x for x in (self.http, self.datagram, self.fifo) if x is not None]
+
+    def stop(self) -> None:
+        for listener in reversed(self._listeners()):
+            with contextlib.suppress(Exception):
+                listener.stop()
+        self.http = self.datagram = self.fifo = None
+        if self.engine is not None:
+            self.engine.stop()
+
+    def describe(self) -> str:
+        """The ready line: where the MI and metrics are, and the engine's shape."""
+        parts = []
+        if self.http is not None:
+            parts.append(f"mi {self.http.url}")
+        if self.datagram is not None:
+            parts.append(f"mi datagram {self.datagram.url}")
+        if self.fifo is not None:
+            parts.append(f"mi fifo {self.fifo.path}")
+        if self.http is not None:
+            parts.append(f"metrics {self.http.url.removesuffix('/mi')}/metrics")
+        info = self.engine.describe()
+        parts.append(f"{info['workers']} worker(s)")
+        with self.engine.lock:
+            parts.append(f"{len(self.engine.registry.events())} event(s)")
+        parts.append(f"instance {info['instance']}")
+        state = self.config.state_path()
+        parts.append(f"state {state}" if state else "state off")
+        return ", ".join(parts)

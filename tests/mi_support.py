@@ -1,0 +1,205 @@
+"""Helpers for the MI, server, CLI and config tests: engines set up like the
+captured OpenSIPS sessions, the vectors, and real `event-datagram` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from engine.mi import handle
+from engine.options import EngineOptions
+from engine.producer import Engine
+from engine.shm import list_segments
+from engine.subscriptions import AllowList
+from tests.support import unique_instance, vectors_dir
+
+# The events of the captured sessions, in OpenSIPS's id order.
+CORE_EVENTS = [
+    "E_CORE_SR_STATUS_CHANGED",
+    "E_CORE_THRESHOLD",
+    "E_CORE_SHM_THRESHOLD",
+    "E_CORE_PKG_THRESHOLD",
+    "E_CORE_PROC_AUTO_SCALE",
+    "E_CORE_TCP_DISCONNECT",
+    "E_PROFILING_SCRIPT",
+    "E_PROFILING_PROC",
+]
+MI_EVENTS = [*CORE_EVENTS, "E_BENCH", "E_SAMPLE", "E_STARTUP_SUB", "E_CORE_LOG"]
+NAMES_EVENTS = [*CORE_EVENTS, "E_BENCH", "E_SAMPLE", "E_PIKE_BLOCKED", "E_CORE_LOG"]
+STATIC = "udp:127.0.0.1:9999"
+
+EXE = str(Path(sys.executable).with_name("event-datagram"))
+
+
+def vectors(name: str) -> Any:
+    return json.loads((vectors_dir() / name).read_text())
+
+
+@contextmanager
+def mi_engine(
+    events: list[str],
+    static: Sequence[tuple[str, str]] = (),
+    allow: AllowList | None = None,
+    state_file: str | None = None,
+    **options: Any,
+) -> Iterator[Engine]:
+    """A started Engine (1 worker, unpinned) with static subscriptions made first."""
+    opts = EngineOptions(instance=unique_instance("mi"), workers=1, pin=False, **options)
+    engine = Engine(opts, events=events, allow=allow, state_file=state_file)
+    for event, socket in static:
+        engine.subscribe(event, socket, None)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+        assert not list_segments(opts.instance), "shared memory left behind"
+
+
+def mi(engine: Engine, request: str | bytes | dict[str, Any]) -> bytes | None:
+    if isinstance(request, dict):
+        request = json.dumps(request)
+    if isinstance(request, str):
+        request = request.encode()
+    return handle(engine, request)
+
+
+def no_ttl(reply: bytes | str | None) -> str | None:
+    """Replace ttl numbers (they depend on elapsed time) by a placeholder."""
+    if reply is None:
+        return None
+    text = reply.decode() if isinstance(reply, bytes) else reply
+    return re.sub(r'"ttl":\d+', '"ttl":N', text)
+
+
+def check_ttls(reply: bytes | None) -> None:
+    """Every numeric ttl is 1..expire (time-dependent fields are compared structurally)."""
+    assert reply is not None
+    for expire, ttl in re.findall(rb'"expire":(\d+),"ttl":(\d+)', reply):
+        assert 0 < int(ttl) <= int(expire), reply
+
+
+# -- real processes -------------------------------------------------------------------------
+
+
+class Proc:
+    """A subprocess whose stdout and stderr are collected line by line by threads."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.args = list(args)
+        self.popen = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+        )
+        self.out: list[bytes] = []
+        self.err: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.popen.stdout, self.out, False)),
+            threading.Thread(target=self._pump, args=(self.popen.stderr, self.err, True)),
+        ]
+        for t in self._threads:
+            t.daemon = True
+            t.start()
+
+    @staticmethod
+    def _pump(stream: Any, sink: list[Any], text: bool) -> None:
+        for line in iter(stream.readline, b""):
+            sink.append(line.decode(errors="replace") if text else line)
+
+    def wait_err(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.err):
+                m = rx.search(line)
+                if m:
+                    return m
+            if self.popen.poll() is not None:
+                time.sleep(0.1)  # let the pump threads finish
+                for line in list(self.err):
+                    if m := rx.search(line):
+                        return m
+                raise AssertionError(
+                    f"{self.args[1:3]} exited {self.popen.returncode}: {self.stderr}"
+                )
+            time.sleep(0.02)
+        raise AssertionError(f"no {pattern!r} on stderr in {timeout} s: {self.stderr}")
+
+    def wait_out(self, count: int, timeout: float = 10.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while len(self.out) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return list(self.out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+            raise AssertionError(f"{self.args[1:3]} did not stop in {timeout} s") from None
+        for t in self._threads:
+            t.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+@contextmanager
+def processes() -> Iterator[list[Proc]]:
+    """Collects Procs; kills whatever still runs at the end, even on failure."""
+    started: list[Proc] = []
+    try:
+        yield started
+    finally:
+        for proc in reversed(started):
+            proc.kill()
+
+
+class RunProc(Proc):
+    """`event-datagram run`, started and waited for until it is ready."""
+
+    def __init__(self, *args: str) -> None:
+        super().__init__([EXE, "run", *args])
+        ready = self.wait_err(r"event-datagram ready: (.*)")
+        self.ready = ready.group(1)
+        http = re.search(r"mi (http://\S+/mi)", self.ready)
+        udp = re.search(r"mi datagram (udp:\S+?),", self.ready)
+        fifo = re.search(r"mi fifo (\S+?),", self.ready)
+        self.http = http.group(1) if http else None
+        self.udp = udp.group(1) if udp else None
+        self.fifo = fifo.group(1) if fifo else None
+
+
+def client(
+    *args: str, timeout: float = 30.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run one `event-datagram` client verb to completion."""
+    return subprocess.run(
+        [EXE, *args],
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )

@@ -1,0 +1,251 @@
+"""engine/server.py: the HTTP and UDP datagram MI listeners, in this process,
+over real loopback sockets, with their limits made small enough to test."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from engine.mi import handle
+from engine.producer import Engine
+from engine.server import DatagramServer, HTTPServer, format_listen, parse_listen
+from tests.mi_support import mi_engine
+
+REQUEST = b'{"jsonrpc":"2.0","id":"1","method":"events_list"}'
+EVENTS_REPLY = (
+    b'{"jsonrpc":"2.0","result":{"Events":[{"name":"E_SAMPLE","id":0},'
+    b'{"name":"E_BENCH","id":1}]},"id":"1"}'
+)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    with mi_engine(["E_SAMPLE", "E_BENCH"]) as engine:
+        yield engine
+
+
+@pytest.fixture
+def http_server(engine: Engine) -> Iterator[HTTPServer]:
+    server = HTTPServer(
+        engine,
+        ("127.0.0.1", 0),
+        max_body=4096,
+        timeout=0.5,
+        request_deadline=1.0,
+        max_connections=4,
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def post(server: HTTPServer, body: bytes, path: str = "/mi") -> tuple[int, str, bytes]:
+    conn = http.client.HTTPConnection(*server.address, timeout=5)
+    try:
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type") or "", response.read()
+    finally:
+        conn.close()
+
+
+def raw_http(server: HTTPServer, data: bytes, timeout: float = 5.0) -> bytes:
+    with socket.create_connection(server.address, timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:8888") == ("127.0.0.1", 8888)
+    assert parse_listen("[::1]:0") == ("::1", 0)
+    assert parse_listen("") is None and parse_listen("off") is None
+    assert format_listen(("::1", 80)) == "[::1]:80"
+    for bad in ("localhost:80", "127.0.0.1", "127.0.0.1:x", "127.0.0.1:70000", ":80", "1.2.3.4:٣"):
+        with pytest.raises(ValueError, match=r"expected|not an IP|port"):
+            parse_listen(bad)
+
+
+def test_http_post_mi(engine: Engine, http_server: HTTPServer) -> None:
+    status, content_type, body = post(http_server, REQUEST)
+    assert (status, content_type, body) == (200, "application/json", EVENTS_REPLY)
+    assert body == handle(engine, REQUEST)
+    # A notification: done, nothing to say.
+    status, _, body = post(http_server, b'{"jsonrpc":"2.0","method":"events_list"}')
+    assert (status, body) == (204, b"")
+    status, _, body = post(http_server, b'{"jsonrpc":"2.0",')
+    assert status == 200
+    assert body == b'{"jsonrpc":"2.0","error":{"code":-32700,"message":"Parse error"},"id":null}'
+
+
+def test_http_keep_alive(http_server: HTTPServer) -> None:
+    conn = http.client.HTTPConnection(*http_server.address, timeout=5)
+    try:
+        for _ in range(5):
+            conn.request("POST", "/mi", REQUEST)
+            response = conn.getresponse()
+            assert response.read() == EVENTS_REPLY
+    finally:
+        conn.close()
+
+
+def test_http_limits_and_errors(http_server: HTTPServer) -> None:
+    status, content_type, body = post(http_server, b" " * 4097)
+    assert (status, content_type) == (413, "application/json")
+    assert json.loads(body)["error"] == {
+        "code": -32600,
+        "message": "Invalid Request",
+        "data": "request body is 4097 bytes, over the 4096-byte limit",
+    }
+    assert post(http_server, b" " * 4000 + REQUEST[:96])[0] == 200  # within the limit
+    no_length = raw_http(http_server, b"POST /mi HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert no_length.startswith(b"HTTP/1.1 411 ") and b"Content-Length is required" in no_length
+    chunked = raw_http(
+        http_server, b"POST /mi HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    assert chunked.startswith(b"HTTP/1.1 501 ")
+    bad_length = raw_http(http_server, b"POST /mi HTTP/1.1\r\nContent-Length: -5\r\n\r\n")
+    assert bad_length.startswith(b"HTTP/1.1 400 ")
+    huge_length = raw_http(http_server, b"POST /mi HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n")
+    assert huge_length.startswith(b"HTTP/1.1 413 ")
+    assert post(http_server, REQUEST, "/other")[0] == 404
+    assert raw_http(http_server, b"GET /mi HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405 ")
+    assert raw_http(http_server, b"GET /nope HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404 ")
+    assert b"400" in raw_http(http_server, b"garbage\r\n\r\n")  # taken for HTTP/0.9
+    assert raw_http(http_server, b"PUT /mi HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 501 ")
+    assert post(http_server, REQUEST)[2] == EVENTS_REPLY  # still serving
+
+
+def test_http_idle_and_slow_clients_are_cut_off(http_server: HTTPServer) -> None:
+    idle = socket.create_connection(http_server.address)
+    slow = socket.create_connection(http_server.address)
+    try:
+        idle.settimeout(5)
+        slow.settimeout(0.2)
+        start = time.monotonic()
+        # The slow client trickles a request; it is cut off at its deadline (1 + 0.5 s).
+        request = b"POST /mi HTTP/1.1\r\nContent-Length: 100\r\nX-Pad: " + b"a" * 200
+        cut = False
+        for byte in request:
+            try:
+                slow.send(bytes([byte]))
+                time.sleep(0.02)
+                if slow.recv(100) == b"":
+                    cut = True
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                cut = True
+                break
+        assert cut and time.monotonic() - start < 4.0
+        assert idle.recv(100) == b""  # the idle one was closed after its 0.5 s timeout
+        assert post(http_server, REQUEST)[2] == EVENTS_REPLY  # others are served meanwhile
+    finally:
+        idle.close()
+        slow.close()
+
+
+def test_http_connection_limit(engine: Engine) -> None:
+    server = HTTPServer(engine, ("127.0.0.1", 0), timeout=30, max_connections=4)
+    server.start()
+    try:
+        held = [socket.create_connection(server.address) for _ in range(4)]
+        try:
+            time.sleep(0.1)
+            refused = raw_http(server, REQUEST)
+            assert refused.startswith(b"HTTP/1.1 503 ")
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 5
+        while post(server, REQUEST)[0] != 200:  # slots come back as the held ones close
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        server.stop()
+
+
+def test_metrics_endpoint(http_server: HTTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = http.client.HTTPConnection(*http_server.address, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 200 and b"event_datagram_" in body
+        # Without the metrics module, a clear 503 (and the MI keeps working).
+        monkeypatch.setitem(sys.modules, "engine.metrics", None)
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 503 and b"engine.metrics" in response.read()
+    finally:
+        conn.close()
+    assert post(http_server, REQUEST)[2] == EVENTS_REPLY
+
+
+@pytest.fixture
+def datagram_server(engine: Engine) -> Iterator[DatagramServer]:
+    server = DatagramServer(engine, ("127.0.0.1", 0))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def udp_call(server: DatagramServer, data: bytes, timeout: float = 5.0) -> bytes | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(data, server.address)
+        try:
+            return sock.recv(70000)
+        except TimeoutError:
+            return None
+
+
+def test_datagram_replies_to_the_sender(datagram_server: DatagramServer) -> None:
+    assert datagram_server.url == f"udp:127.0.0.1:{datagram_server.address[1]}"
+    assert udp_call(datagram_server, REQUEST) == EVENTS_REPLY
+    assert udp_call(datagram_server, b'{"jsonrpc":"2.0","method":"events_list"}', 0.3) is None
+    assert udp_call(datagram_server, b"\xff" * 60000) == (
+        b'{"jsonrpc":"2.0","error":{"code":-32700,"message":"Parse error","data":"invalid UTF-8"},'
+        b'"id":null}'
+    )
+    server6 = DatagramServer(datagram_server._engine, ("::1", 0))
+    server6.start()
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.sendto(REQUEST, server6.address)
+            assert sock.recv(70000) == EVENTS_REPLY
+    finally:
+        server6.stop()
+
+
+def test_datagram_reply_too_big_for_one_datagram(engine: Engine) -> None:
+    server = DatagramServer(engine, ("127.0.0.1", 0))
+    server.start()
+    try:
+        for port in range(1, 1500):
+            engine.subscribe("E_BENCH", f"udp:127.0.0.1:{port}", 600)
+        request = b'{"jsonrpc":"2.0","id":9,"method":"subscribers_list","params":["E_BENCH"]}'
+        assert len(handle(engine, request) or b"") > 65507
+        reply = udp_call(server, request)
+        assert reply is not None
+        error = json.loads(reply)
+        assert error["id"] == 9 and error["error"]["code"] == -32000
+        assert "too big for one datagram" in error["error"]["data"]
+    finally:
+        for port in range(1, 1500):
+            engine.unsubscribe("E_BENCH", f"udp:127.0.0.1:{port}")
+        server.stop()
