@@ -1,0 +1,381 @@
+"""Prometheus exposition: one collector in the main process, read at scrape time.
+
+Workers count in plain integers in the shared counter block (`counters.py`,
+whose docstring documents the layout byte by byte); nothing in a worker calls
+prometheus-client. At scrape time `EngineCollector` takes one
+`Engine.statistics()` snapshot (the same numbers the tests and the bench read),
+the subscriber table from the registry, and each worker's CPU and memory from
+psutil, and turns them into metric families.
+
+Every known label value (each drop reason, each transport x failure reason,
+each registered event) is exposed from the first scrape, at 0, so rates show a
+zero line instead of nothing. Labels are bounded: event names (at most
+`max_events`), transports, reasons, worker indexes. Subscriber sockets become
+labels only with `per_subscriber=True` (config: `[metrics] per_subscriber`).
+
+The accounting identity (SPEC section 5) can be checked from the exposition
+alone:
+
+    sum(events_raised_total) = sum(oversize_rejections_total)
+                               + sum(drops_total) + events_queued_total
+    pairs_queued_total{worker} = pairs_sent_total{worker}
+                                 + pairs_failed_total{worker} + pairs_in_ring{worker}
+
+Both are exact in any one scrape of an idle engine; under load a worker may
+commit a batch between the reads of its counters and of its ring, so the right
+side can briefly fall short by up to one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Final
+
+import psutil
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from engine.counters import BATCH_BUCKETS, LATENCY_BUCKETS_S, REASONS, TRANSPORTS, CounterLayout
+from engine.producer import DROP_REASONS, Engine
+from engine.statistics import EngineStatistics, WorkerStatistics
+
+PREFIX: Final = "event_datagram_"
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+ALIVE_HELP: Final = "Worker processes currently running."
+
+
+def _bucket_label(bound: float) -> str:
+    """Prometheus's own float formatting for `le` (1 -> "1.0", 1e-05 -> "1e-05")."""
+    return repr(float(bound))
+
+
+def cumulative(counts: Iterable[int], bounds: Iterable[float]) -> list[tuple[str, float]]:
+    """Non-cumulative bucket counts (one per bound, then +Inf) -> cumulative `le` buckets."""
+    labels = [*(_bucket_label(b) for b in bounds), "+Inf"]
+    running = list(itertools.accumulate(counts))
+    if len(running) != len(labels):
+        raise ValueError(f"{len(running)} bucket counts for {len(labels)} buckets")
+    return [(le, float(n)) for le, n in zip(labels, running, strict=True)]
+
+
+@dataclass(slots=True)
+class _CpuTrack:
+    """Keeps a worker's CPU counter monotonic across restarts (a new pid starts at 0)."""
+
+    pid: int | None = None
+    last: float = 0.0  # CPU seconds last seen for `pid`
+    base: float = 0.0  # CPU seconds of this worker slot's earlier processes
+
+    def update(self, pid: int | None, seconds: float | None) -> float:
+        if pid != self.pid:
+            self.base += self.last
+            self.pid, self.last = pid, 0.0
+        if seconds is not None:
+            self.last = max(self.last, seconds)
+        return self.base + self.last
+
+
+class EngineCollector(Collector):
+    """Reads one `EngineStatistics` snapshot per scrape and yields the metric families."""
+
+    def __init__(self, engine: Engine, *, per_subscriber: bool = False) -> None:
+        self._engine = engine
+        self.per_subscriber = per_subscriber
+        self._cpu: dict[int, _CpuTrack] = {}
+        self._procs: dict[int, psutil.Process] = {}
+        self._cpu_lock = threading.Lock()  # two concurrent scrapes share the trackers
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # skip the test scrape at registration: the engine may not run yet
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine
+        supervisor = engine.supervisor
+        if not supervisor.running or supervisor.counters is None:
+            # Not started, or stopped: the shared memory is gone.
+            yield GaugeMetricFamily(PREFIX + "workers_alive", ALIVE_HELP, value=0)
+            return
+        stats = engine.statistics()
+        subscribers = self._subscribers()
+        yield from _event_families(stats)
+        yield from _worker_families(stats)
+        yield from _histograms(stats)
+        yield from _subscriber_families(stats, subscribers, self.per_subscriber)
+        alive = sum(w.alive for w in stats.workers)
+        yield GaugeMetricFamily(PREFIX + "workers_alive", ALIVE_HELP, value=alive)
+        yield from self._process_families(stats)
+
+    def _subscribers(self) -> list[tuple[str, str, str, int | None]]:
+        """(event, transport, socket, ttl) of every live subscriber, from the registry."""
+        engine = self._engine
+        now = time.time()
+        out: list[tuple[str, str, str, int | None]] = []
+        with engine.lock:
+            registry = engine.registry
+            for name, _eid in registry.events():
+                for sub in registry.subscribers(name):
+                    out.append((name, sub.dest.transport, sub.dest.key, sub.ttl(now)))
+        return out
+
+    def _process_families(self, stats: EngineStatistics) -> Iterator[Metric]:
+        cpu = CounterMetricFamily(
+            PREFIX + "worker_cpu_seconds_total",
+            "CPU time (user + system) of the worker process, summed over its restarts.",
+            labels=["worker"],
+        )
+        rss = GaugeMetricFamily(
+            PREFIX + "worker_resident_memory_bytes",
+            "Resident memory of the worker process (absent while it is restarting).",
+            labels=["worker"],
+        )
+        with self._cpu_lock:
+            for w in stats.workers:
+                seconds: float | None = None
+                resident: int | None = None
+                if w.pid is not None:
+                    with contextlib.suppress(psutil.Error, OSError):
+                        proc = self._process(w.pid)
+                        with proc.oneshot():
+                            times = proc.cpu_times()
+                            seconds = times.user + times.system
+                            resident = proc.memory_info().rss
+                track = self._cpu.setdefault(w.index, _CpuTrack())
+                cpu.add_metric([str(w.index)], track.update(w.pid, seconds))
+                if resident is not None:
+                    rss.add_metric([str(w.index)], resident)
+            live = {w.pid for w in stats.workers}
+            for pid in [p for p in self._procs if p not in live]:
+                del self._procs[pid]
+        yield cpu
+        yield rss
+
+    def _process(self, pid: int) -> psutil.Process:
+        proc = self._procs.get(pid)
+        if proc is None:
+            proc = self._procs[pid] = psutil.Process(pid)
+        return proc
+
+
+def _event_families(stats: EngineStatistics) -> Iterator[Metric]:
+    raised = CounterMetricFamily(
+        PREFIX + "events_raised_total",
+        "Events raised by the producer (accepted, oversize, or dropped).",
+        labels=["event"],
+    )
+    oversize = CounterMetricFamily(
+        PREFIX + "oversize_rejections_total",
+        "Events rejected before queueing because the payload exceeds 65457 bytes.",
+        labels=["event"],
+    )
+    for name in sorted(stats.events_raised):
+        raised.add_metric([name], stats.events_raised[name])
+        oversize.add_metric([name], stats.events_oversize.get(name, 0))
+    yield raised
+    yield oversize
+    yield CounterMetricFamily(
+        PREFIX + "events_queued_total",
+        "Events appended to the ring of every worker holding a subscriber of them.",
+        value=stats.events_queued,
+    )
+    drops = CounterMetricFamily(
+        PREFIX + "drops_total",
+        "Events not queued, by reason: ring_full (a worker ring had no room), "
+        "no_subscribers (nobody subscribed).",
+        labels=["reason"],
+    )
+    for reason in dict.fromkeys((*DROP_REASONS, *stats.drops)):
+        drops.add_metric([reason], stats.drops.get(reason, 0))
+    yield drops
+    sent = CounterMetricFamily(
+        PREFIX + "datagrams_sent_total",
+        "Datagrams handed to the kernel by the workers.",
+        labels=["event", "transport"],
+    )
+    sent_bytes = CounterMetricFamily(
+        PREFIX + "sent_bytes_total",
+        "Payload bytes of the datagrams handed to the kernel.",
+        labels=["event", "transport"],
+    )
+    for (name, transport), (n, b) in sorted(stats.sent_by_event().items()):
+        sent.add_metric([name, transport], n)
+        sent_bytes.add_metric([name, transport], b)
+    yield sent
+    yield sent_bytes
+    failures = CounterMetricFamily(
+        PREFIX + "send_failures_total",
+        "Datagrams whose send failed, by transport and reason (errno).",
+        labels=["transport", "reason"],
+    )
+    for transport in TRANSPORTS:
+        for reason in REASONS:
+            n = sum(w.failures.get((transport, reason), 0) for w in stats.workers)
+            failures.add_metric([transport, reason], n)
+    yield failures
+
+
+# (gauge?, name, help, value of one worker)
+_WORKER_SERIES: Final[tuple[tuple[bool, str, str, Callable[[WorkerStatistics], int]], ...]] = (
+    (
+        True,
+        "ring_used_bytes",
+        "Bytes in the worker's ring not yet consumed.",
+        lambda w: w.ring.used_bytes,
+    ),
+    (True, "ring_capacity_bytes", "Data bytes of the worker's ring.", lambda w: w.ring.capacity),
+    (
+        False,
+        "worker_restarts_total",
+        "Times the supervisor restarted the worker.",
+        lambda w: w.restarts,
+    ),
+    (
+        False,
+        "pairs_queued_total",
+        "(event, subscriber) pairs appended to the worker's ring.",
+        lambda w: w.pairs_queued,
+    ),
+    (
+        False,
+        "pairs_dropped_total",
+        "(event, subscriber) pairs lost because the worker's ring was full.",
+        lambda w: w.pairs_dropped,
+    ),
+    (
+        False,
+        "pairs_sent_total",
+        "(event, subscriber) pairs the worker sent.",
+        lambda w: w.pairs_sent,
+    ),
+    (
+        False,
+        "pairs_failed_total",
+        "(event, subscriber) pairs whose send failed (any reason).",
+        lambda w: w.pairs_failed,
+    ),
+    (
+        True,
+        "pairs_in_ring",
+        "(event, subscriber) pairs in the worker's ring, not yet sent or failed.",
+        lambda w: w.pairs_in_ring,
+    ),
+    (
+        False,
+        "redelivered_pairs_total",
+        "Pairs of a batch in flight when its worker died, sent again by its successor.",
+        lambda w: w.redelivered_pairs,
+    ),
+    (True, "worker_subscribers", "Subscriber sockets the worker holds.", lambda w: w.subscribers),
+)
+
+
+def _worker_families(stats: EngineStatistics) -> Iterator[Metric]:
+    for gauge, name, doc, value in _WORKER_SERIES:
+        family: GaugeMetricFamily | CounterMetricFamily
+        if gauge:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["worker"])
+        else:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["worker"])
+        for w in stats.workers:
+            family.add_metric([str(w.index)], value(w))
+        yield family
+
+
+def _histograms(stats: EngineStatistics) -> Iterator[Metric]:
+    layout = CounterLayout(stats.max_events)
+    n = len(BATCH_BUCKETS) + 1
+    counts = [sum(w.counters[layout.batch_base + i] for w in stats.workers) for i in range(n)]
+    total = sum(w.counters[layout.batch_base + n] for w in stats.workers)
+    yield HistogramMetricFamily(
+        PREFIX + "batch_datagrams",
+        "(event, subscriber) pairs a worker handled (sent or failed) per send round.",
+        buckets=cumulative(counts, BATCH_BUCKETS),
+        sum_value=total,
+    )
+    lat_counts, lat_ns = stats.latency_buckets()
+    yield HistogramMetricFamily(
+        PREFIX + "delivery_latency_seconds",
+        "Time from raise_event to the end of the worker's send round carrying the event "
+        "(one observation per event record a worker handled).",
+        buckets=cumulative(lat_counts, LATENCY_BUCKETS_S),
+        sum_value=lat_ns / 1e9,
+    )
+
+
+def _subscriber_families(
+    stats: EngineStatistics,
+    subscribers: list[tuple[str, str, str, int | None]],
+    per_subscriber: bool,
+) -> Iterator[Metric]:
+    gauge = GaugeMetricFamily(
+        PREFIX + "subscribers",
+        "Live subscriptions, by event and transport.",
+        labels=["event", "transport"],
+    )
+    counts = {(name, t): 0 for name in sorted(stats.events_raised) for t in TRANSPORTS}
+    for name, transport, _socket, _ttl in subscribers:
+        counts[(name, transport)] = counts.get((name, transport), 0) + 1
+    for (name, transport), n in counts.items():
+        gauge.add_metric([name, transport], n)
+    yield gauge
+    if not per_subscriber:
+        return
+    ttl = GaugeMetricFamily(
+        PREFIX + "subscriber_ttl_seconds",
+        "Seconds until the subscription expires (+Inf for a subscription that never does).",
+        labels=["event", "transport", "socket"],
+    )
+    for name, transport, socket, left in subscribers:
+        ttl.add_metric([name, transport, socket], float("inf") if left is None else left)
+    yield ttl
+
+
+# -- the exposition an HTTP server serves ---------------------------------------------------
+_registries: weakref.WeakKeyDictionary[Engine, tuple[CollectorRegistry, EngineCollector]] = (
+    weakref.WeakKeyDictionary()
+)
+_registries_lock = threading.Lock()
+
+
+def registry_for(engine: Engine, *, per_subscriber: bool = False) -> CollectorRegistry:
+    """The engine's private registry (created on first use; never the global one)."""
+    with _registries_lock:
+        entry = _registries.get(engine)
+        if entry is None:
+            registry = CollectorRegistry(auto_describe=False)
+            collector = EngineCollector(engine, per_subscriber=per_subscriber)
+            registry.register(collector)
+            _registries[engine] = entry = (registry, collector)
+        entry[1].per_subscriber = per_subscriber
+        return entry[0]
+
+
+def exposition(
+    engine: Engine, *, per_subscriber: bool = False, accept: str | None = None
+) -> tuple[bytes, str]:
+    """The body and content type of `GET /metrics` for this engine.
+
+    Args:
+        engine: the running Engine to expose.
+        per_subscriber: also expose per-subscriber series (`[metrics] per_subscriber`).
+        accept: the request's Accept header; OpenMetrics is served when it asks for it,
+            otherwise the classic text format (0.0.4).
+    Returns:
+        (body, content type).
+    """
+    registry = registry_for(engine, per_subscriber=per_subscriber)
+    if accept and "application/openmetrics-text" in accept:
+        encoder, content_type = choose_encoder(accept)
+        return encoder(registry), content_type
+    return generate_latest(registry), CONTENT_TYPE

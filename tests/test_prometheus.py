@@ -1,0 +1,372 @@
+"""The Grafana dashboard against a real Prometheus that scrapes a running engine:
+`event-datagram run` (its own config) under a steady load of events raised over
+its MI, Prometheus scraping its `GET /metrics` every second, then every panel
+query of the dashboard evaluated through Prometheus's HTTP API.
+
+Prometheus comes from the Debian package `prometheus` (`.ci/run` installs it).
+Where it is missing the test FAILS with the command to install it; set
+EVENT_DATAGRAM_SKIP_PROMETHEUS=1 to skip it knowingly (never honoured in CI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import udp_receiver, unix_receiver
+
+GRAFANA = Path(__file__).resolve().parents[1] / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "event-datagram.json"
+DATASOURCE = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
+PROVIDER = GRAFANA / "provisioning" / "dashboards" / "event-datagram.yaml"
+WINDOW = "15s"  # stands in for Grafana's $__rate_interval
+INSTALL = (
+    "Prometheus is not installed, so the dashboard cannot be checked against it.\n"
+    "Install it (Debian/Ubuntu, as root):\n"
+    "    apt-get update && apt-get install -y --no-install-recommends prometheus\n"
+    "or put a `prometheus` binary on PATH. To skip this test knowingly (not in CI):\n"
+    "    EVENT_DATAGRAM_SKIP_PROMETHEUS=1 make test"
+)
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus") or (
+        "/usr/bin/prometheus" if os.access("/usr/bin/prometheus", os.X_OK) else None
+    )
+    if found:
+        return found
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    if os.environ.get("EVENT_DATAGRAM_SKIP_PROMETHEUS") == "1" and not in_ci:
+        pytest.skip("EVENT_DATAGRAM_SKIP_PROMETHEUS=1: the real-Prometheus check was skipped")
+    pytest.fail("\n" + "!" * 72 + "\n" + INSTALL + "\n" + "!" * 72, pytrace=False)
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    """(panel title, expr) of every target of every panel, rows included."""
+    out = []
+    stack = list(dashboard()["panels"])
+    while stack:
+        panel = stack.pop(0)
+        stack.extend(panel.get("panels", []))
+        out += [(panel["title"], t["expr"]) for t in panel.get("targets", [])]
+    return out
+
+
+def concrete(expr: str) -> str:
+    """The query as Grafana would send it: the rate window and the `All` instance value."""
+    text = expr.replace("$__rate_interval", WINDOW).replace("$instance", ".*")
+    assert "$" not in text, f"unresolved Grafana variable in {expr!r}"
+    return text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def get_json(url: str, timeout: float = 30.0) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        data: dict[str, Any] = json.load(response)
+    return data
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(
+            OSError, ValueError, KeyError, IndexError, http.client.HTTPException
+        ):
+            if check():
+                return
+        time.sleep(0.25)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+
+
+def end_process(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; bounded, and never raises."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            print(f"warning: pid {proc.pid} ({proc.args!r}) survived SIGKILL for 30 s")
+
+
+# -- what Prometheus scrapes: `event-datagram run` under load --------------------------------
+class MI:
+    """A keep-alive JSON-RPC client of the engine's `POST /mi`."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.conn: http.client.HTTPConnection | None = None
+
+    def call(self, method: str, params: list[Any]) -> Any:
+        body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
+        for attempt in (1, 2):
+            if self.conn is None:
+                host, port = self.address.rsplit(":", 1)
+                self.conn = http.client.HTTPConnection(host, int(port), timeout=5)
+            try:
+                self.conn.request("POST", "/mi", body, {"Content-Type": "application/json"})
+                reply = json.loads(self.conn.getresponse().read())
+                break
+            except (OSError, http.client.HTTPException):
+                self.close()
+                if attempt == 2:
+                    raise
+        if "error" in reply:
+            raise AssertionError(f"MI {method} {params}: {reply['error']}")
+        return reply["result"]
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+@contextlib.contextmanager
+def engine_process(workdir: Path) -> Iterator[str]:
+    """`event-datagram run` with its own config; yields its HTTP host:port."""
+    address = f"127.0.0.1:{free_port()}"
+    config = workdir / "engine.toml"
+    config.write_text(
+        'events = ["E_LOAD", "E_OTHER", "E_IDLE"]\n'
+        "[engine]\n"
+        f'instance = "prom{os.getpid()}"\n'
+        "workers = 2\n"
+        "pin = false\n"
+        f'runtime_dir = "{workdir / "run"}"\n'
+        "[mi]\n"
+        f'http = "{address}"\n'
+        'datagram = ""\n'
+        "[state]\n"
+        "enabled = false\n"
+        "[metrics]\n"
+        "per_subscriber = true\n"
+    )
+    log = workdir / "engine.log"
+    script = Path(sys.executable).with_name("event-datagram")  # the console command
+    program = [str(script)] if script.exists() else [sys.executable, "-m", "engine"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*program, "run", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT
+        )
+    mi = MI(address)
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"`event-datagram run` exited with {proc.returncode}:\n"
+                + log.read_text(errors="replace")[-3000:]
+            )
+        return bool(mi.call("events_list", []))
+
+    try:
+        wait_until(
+            answers,
+            timeout=30,
+            what="`event-datagram run` to answer on /mi",
+            log=log,
+        )
+        yield address
+    finally:
+        mi.close()
+        end_process(proc, grace=15)  # SIGTERM: the engine drains and exits
+
+
+@contextlib.contextmanager
+def load(address: str, seconds: float = 60.0) -> Iterator[None]:
+    """Raise events over the MI in the background until the block ends (at most `seconds`)."""
+    stop = threading.Event()
+    raised = [0]
+
+    def produce() -> None:
+        mi = MI(address)
+        deadline = time.monotonic() + seconds
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                seq = raised[0]
+                mi.call(
+                    "raise_event", ["E_LOAD", json.dumps({"seq": seq, "pad": "x" * (seq % 300)})]
+                )
+                mi.call("raise_event", ["E_OTHER", [str(seq)]])
+                raised[0] += 1
+                time.sleep(0.001)  # a steady stream, not a CPU hog on a shared machine
+        finally:
+            mi.close()
+
+    thread = threading.Thread(target=produce, name="load", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+    assert raised[0] > 0, "the load generator raised nothing"
+
+
+# -- a real Prometheus ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def prometheus(binary: str, target: str, workdir: Path) -> Iterator[str]:
+    """A Prometheus scraping `target` every second; yields its base URL."""
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global:\n"
+        "  scrape_interval: 1s\n"
+        "  scrape_timeout: 1s\n"
+        "  evaluation_interval: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: event-datagram\n"
+        "    static_configs:\n"
+        f"      - targets: ['{target}']\n"
+    )
+    log = workdir / "prometheus.log"
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=info",  # shown when something times out
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-3000:]
+                raise AssertionError(f"prometheus exited with {proc.returncode}:\n{tail}")
+            return bool(urllib.request.urlopen(f"{url}/-/ready", timeout=5).status == 200)
+
+        wait_until(ready, timeout=60, what="Prometheus to be ready", log=log)
+        yield url
+    finally:
+        end_process(proc, grace=10)
+
+
+def query(url: str, expr: str) -> dict[str, Any]:
+    return get_json(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+
+
+# -- the tests -------------------------------------------------------------------------------------
+def test_dashboard_is_provisionable_as_is() -> None:
+    """Fixed uids, the datasource by uid, no import placeholders, rates over $__rate_interval."""
+    text = DASHBOARD.read_text()
+    board = dashboard()
+    assert board["uid"] == "event-datagram"
+    assert "${DS_" not in text and "__inputs" not in board
+    uid = re.search(r"^\s*uid:\s*(\S+)", DATASOURCE.read_text(), re.MULTILINE)
+    assert uid is not None and uid.group(1) == "event-datagram-prom"
+    provider = PROVIDER.read_text()
+    assert re.search(r"^\s*type:\s*file\s*$", provider, re.MULTILINE)
+    assert re.search(r"^\s*path:\s*\S+", provider, re.MULTILINE)
+    stack = list(board["panels"])
+    titles = []
+    while stack:
+        panel = stack.pop(0)
+        stack.extend(panel.get("panels", []))
+        titles.append(panel["title"])
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "event-datagram-prom"}
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "event-datagram-prom"
+    assert len(titles) == len(set(titles)), "panel titles must be unique"
+    queries = panel_queries()
+    assert len(queries) >= 15
+    for title, expr in queries:
+        windows = re.findall(r"\[([^\]]+)\]", expr)
+        assert all(w == "$__rate_interval" for w in windows), f"{title}: fixed window in {expr}"
+        assert 'instance=~"$instance"' in expr, f"{title}: not filtered by $instance"
+    for variable in board["templating"]["list"]:
+        assert variable["datasource"]["uid"] == "event-datagram-prom"
+
+
+def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
+    binary = prometheus_binary()
+    rx_udp, rx_unix = udp_receiver(), unix_receiver(tmp_path)
+    try:
+        with engine_process(tmp_path) as address:
+            mi = MI(address)
+            mi.call("event_subscribe", ["E_LOAD", rx_udp.socket_text])
+            mi.call("event_subscribe", ["E_OTHER", rx_udp.socket_text])
+            mi.call("event_subscribe", ["E_OTHER", rx_unix.socket_text])
+            mi.close()
+            with load(address), prometheus(binary, address, tmp_path) as url:
+                check_panels(url, tmp_path / "prometheus.log")
+                # [metrics] per_subscriber = true reached the exposition.
+                ttl = query(url, "event_datagram_subscriber_ttl_seconds")["data"]["result"]
+                sockets = {r["metric"]["socket"] for r in ttl}
+                assert sockets == {rx_udp.socket_text, rx_unix.socket_text}
+        assert rx_udp.datagrams and rx_unix.datagrams
+    finally:
+        rx_udp.close()
+        rx_unix.close()
+
+
+def check_panels(url: str, log: Path) -> None:
+    # Enough scrapes of a busy engine for a 15 s rate window (a rate needs two samples).
+    samples = 'count_over_time(event_datagram_workers_alive{job="event-datagram"}[1m])'
+    wait_until(
+        lambda: float(query(url, samples)["data"]["result"][0]["value"][1]) >= 5,
+        timeout=40,
+        what="five scrapes of the engine",
+        log=log,
+    )
+    up = query(url, 'up{job="event-datagram"}')["data"]["result"]
+    assert [r["value"][1] for r in up] == ["1"]
+    for variable in dashboard()["templating"]["list"]:  # label_values(metric, label)
+        found = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable["query"])
+        assert found, f"unexpected variable query {variable['query']!r}"
+        metric, label = found.groups()
+        values = get_json(
+            f"{url}/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": metric})
+        )
+        assert values["status"] == "success" and values["data"], f"${variable['name']}: no values"
+    failures = []
+    for title, expr in panel_queries():
+        reply = query(url, concrete(expr))
+        if reply.get("status") != "success" or not reply["data"]["result"]:
+            failures.append(f"{title}: {concrete(expr)}\n    -> {json.dumps(reply)[:300]}")
+    assert not failures, "dashboard queries without data:\n" + "\n".join(failures)
+    # The load really was scraped: a positive send rate over UDP and over UNIX.
+    by_transport = query(url, concrete(panel_expr("Send rate by transport")))["data"]["result"]
+    rates = {r["metric"]["transport"]: float(r["value"][1]) for r in by_transport}
+    assert rates["udp"] > 0 and rates["unix"] > 0, rates
+
+
+def panel_expr(title: str) -> str:
+    return next(expr for t, expr in panel_queries() if t == title)
