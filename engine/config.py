@@ -80,7 +80,7 @@ class StaticSubscription(_Section):
 
 class MetricsConfig(_Section):
     per_subscriber: bool = False
-    """Label datagram metrics per subscriber (high cardinality)."""
+    """Add per-subscriber series (subscription TTL) to /metrics (one series each)."""
 
 
 class Config(_Section):
