@@ -1,0 +1,481 @@
+"""The bench's receivers: real processes that count and check every datagram.
+
+Each receiver process binds some of the subscriber sockets (UDP on 127.0.0.1,
+UDP on ::1, UNIX datagram in the bench's temporary directory), asks for a big
+receive buffer (SO_RCVBUFFORCE when allowed, else SO_RCVBUF, which the kernel
+caps at net.core.rmem_max), and reads them with `recvmmsg(2)` through ctypes,
+VLEN datagrams per call, woken by epoll. Every datagram is decoded with msgspec
+into the full E_BENCH shape (`bench_common.BenchPayload`) and its method and tag
+compared, so a truncated or corrupted datagram counts as invalid, never as
+received. Per socket a byte per sequence number finds duplicates; in the latency
+phase the receive time minus the raise time of every datagram is kept.
+
+The parent drives them through a pipe, one command at a time:
+  ("begin", RoundSpec)  start counting a round (datagrams raised before t0 are stale)
+  ("report",)           drain the sockets, reply with the round's counts (+ latencies)
+  ("exit",)             close and unlink the sockets, leave
+A received-datagram total per socket is also published in a small shared file,
+for the live progress line. Every loop is bounded: epoll waits 0.2 s at most,
+a wake-up reads at most MAX_CALLS recvmmsg per socket, and a receiver leaves on
+its own when the pipe closes or its lifetime is over.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, Final
+
+import msgspec
+
+from engine.bench_common import BenchPayload, Child, prepare_child, read_sysctl
+from workers.sender import IoVec, MMsgHdr, MsgHdr
+
+MSG_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0x40)
+MSG_TRUNC: Final = getattr(socket, "MSG_TRUNC", 0x20)
+SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)
+MAX_CALLS: Final = 32  # recvmmsg calls per socket per wake-up
+BUFFER_BUDGET: Final = 8 << 20  # bytes of receive slots per process
+LATENCY_CAP: Final = 4_000_000  # latency samples kept per process per round
+KINDS: Final = ("udp", "udp6", "unix")
+
+_STRIDE: Final = ctypes.sizeof(MMsgHdr) // 4
+_LEN_WORD: Final = MMsgHdr.msg_len.offset // 4  # type: ignore[attr-defined]
+_FLAGS_WORD: Final = (MMsgHdr.msg_hdr.offset + MsgHdr.msg_flags.offset) // 4  # type: ignore[attr-defined]
+
+
+def _load_recvmmsg() -> Callable[..., int]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = libc.recvmmsg
+    fn.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p)
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+class RoundSpec(msgspec.Struct, frozen=True):
+    mode: str  # "seq": count + duplicates; "latency": also keep latencies; "count": no seq
+    t0_ns: int  # datagrams raised before this are stale (from an earlier round)
+    tag: str
+    method: str
+    seq_base: int
+
+
+@dataclass(slots=True)
+class _Socket:
+    index: int  # subscriber index (global)
+    kind: str
+    sock: socket.socket
+    text: str  # the subscriber socket string
+    path: str | None
+    seen: bytearray = field(default_factory=bytearray)
+    received: int = 0
+    unique: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    truncated: int = 0
+    stale: int = 0
+    bytes: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+
+    def reset(self) -> None:
+        self.seen = bytearray(1 << 16)
+        self.received = self.unique = self.duplicates = self.invalid = 0
+        self.truncated = self.stale = self.bytes = self.first_ns = self.last_ns = 0
+
+
+def open_socket(
+    kind: str, index: int, socket_dir: str, rcvbuf: int
+) -> tuple[socket.socket, str, str, int]:
+    """Bind one receiving socket; return it, its subscriber text, the buffer method,
+    and the effective receive buffer (as getsockopt reports it: twice the setting)."""
+    family = {"udp": socket.AF_INET, "udp6": socket.AF_INET6, "unix": socket.AF_UNIX}[kind]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    method = "SO_RCVBUFFORCE"
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+    except OSError:
+        method = "SO_RCVBUF"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if kind == "unix":
+        path = os.path.join(socket_dir, f"rx{index}.sock")
+        sock.bind(path)
+        text = f"unix:{path}"
+    elif kind == "udp6":
+        sock.bind(("::1", 0))
+        text = f"udp:[::1]:{sock.getsockname()[1]}"
+    else:
+        sock.bind(("127.0.0.1", 0))
+        text = f"udp:127.0.0.1:{sock.getsockname()[1]}"
+    sock.setblocking(False)
+    effective = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return sock, text, method, effective
+
+
+class _Receiver:
+    def __init__(
+        self,
+        conn: Connection,
+        slots: list[tuple[int, str]],
+        socket_dir: str,
+        rcvbuf: int,
+        slot_bytes: int,
+        counters_path: str,
+        lifetime_s: float,
+    ) -> None:
+        self.conn = conn
+        self.deadline = time.monotonic() + lifetime_s
+        self.sockets: list[_Socket] = []
+        self.buffers: list[dict[str, Any]] = []
+        for index, kind in slots:
+            sock, text, method, effective = open_socket(kind, index, socket_dir, rcvbuf)
+            path = sock.getsockname() if kind == "unix" else None
+            self.sockets.append(_Socket(index, kind, sock, text, path))
+            self.buffers.append({"index": index, "method": method, "effective": effective})
+        self.by_fd = {s.sock.fileno(): s for s in self.sockets}
+        # Receive slots: VLEN buffers of slot_bytes, one iovec and one mmsghdr each.
+        self.slot = slot_bytes
+        self.vlen = max(8, min(256, BUFFER_BUDGET // slot_bytes))
+        self.buf = (ctypes.c_char * (self.vlen * slot_bytes))()
+        self.view = memoryview(self.buf).cast("B")
+        self.iov = (IoVec * self.vlen)()
+        self.msgs = (MMsgHdr * self.vlen)()
+        base = ctypes.addressof(self.buf)
+        for i in range(self.vlen):
+            self.iov[i].iov_base = base + i * slot_bytes
+            self.iov[i].iov_len = slot_bytes
+            self.msgs[i].msg_hdr.msg_iov = ctypes.addressof(self.iov[i])
+            self.msgs[i].msg_hdr.msg_iovlen = 1
+        self.words = memoryview(self.msgs).cast("B").cast("I")
+        self.msgs_address = ctypes.addressof(self.msgs)
+        self.recvmmsg = _load_recvmmsg()
+        self.decode = msgspec.json.Decoder(BenchPayload).decode
+        # Shared received totals (u64 per subscriber, indexed globally) for the progress line.
+        fd = os.open(counters_path, os.O_RDWR)
+        try:
+            self.counters_map = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        self.counters = memoryview(self.counters_map).cast("Q")
+        self.spec = RoundSpec("count", 0, "", "", 0)
+        self.latencies = array.array("q")
+        self.errors: dict[str, int] = {}
+        for s in self.sockets:
+            s.reset()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def serve(self) -> None:
+        ep = select.epoll()
+        ctl = self.conn.fileno()
+        try:
+            ep.register(ctl, select.EPOLLIN)
+            for fd in self.by_fd:
+                ep.register(fd, select.EPOLLIN)
+            self.conn.send(("ready", [s.text for s in self.sockets], self.buffers, self.vlen))
+            while time.monotonic() < self.deadline:
+                for fd, _ev in ep.poll(0.2):
+                    if fd == ctl:
+                        if not self._command():
+                            return
+                    else:
+                        self._drain(self.by_fd[fd], MAX_CALLS)
+        finally:
+            ep.close()
+            self.close()
+
+    def _command(self) -> bool:
+        try:
+            msg = self.conn.recv()
+        except (EOFError, OSError):
+            return False
+        if msg[0] == "begin":
+            self.spec = msg[1]
+            self.latencies = array.array("q")
+            self.errors = {}
+            for s in self.sockets:
+                s.reset()
+        elif msg[0] == "report":
+            for s in self.sockets:  # what is already queued belongs to this round
+                self._drain(s, 1 << 16)
+            self.conn.send(self._report())
+            if self.spec.mode == "latency":
+                self.conn.send_bytes(self.latencies.tobytes())
+        elif msg[0] == "exit":
+            return False
+        return True
+
+    def _drain(self, s: _Socket, max_calls: int) -> None:
+        fd = s.sock.fileno()
+        vlen = self.vlen
+        recvmmsg = self.recvmmsg
+        address = self.msgs_address
+        for _ in range(max_calls):
+            n = recvmmsg(fd, address, vlen, MSG_DONTWAIT, None)
+            if n <= 0:
+                err = ctypes.get_errno()
+                if n < 0 and err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                    name = errno.errorcode.get(err, str(err))
+                    self.errors[name] = self.errors.get(name, 0) + 1
+                return
+            self._consume(s, n, time.monotonic_ns())
+            self.counters[s.index] += n
+            if n < vlen:
+                return
+
+    def _consume(self, s: _Socket, n: int, now: int) -> None:
+        """Check n datagrams just received on s; `now` is their receive time."""
+        spec = self.spec
+        words = self.words
+        view = self.view
+        slot = self.slot
+        decode = self.decode
+        tag = spec.tag
+        method = spec.method
+        t0 = spec.t0_ns
+        base = spec.seq_base
+        mode = spec.mode
+        track = mode != "count"
+        lat = self.latencies if mode == "latency" and len(self.latencies) < LATENCY_CAP else None
+        seen = s.seen
+        ok = dup = invalid = trunc = stale = nbytes = 0
+        for i in range(n):
+            length = words[i * _STRIDE + _LEN_WORD]
+            if words[i * _STRIDE + _FLAGS_WORD] & MSG_TRUNC:
+                trunc += 1
+                continue
+            off = i * slot
+            try:
+                p = decode(view[off : off + length])
+            except msgspec.DecodeError:  # ValidationError included
+                invalid += 1
+                continue
+            params = p.params
+            if p.method != method or params.tag != tag:
+                invalid += 1
+                continue
+            t = params.t
+            if t < t0:
+                stale += 1
+                continue
+            ok += 1
+            nbytes += length
+            if track:
+                seq = params.seq - base
+                if seq >= len(seen):
+                    if seq >= 1 << 26:
+                        invalid += 1
+                        ok -= 1
+                        continue
+                    seen.extend(bytes(max(seq + 1, 2 * len(seen)) - len(seen)))
+                if seq < 0:
+                    invalid += 1
+                    ok -= 1
+                elif seen[seq]:
+                    dup += 1
+                else:
+                    seen[seq] = 1
+                if lat is not None:
+                    lat.append(now - t)
+        if ok:
+            if not s.first_ns:
+                s.first_ns = now
+            s.last_ns = now
+        s.received += ok
+        s.duplicates += dup
+        s.unique += ok - dup if track else ok
+        s.invalid += invalid
+        s.truncated += trunc
+        s.stale += stale
+        s.bytes += nbytes
+
+    def _report(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "sockets": [
+                {
+                    "index": s.index,
+                    "socket": s.text,
+                    "received": s.received,
+                    "unique": s.unique,
+                    "duplicates": s.duplicates,
+                    "invalid": s.invalid,
+                    "truncated": s.truncated,
+                    "stale": s.stale,
+                    "bytes": s.bytes,
+                    "first_ns": s.first_ns,
+                    "last_ns": s.last_ns,
+                }
+                for s in self.sockets
+            ],
+            "errors": dict(self.errors),
+            "latency_samples": len(self.latencies),
+        }
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.sock.close()
+            if s.path:
+                with contextlib.suppress(OSError):
+                    os.unlink(s.path)
+        self.counters.release()
+        self.counters_map.close()
+
+
+def receiver_main(
+    conn: Connection,
+    slots: list[tuple[int, str]],
+    socket_dir: str,
+    rcvbuf: int,
+    slot_bytes: int,
+    counters_path: str,
+    cpus: list[int] | None,
+    lifetime_s: float,
+) -> None:
+    """Process entry point (a `bench_common.Child`)."""
+    prepare_child(cpus)
+    try:
+        receiver = _Receiver(conn, slots, socket_dir, rcvbuf, slot_bytes, counters_path, lifetime_s)
+    except Exception as exc:  # tell the parent why, instead of leaving it waiting
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    receiver.serve()
+
+
+# -- the parent's side ------------------------------------------------------------------------
+@dataclass
+class RoundReport:
+    """What every receiver saw in one round, merged."""
+
+    sockets: list[dict[str, Any]]  # per subscriber, in subscriber order
+    latencies_ns: array.array[int]
+    errors: dict[str, int]
+
+    def total(self, key: str) -> int:
+        return sum(int(s[key]) for s in self.sockets)
+
+    @property
+    def first_ns(self) -> int:
+        firsts = [s["first_ns"] for s in self.sockets if s["first_ns"]]
+        return min(firsts) if firsts else 0
+
+    @property
+    def last_ns(self) -> int:
+        return max((s["last_ns"] for s in self.sockets), default=0)
+
+
+class ReceiverPool:
+    """The receiver processes of one bench run (started once, reused every round)."""
+
+    def __init__(
+        self,
+        kinds: list[str],
+        processes: int,
+        socket_dir: str,
+        rcvbuf: int,
+        slot_bytes: int,
+        cpus: list[int] | None,
+        lifetime_s: float,
+    ) -> None:
+        self.kinds = kinds
+        self.counters_path = os.path.join(socket_dir, "received.u64")
+        size = 8 * max(1, len(kinds))
+        with open(self.counters_path, "wb") as f:
+            f.write(bytes(size))
+        fd = os.open(self.counters_path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._counters = memoryview(self._map).cast("Q")
+        self.children: list[Child] = []
+        self.sockets: list[str] = [""] * len(kinds)
+        self.buffers: list[dict[str, Any]] = []
+        self.vlen = 0
+        self.mode = "count"
+        self._base = 0
+        processes = max(1, min(processes, len(kinds)))
+        for p in range(processes):
+            slots = [(i, kinds[i]) for i in range(p, len(kinds), processes)]
+            args = (slots, socket_dir, rcvbuf, slot_bytes, self.counters_path, cpus, lifetime_s)
+            self.children.append(
+                Child("engine.bench_receivers:receiver_main", args, f"receiver {p}")
+            )
+        for p, child in enumerate(self.children):
+            msg = child.recv(30.0, "not ready")
+            if msg[0] != "ready":
+                raise RuntimeError(f"receiver {p} failed: {msg[1]}")
+            indexes = range(p, len(kinds), processes)
+            for i, text in zip(indexes, msg[1], strict=True):
+                self.sockets[i] = text
+            self.buffers.extend(msg[2])
+            self.vlen = msg[3]
+        self.buffers.sort(key=lambda b: int(b["index"]))
+
+    @property
+    def pids(self) -> list[int]:
+        return [c.pid for c in self.children]
+
+    def received_total(self) -> int:
+        return sum(self._counters.tolist())
+
+    def begin(self, spec: RoundSpec) -> None:
+        self.mode = spec.mode
+        self._base = self.received_total()
+        for child in self.children:
+            child.conn.send(("begin", spec))
+
+    def settle(self, expected: int, timeout_s: float = 5.0, quiet_s: float = 0.25) -> None:
+        """Wait until `expected` datagrams arrived since `begin`, or nothing new arrives
+        for `quiet_s` (bounded by `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        last = -1
+        last_change = time.monotonic()
+        while time.monotonic() < deadline:
+            total = self.received_total() - self._base
+            if total >= expected:
+                return
+            if total != last:
+                last = total
+                last_change = time.monotonic()
+            elif time.monotonic() - last_change >= quiet_s:
+                return
+            time.sleep(0.01)
+
+    def report(self) -> RoundReport:
+        for child in self.children:
+            child.conn.send(("report",))
+        sockets: list[dict[str, Any]] = [{} for _ in self.kinds]
+        latencies = array.array("q")
+        errors: dict[str, int] = {}
+        for child in self.children:
+            rep = child.recv(30.0, "no report")
+            for s in rep["sockets"]:
+                sockets[s["index"]] = s
+            for k, v in rep["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+            if self.mode == "latency":
+                if not child.conn.poll(30.0):
+                    raise RuntimeError(f"{child.name}: no latencies within 30 s")
+                latencies.frombytes(child.conn.recv_bytes())
+        return RoundReport(sockets, latencies, errors)
+
+    def close(self) -> None:
+        for child in self.children:
+            child.close()
+        with contextlib.suppress(BufferError, ValueError):
+            self._counters.release()
+            self._map.close()
+
+
+def unix_qlen_limit() -> int | None:
+    return read_sysctl("net.unix.max_dgram_qlen")

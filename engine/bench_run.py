@@ -1,0 +1,417 @@
+"""The bench run: receivers and the reference sender started once, then the
+interleaved rounds (engine, baseline, ceiling) and the latency phase.
+
+An engine round starts a fresh `Engine` (unique instance name, so its shared
+memory is easy to find and remove), subscribes every receiver socket, raises
+events through `Engine.raise_event` for `--duration` seconds (as fast as the
+rings take them, or paced at `--rate`), waits until the workers have sent
+everything in their rings, and stops the engine. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Final
+
+from engine.bench_baseline import RunSpec, SenderProcess
+from engine.bench_common import (
+    EVENT,
+    IP,
+    MAX_EVENTS_PER_ROUND,
+    PACE_TICK_S,
+    SEQ_BASE,
+    available_cpus,
+    make_tag,
+    peak_rss,
+)
+from engine.bench_live import (
+    Progress,
+    Scraper,
+    affinity,
+    per,
+    round_record,
+    snapshot,
+    stop_engine,
+    wait_drained,
+    wait_idle,
+)
+from engine.bench_receivers import ReceiverPool, RoundSpec
+from engine.bench_report import latency_summary, median
+from engine.counters import LATENCY_BUCKETS_S
+from engine.options import EngineOptions
+from engine.producer import Engine
+from engine.shm import list_segments, unlink_name
+from engine.wire import PayloadTooLarge
+
+LATENCY_RATE_CAP: Final = 50_000.0  # events/s
+CHUNK: Final = 64  # raises between two looks at the clock
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: stop measuring, clean up, report what was measured."""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.kinds = self._kinds(args.transport, args.subscribers)
+        self.rounds: list[dict[str, Any]] = []
+        self.latency: dict[str, Any] | None = None
+        self.warnings: list[str] = []
+        self.instances: list[str] = []
+        self.engine: Engine | None = None
+        self.pool: ReceiverPool | None = None
+        self.sender: SenderProcess | None = None
+        self.scraper = Scraper()
+        self.progress = Progress(False, lambda: 0)
+        self.socket_dir = ""
+        self.worker_rss: dict[int, int] = {}
+        self.producer_rss = 0
+        self.worker_cpus: list[Any] = []
+        cpus = available_cpus()
+        self.cpus = cpus
+        workers = args.workers or max(1, len(cpus) - 1)
+        if len(cpus) > workers:
+            spare = [cpus[0], *cpus[workers + 1 :]]
+            self.receiver_cpus = spare if args.receiver_cpus == "auto" else None
+            self.sender_cpus: list[int] | None = [cpus[1]]
+        else:
+            self.receiver_cpus = self.sender_cpus = None
+        per_round = 3 * args.duration + 40
+        self.lifetime_s = args.rounds * per_round + args.latency_duration + 180
+
+    @staticmethod
+    def _kinds(transport: str, n: int) -> list[str]:
+        if transport == "mixed":
+            return [("udp", "udp6", "unix")[i % 3] for i in range(n)]
+        return [transport] * n
+
+    # -- the run ----------------------------------------------------------------------------------
+    def execute(self) -> str | None:
+        """Measure everything; return None, or the signal that interrupted it."""
+        args = self.args
+        self.socket_dir = tempfile.mkdtemp(prefix="edg-bench-", dir="/tmp")
+        slot = max(2048, (args.payload_bytes + 64 + 4095) // 4096 * 4096)
+        try:
+            self.pool = ReceiverPool(
+                self.kinds,
+                args.receivers,
+                self.socket_dir,
+                args.rcvbuf_bytes,
+                slot,
+                self.receiver_cpus,
+                self.lifetime_s,
+            )
+            self.sender = SenderProcess(self.sender_cpus, self.lifetime_s)
+            self.progress = Progress(not args.quiet, self.pool.received_total)
+            self.progress.total = args.rounds * (2 if args.no_ceiling else 3) + (
+                1 if args.latency_duration else 0
+            )
+            contenders = ["engine", "baseline"] + ([] if args.no_ceiling else ["ceiling"])
+            for r in range(1, args.rounds + 1):
+                for contender in contenders:
+                    idle = self._wait_idle()
+                    if contender == "engine":
+                        result = self._engine_round(r, args.rate, args.duration, "seq")
+                    else:
+                        result = self._sender_round(r, contender)
+                    result["idle_wait"] = idle
+                    self._record(result)
+            if args.latency_duration:
+                self._latency_phase()
+        except Interrupted as exc:
+            return str(exc) or "SIGTERM"
+        except KeyboardInterrupt:
+            return "SIGINT"
+        return None
+
+    def _wait_idle(self) -> dict[str, Any] | None:
+        """With --wait-idle: before a round, wait (bounded) for the machine to go quiet."""
+        if not self.args.wait_idle:
+            return None
+        self.progress.phase = "waiting for the machine to go idle"
+        return wait_idle(self.args.wait_idle)
+
+    def _record(self, result: dict[str, Any]) -> None:
+        self.rounds.append(result)
+        self.progress.done += 1
+        self.progress.note(
+            f"round {result['round']} {result['contender']:<8} "
+            f"{result['datagrams_received_per_s']:>11,.0f} dg/s received, "
+            f"{result['datagrams_sent_per_s']:>11,.0f} sent, loss {result['loss']:,}"
+        )
+
+    def _latency_phase(self) -> None:
+        args = self.args
+        engine_rounds = [r for r in self.rounds if r["contender"] == "engine"]
+        rate = args.latency_rate
+        if not rate:
+            best = median(
+                [
+                    min(r["events_accepted_per_s"], r["datagrams_received_per_s"] / len(self.kinds))
+                    for r in engine_rounds
+                ]
+            )
+            rate = min(LATENCY_RATE_CAP, max(100.0, 0.5 * (best or 0.0)))
+        idle = self._wait_idle()
+        result = self._engine_round(0, rate, args.latency_duration, "latency")
+        result["idle_wait"] = idle
+        samples = result.pop("_latencies")
+        result["contender"] = "latency"
+        self.progress.done += 1
+        self.latency = {
+            "round": result,
+            "latency_s": latency_summary(samples, rate, args.latency_duration),
+        }
+        lat = self.latency["latency_s"]
+        if lat["p99"] is not None:
+            self.progress.note(
+                f"latency at {rate:,.0f} events/s: p50 {lat['p50'] * 1e6:,.0f} us, "
+                f"p99 {lat['p99'] * 1e6:,.0f} us, loss {result['loss']:,}"
+            )
+
+    # -- one engine round ------------------------------------------------------------------------
+    def _engine_round(self, number: int, rate: float, duration: float, mode: str) -> dict[str, Any]:
+        args = self.args
+        pool = self.pool
+        assert pool is not None
+        instance = f"bench{os.getpid()}r{number}"
+        self.instances.append(instance)
+        options = EngineOptions(
+            instance=instance,
+            workers=args.workers,
+            full_ring_policy=args.full_ring_policy,
+            ring_bytes=args.ring_bytes,
+        )
+        engine = Engine(options, events=[EVENT])
+        self.engine = engine
+        phase = "latency phase" if mode == "latency" else f"engine round {number}"
+        self.progress.phase = f"{phase}: starting the engine"
+        try:
+            engine.start()
+            for text in pool.sockets:
+                engine.subscribe(EVENT, text)
+            workers = engine.statistics().workers
+            worker_pids = [w.pid or 0 for w in workers]
+            self.worker_cpus = [affinity(pid) for pid in worker_pids]
+            tag = make_tag(args.payload_bytes, time.monotonic_ns())
+            pids = {"producer": [os.getpid()], "workers": worker_pids, "receivers": pool.pids}
+            start_ns = time.monotonic_ns()
+            pool.begin(RoundSpec(mode, start_ns, tag, EVENT, SEQ_BASE))
+            others = [p for p in (self.sender.pid if self.sender else 0,) if p]
+            before = snapshot(pids, others)
+            self.progress.phase = phase + (f" at {rate:,.0f} events/s" if rate else "")
+            self.scraper.start(engine)
+            raised, oversize, t0, t_raised = self._raise(engine, tag, rate, duration)
+            t_drained = wait_drained(engine, max(30.0, 4 * duration))
+            self.scraper.stop()
+            stats = engine.statistics()
+            # The producer's peak so far: before the latency samples arrive (the bench's
+            # own analysis is not the producer's memory).
+            self.producer_rss = max(self.producer_rss, peak_rss(os.getpid()) or 0)
+            pool.settle(stats.pairs_sent)
+            report = pool.report()
+            after = snapshot(pids, others)
+            for k, pid in enumerate(worker_pids):
+                self.worker_rss[k] = max(self.worker_rss.get(k, 0), peak_rss(pid) or 0)
+        finally:
+            self.scraper.stop()
+            self.engine = None
+            stop_engine(engine, instance)
+        failures: dict[str, int] = {}
+        for w in stats.workers:
+            for (transport, reason), n in w.failures.items():
+                if n:
+                    key = f"{transport}:{reason}"
+                    failures[key] = failures.get(key, 0) + n
+        sent = stats.pairs_sent
+        result = round_record(
+            number,
+            "engine",
+            report,
+            before,
+            after,
+            t0,
+            t_raised,
+            t_drained,
+            stats.events_queued,
+            sent,
+            failures,
+        )
+        cpu = result["cpu_s"]
+        result["datagrams_per_sending_cpu_s"] = per(sent, cpu["producer"] + cpu["workers"])
+        result.update(
+            events=raised,
+            events_raised=stats.raised,
+            events_queued=stats.events_queued,
+            drops=dict(stats.drops),
+            oversize=stats.oversize + oversize,
+            identity_errors=stats.identity_errors(),
+            pairs_queued=sum(w.pairs_queued for w in stats.workers),
+            rate_target=rate or None,
+            worker_pids=worker_pids,
+            drain_s=(t_drained - t_raised) / 1e9,
+            metrics_scrapes=self.scraper.round_summary(),
+        )
+        if mode == "latency":
+            counts, total_ns = stats.latency_buckets()
+            result["engine_raise_to_send"] = {
+                "le_s": [*LATENCY_BUCKETS_S, "+Inf"],
+                "counts": counts,
+                "sum_s": total_ns / 1e9,
+            }
+            result["_latencies"] = report.latencies_ns
+        return result
+
+    def _raise(
+        self, engine: Engine, tag: str, rate: float, duration: float
+    ) -> tuple[int, int, int, int]:
+        """Raise events for `duration` s, as fast as accepted or paced at `rate`.
+        Returns (events raised, oversize, t0, t_end) (monotonic ns)."""
+        raise_event = engine.raise_event
+        clock = time.monotonic_ns
+        seq = SEQ_BASE
+        n = oversize = 0
+        t0 = clock()
+        end = t0 + int(duration * 1e9)
+        while n < MAX_EVENTS_PER_ROUND:
+            now = clock()
+            if now >= end:
+                break
+            if rate:
+                due = int((now - t0) * rate / 1e9) + 1 - n
+                if due <= 0:
+                    wait = (t0 + n * 1e9 / rate - now) / 1e9
+                    time.sleep(max(wait, PACE_TICK_S))  # never spin: CPUs are shared
+                    continue
+                count = min(due, CHUNK)
+            else:
+                count = CHUNK
+            for _ in range(count):
+                try:
+                    raise_event(EVENT, {"tag": tag, "seq": seq, "ip": IP, "t": clock()})
+                except PayloadTooLarge:
+                    oversize += 1
+                seq += 1
+            n += count
+        return n, oversize, t0, clock()
+
+    # -- one baseline or ceiling round ------------------------------------------------------------
+    def _sender_round(self, number: int, contender: str) -> dict[str, Any]:
+        args = self.args
+        pool, sender = self.pool, self.sender
+        assert pool is not None and sender is not None
+        self.progress.phase = f"{contender} round {number}"
+        tag = make_tag(args.payload_bytes, time.monotonic_ns())
+        pids = {"sender": [sender.pid], "receivers": pool.pids}
+        pool.begin(
+            RoundSpec(
+                "seq" if contender == "baseline" else "count",
+                time.monotonic_ns(),
+                tag,
+                EVENT,
+                SEQ_BASE,
+            )
+        )
+        before = snapshot(pids, [os.getpid()])
+        spec = RunSpec(
+            pool.sockets,
+            args.duration,
+            args.rate if contender == "baseline" else 0.0,
+            tag,
+            args.baseline_encode_once,
+        )
+        out = sender.run("naive" if contender == "baseline" else "ceiling", spec)
+        pool.settle(out["sent"])
+        report = pool.report()
+        after = snapshot(pids, [os.getpid()])
+        result = round_record(
+            number,
+            contender,
+            report,
+            before,
+            after,
+            out["t0_ns"],
+            out["t_end_ns"],
+            out["t_end_ns"],
+            out["events"],
+            out["sent"],
+            out["failures"],
+        )
+        result["datagrams_per_sending_cpu_s"] = per(out["sent"], result["cpu_s"]["sender"])
+        result.update(events=out["events"], drops={}, oversize=0, identity_errors=[])
+        return result
+
+    # -- the end ---------------------------------------------------------------------------------
+    def cleanup(self) -> list[str]:
+        """Stop and remove everything this run started or created; return what was
+        left over and had to be removed by force (normally nothing)."""
+        leftovers: list[str] = []
+        self.scraper.stop()
+        if self.engine is not None:
+            stop_engine(self.engine, self.instances[-1])
+            self.engine = None
+        for instance in self.instances:
+            for name in list_segments(instance):
+                unlink_name(name)
+                leftovers.append(f"/dev/shm/{name}")
+        for closer in (self.pool, self.sender):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    closer.close()
+        self.progress.stop()
+        if self.socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+        return leftovers
+
+    def rss(self) -> dict[str, Any]:
+        return {
+            "producer": self.producer_rss or None,
+            "workers": [self.worker_rss[k] for k in sorted(self.worker_rss)],
+            "receivers": [peak_rss(pid) for pid in self.pool.pids] if self.pool else [],
+            "sender": peak_rss(self.sender.pid) if self.sender else None,
+        }
+
+    def settings(self) -> dict[str, Any]:
+        a = self.args
+        settings: dict[str, Any] = {
+            k: v for k, v in vars(a).items() if isinstance(v, int | float | str | None)
+        }
+        settings.update(
+            duration_s=a.duration,
+            workers_effective=len(self.worker_rss) or a.workers or max(1, len(self.cpus) - 1),
+            receiver_vlen=self.pool.vlen if self.pool else None,
+            sockets=self.pool.sockets if self.pool else [],
+            instances=self.instances,
+            processes={
+                "bench": os.getpid(),
+                "receivers": self.pool.pids if self.pool else [],
+                "sender": self.sender.pid if self.sender else None,
+            },
+            socket_dir=self.socket_dir,
+            cpu_plan={
+                "engine": "producer on the first CPU, one worker per other CPU (engine default)",
+                "workers": self.worker_cpus,
+                "receivers": self.receiver_cpus,
+                "baseline_and_ceiling_sender": self.sender_cpus,
+            },
+            baseline="one process: json.dumps + non-blocking sendto per subscriber per event"
+            + (" (encoded once per event)" if a.baseline_encode_once else ""),
+            ceiling=None
+            if a.no_ceiling
+            else "one process: pre-encoded payloads, sendmmsg 256 per call per connected socket",
+            latency_rate=self.latency["latency_s"]["rate_events_per_s"] if self.latency else None,
+            payload=(
+                '{"jsonrpc":"2.0","method":"E_BENCH","params":{"tag":<padding>,'
+                '"seq":<n>,"ip":"192.168.2.11","t":<monotonic ns>}}'
+            ),
+        )
+        return settings
+
+
+# -- helpers ---------------------------------------------------------------------------------------

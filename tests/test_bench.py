@@ -1,0 +1,264 @@
+"""`event-datagram bench`: a tiny real run through the CLI, its JSON checked for
+completeness and consistency (never for speed), and its clean-up checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from engine import bench_plot, cli
+from engine.bench_common import (
+    EVENT,
+    SEQ_BASE,
+    bench_params,
+    make_tag,
+    payload_size,
+)
+from engine.bench_receivers import ReceiverPool, RoundSpec
+from engine.shm import list_segments
+from engine.wire import MAX_PAYLOAD, encode_notification
+
+TINY = [
+    "--duration", "1", "--rounds", "2", "--subscribers", "2", "--latency-duration", "1",
+    "--ring-bytes", str(1 << 20), "--quiet",
+]  # fmt: skip
+
+STABLE_KEYS = [
+    ("engine", "datagrams_received_per_s"),
+    ("baseline", "datagrams_received_per_s"),
+    ("ratio_median",),
+    ("loss", "engine"),
+    ("loss", "baseline"),
+    ("loss", "latency_phase"),
+    ("drops", "engine"),
+    ("latency_s", "p50"),
+    ("latency_s", "p99"),
+    ("latency_s", "p999"),
+    ("cpu_s", "engine", "producer"),
+    ("cpu_s", "engine", "workers"),
+    ("cpu_s", "engine", "receivers"),
+    ("cpu_s", "baseline", "sender"),
+    ("rss_bytes", "producer"),
+    ("rss_bytes", "workers"),
+    ("rss_bytes", "receivers"),
+    ("rss_bytes", "sender"),
+    ("rounds",),
+    ("machine", "cores"),
+    ("machine", "kernel"),
+    ("machine", "python"),
+    ("settings", "payload_bytes"),
+    ("sysctl", "net.core.rmem_max"),
+    ("sysctl", "net.unix.max_dgram_qlen"),
+    ("sysctl", "receive_buffer", "method"),
+    ("identity_errors",),
+    ("oversize",),
+    ("metrics", "available"),
+]
+ROUND_KEYS = (
+    "round", "contender", "events_accepted_per_s", "datagrams_sent", "datagrams_sent_per_s",
+    "datagrams_received", "datagrams_received_per_s", "loss", "duplicates", "invalid",
+    "send_failures", "drops", "cpu_s", "cpu_us_per_datagram", "system", "identity_errors",
+)  # fmt: skip
+
+
+def dig(doc: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = doc
+    for key in path:
+        assert isinstance(node, dict) and key in node, f"missing key {'.'.join(path)}"
+        node = node[key]
+    return node
+
+
+def check_result(doc: dict[str, Any], transport: str, subscribers: int) -> None:
+    for path in STABLE_KEYS:
+        dig(doc, path)
+    assert doc["interrupted"] is None and doc["error"] is None
+    assert doc["identity_errors"] == []
+    rounds = doc["rounds"]
+    assert [r["contender"] for r in rounds] == ["engine", "baseline", "ceiling"] * 2
+    assert [r["round"] for r in rounds] == [1, 1, 1, 2, 2, 2]
+    for r in [*rounds, doc["latency"]]:
+        for key in ROUND_KEYS:
+            assert key in r, f"round {r['round']} {r['contender']}: no {key}"
+        assert 0 <= r["datagrams_received"] <= r["datagrams_sent"], r
+        assert r["loss"] == r["datagrams_sent"] - r["datagrams_received"]
+        assert r["duplicates"] == 0 and r["invalid"] == 0 and r["truncated"] == 0
+        assert r["identity_errors"] == []
+        assert len(r["subscribers"]) == subscribers
+        assert sum(s["received"] for s in r["subscribers"]) == r["datagrams_received"]
+        if r["contender"] in ("engine", "latency"):
+            # The rings were drained: every queued pair was sent or failed.
+            assert r["pairs_queued"] == r["datagrams_sent"] + sum(r["send_failures"].values())
+            drops = r["drops"]["ring_full"] + r["drops"]["no_subscribers"]
+            assert r["events"] == r["events_raised"]
+            assert r["events"] == drops + r["events_queued"] + r["oversize"]
+            assert set(r["cpu_s"]) == {"producer", "workers", "receivers"}
+    ratios = doc["ratios"]
+    assert len(ratios) == 2 and doc["ratio_median"] is not None
+    lat = doc["latency_s"]
+    assert lat["samples"] == doc["latency"]["datagrams_received"]
+    if lat["samples"]:
+        assert lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"]
+    assert doc["settings"]["transport"] == transport
+    if len(doc["machine"]["usable_cpus"]) > 1:  # the engine pins its workers
+        assert all(cpus for cpus in doc["settings"]["cpu_plan"]["workers"])
+    assert doc["machine"]["cores"] == os.cpu_count()
+
+
+def check_clean(doc: dict[str, Any]) -> None:
+    for instance in doc["settings"]["instances"]:
+        assert list_segments(instance) == [], f"segments of {instance} left behind"
+    assert not Path(doc["settings"]["socket_dir"]).exists(), "socket directory left behind"
+    procs = doc["settings"]["processes"]
+    for pid in [*procs["receivers"], procs["sender"]]:
+        assert not alive(pid), f"bench child {pid} left running"
+    for r in doc["rounds"]:
+        for pid in r.get("worker_pids", []):
+            assert not alive(pid), f"worker {pid} left running"
+
+
+def alive(pid: int, wait_s: float = 3.0) -> bool:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.slow
+def test_udp_run_through_the_cli_writes_complete_consistent_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["bench", *TINY, "--json", str(out)]
+    plot = tmp_path / "bench.png"
+    try:
+        import matplotlib  # noqa: F401
+
+        argv += ["--plot", str(plot)]
+    except ImportError:
+        plot = None  # type: ignore[assignment]
+    assert cli.main(argv) == 0
+    doc = json.loads(out.read_text())
+    check_result(doc, "udp", 2)
+    check_clean(doc)
+    assert doc["loss"]["latency_phase"] is not None
+    table = capsys.readouterr().out
+    assert "datagrams/s received" in table and "engine / baseline" in table
+    if plot is not None:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_unix_run_reports_the_qlen_limit_and_the_missing_plot_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the extra were missing
+    out = tmp_path / "bench.json"
+    argv = ["bench", *TINY, "--transport", "unix", "--json", str(out), "--plot", "x.png"]
+    assert cli.main(argv) == 3  # done, but no plot
+    assert "pip install 'event-datagram[bench]'" in capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    check_result(doc, "unix", 2)
+    check_clean(doc)
+    qlen = doc["sysctl"]["net.unix.max_dgram_qlen"]
+    if qlen is not None and qlen < 1024:
+        assert any("net.unix.max_dgram_qlen" in w for w in doc["warnings"])
+        assert doc["sysctl"]["limits"][-1]["sysctl"] == "net.unix.max_dgram_qlen"
+    assert not Path("x.png").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleans_up_and_writes_partial_results(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", "bench", "--duration", "10", "--rounds", "1",
+         "--subscribers", "2", "--quiet", "--json", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        prefix = f"edg-bench{proc.pid}r"  # the engine round's segments
+        deadline = time.monotonic() + 20
+        engine_seen = False
+        while time.monotonic() < deadline and not engine_seen:  # wait for the engine round
+            engine_seen = any(n.startswith(prefix) for n in os.listdir("/dev/shm"))
+            time.sleep(0.05)
+        assert engine_seen, "the engine round never started"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    doc = json.loads(out.read_text())
+    assert doc["interrupted"] == "SIGTERM"
+    check_clean(doc)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"edg-bench{proc.pid}r")]
+
+
+def test_tag_padding_gives_the_exact_datagram_size() -> None:
+    t = time.monotonic_ns()
+    smallest = payload_size("", t)
+    for size in (smallest, 120, 512, 1472, MAX_PAYLOAD):
+        if size < smallest:
+            continue
+        tag = make_tag(size, t)
+        assert len(encode_notification(EVENT, bench_params(tag, SEQ_BASE + 5, t))) == size
+    with pytest.raises(ValueError, match="payload-bytes"):
+        make_tag(smallest - 1, t)
+    with pytest.raises(ValueError, match="payload-bytes"):
+        make_tag(MAX_PAYLOAD + 1, t)
+
+
+def test_the_naive_baseline_sends_the_engines_bytes() -> None:
+    params = bench_params(make_tag(120, 10**12), SEQ_BASE + 42, 10**12)
+    note = {"jsonrpc": "2.0", "method": EVENT, "params": params}
+    naive = json.dumps(note, separators=(",", ":")).encode()
+    assert naive == encode_notification(EVENT, params)
+
+
+def test_receivers_count_only_complete_valid_datagrams(tmp_path: Path) -> None:
+    pool = ReceiverPool(["udp", "unix"], 1, str(tmp_path), 1 << 20, 2048, None, 60.0)
+    try:
+        t0 = time.monotonic_ns()
+        tag = make_tag(120, t0)
+        pool.begin(RoundSpec("latency", t0, tag, EVENT, SEQ_BASE))
+        good = [encode_notification(EVENT, bench_params(tag, SEQ_BASE + i, t0 + 1)) for i in (0, 1)]
+        stale = encode_notification(EVENT, bench_params(tag, SEQ_BASE + 2, t0 - 1))
+        bad = [good[0][:-3], b"not json", good[0].replace(b"E_BENCH", b"E_OTHER")]
+        host, port = pool.sockets[0].removeprefix("udp:").rsplit(":", 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for data in [*good, good[0], stale, *bad]:
+                s.sendto(data, (host, int(port)))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(good[1], pool.sockets[1].removeprefix("unix:"))
+        pool.settle(8)
+        report = pool.report()
+    finally:
+        pool.close()
+    udp, unix = report.sockets
+    assert (udp["received"], udp["duplicates"], udp["stale"], udp["invalid"]) == (3, 1, 1, 3)
+    assert (unix["received"], unix["invalid"]) == (1, 0)
+    assert len(report.latencies_ns) == 4
+    assert not list(tmp_path.glob("*.sock")), "receiver socket files left behind"
+
+
+def test_plot_without_matplotlib_raises_import_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError):
+        bench_plot.write_plot({}, "unused.png")
