@@ -38,6 +38,10 @@ class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     socket per family. 0 = as many as the open-files limit allows."""
     sndbuf_bytes: int = 0
     """SO_SNDBUF for subscriber sockets; 0 = the kernel default."""
+    unix_wait_ms: float = 5.0
+    """Per batch: how long a worker may wait for full UNIX receiver queues to drain
+    before the rest counts as eagain failures. A receiver that drained nothing in
+    that time is not waited for again until it reads. 0 = never wait."""
     runtime_dir: str = ""
     """Where the engine keeps its files; "" = $XDG_RUNTIME_DIR/event-datagram or /tmp."""
 
@@ -52,6 +56,7 @@ class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             (1 <= self.max_events <= 65535, "max_events", "must be 1-65535"),
             (self.socket_limit >= 0, "socket_limit", "must be >= 0"),
             (self.sndbuf_bytes >= 0, "sndbuf_bytes", "must be >= 0"),
+            (0 <= self.unix_wait_ms <= 1000, "unix_wait_ms", "must be 0-1000"),
             (all(c >= 0 for c in self.cpus), "cpus", "must be CPU numbers >= 0"),
         )
         for ok, name, why in checks:

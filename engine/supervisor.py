@@ -112,6 +112,7 @@ class Supervisor:
         self._boot_failures: list[int] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._workers_gone = threading.Event()
         self._booted = threading.Event()
         self._boot_error: str | None = None
         self._saved_affinity: list[int] | None = None
@@ -228,6 +229,9 @@ class Supervisor:
                     self.engine.tick()
                 except Exception:  # housekeeping must never kill the supervisor
                     log.exception("engine housekeeping failed")
+        # Stopping: this thread must outlive the workers (their PDEATHSIG is tied to
+        # it), so it waits here until join_workers() has seen them all exit.
+        self._workers_gone.wait()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + BOOT_TIMEOUT_S
@@ -266,6 +270,7 @@ class Supervisor:
                 batch_max=opts.batch_max,
                 use_sendmmsg=opts.use_sendmmsg,
                 socket_limit=opts.socket_limit,
+                unix_wait_ms=opts.unix_wait_ms,
                 sndbuf=opts.sndbuf_bytes,
                 parent_pid=os.getpid(),
                 snapshot=snapshot,
@@ -318,8 +323,6 @@ class Supervisor:
         """Wait for workers to drain and exit; terminate those past the deadline."""
         deadline = time.monotonic() + drain_timeout_s
         self._stopping.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5.0)
         for k, proc in enumerate(self._procs):
             if proc is None:
                 continue
@@ -331,8 +334,18 @@ class Supervisor:
             if proc.is_alive():
                 proc.kill()
                 proc.join(1.0)
+            if proc.exitcode:
+                log.error(
+                    "worker %d (pid %s) %s while draining",
+                    k,
+                    proc.pid,
+                    _describe_exit(proc.exitcode),
+                )
             proc.close()
             self._procs[k] = None
+        self._workers_gone.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
         self.running = False
 
     def free(self) -> None:

@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -171,6 +173,47 @@ def test_dead_and_stuck_subscribers_do_not_hold_back_the_others(tmp_path: Path) 
         stuck.close()
 
 
+UNIX_READER = """
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.bind(sys.argv[1])
+sock.settimeout(5)
+print("ready", flush=True)
+got = []
+try:
+    while len(got) < int(sys.argv[2]):
+        got.append(json.loads(sock.recv(70000))["params"]["seq"])
+except TimeoutError:
+    pass
+print(json.dumps(got), flush=True)
+"""
+
+
+def test_a_reading_unix_receiver_gets_a_whole_burst_despite_its_short_queue(
+    tmp_path: Path,
+) -> None:
+    # net.unix.max_dgram_qlen is often 10: a burst of batches overflows the queue
+    # unless the worker waits (within engine.unix_wait_ms) for the receiver to read.
+    path = str(tmp_path / "reader.sock")
+    reader = subprocess.Popen(
+        [sys.executable, "-c", UNIX_READER, path, "2000"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == "ready\n"
+        with running_engine(["E_TEST"]) as engine:
+            engine.subscribe("E_TEST", f"unix:{path}")
+            for seq in range(2000):
+                engine.raise_event("E_TEST", {"seq": seq})
+            settle(engine)
+            stats = engine.statistics()
+            stats.check_identity()
+            assert stats.pairs_failed == 0, stats.workers[0].failures
+        assert json.loads(reader.stdout.readline()) == list(range(2000))
+    finally:
+        reader.kill()
+        reader.wait(5)
+
+
 def test_a_killed_worker_is_back_within_a_second_and_no_event_is_lost() -> None:
     receivers = [udp_receiver(), udp_receiver()]
     n = 6000
@@ -305,7 +348,8 @@ def test_stop_drains_every_queued_event() -> None:
         final = engine.final_statistics
         assert final is not None
         final.check_identity()
-        assert final.pairs_sent == 5000 and final.workers[0].pairs_in_ring == 0
+        assert final.pairs_sent == 5000, final.workers[0].failures
+        assert final.workers[0].pairs_in_ring == 0
         assert seqs(rx.quiet(5000)) == list(range(5000))
     finally:
         rx.close()

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
+import select
 import socket
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -37,6 +40,16 @@ _REASON_OF_ERRNO: Final = {
     errno.EMSGSIZE: REASONS.index("emsgsize"),
 }
 REASON_OTHER: Final = REASONS.index("other")
+
+
+def _wait_writable(fd: int, deadline: float) -> bool:
+    """Wait until `fd` is writable or `deadline` passes; True when it is writable."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(max(1, math.ceil(remaining * 1000))))
 
 
 def reason_index(err: int) -> int:
@@ -104,36 +117,47 @@ class BatchSender:
         self.msgs_address = ctypes.addressof(self.msgs)
         self.sendmmsg = _SENDMMSG if use_sendmmsg else None
         self.errors: list[tuple[int, int]] = []  # (entry index, errno) of the last send
+        self.sent_after_wait = 0  # of the last send: datagrams that went out after a wait
 
     def point(self, index: int, offset: int, length: int) -> None:
         words = self.iov_words
         words[2 * index] = self.data_address + offset
         words[2 * index + 1] = length
 
-    def send(self, sock: socket.socket, start: int, count: int) -> int:
+    def send(self, sock: socket.socket, start: int, count: int, wait_until: float = 0.0) -> int:
         """Send entries [start, start+count) on `sock`; return how many went out.
 
         Failures land in `self.errors` as (entry, errno); whole-batch errors
         (EAGAIN, ENOBUFS, ENOENT, ENOTCONN) mark every remaining entry at once.
+        With `wait_until` (a time.monotonic() deadline), EAGAIN first waits for the
+        socket to become writable (the receiver's queue to drain) until then;
+        `self.sent_after_wait` tells how much went out after such waits.
         """
         errors = self.errors
         errors.clear()
+        self.sent_after_wait = 0
         end = start + count
         fn = self.sendmmsg
         if fn is None:
             return self._send_each(sock, start, end)
         fd = sock.fileno()
         sent = 0
+        waited = False
         size = ctypes.sizeof(MMsgHdr)
         while start < end:
             n = fn(fd, self.msgs_address + start * size, end - start, MSG_DONTWAIT)
             if n > 0:
                 sent += n
                 start += n
+                if waited:
+                    self.sent_after_wait += n
                 continue
             err = ctypes.get_errno() if n < 0 else errno.EIO
             if err == errno.EINTR:
                 continue  # nothing was sent; retry (bounded: a signal per retry)
+            if err == errno.EAGAIN and wait_until and _wait_writable(fd, wait_until):
+                waited = True
+                continue  # bounded: the deadline ends the waiting
             if err in _WHOLE_BATCH:
                 errors.extend((i, err) for i in range(start, end))
                 break

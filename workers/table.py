@@ -31,6 +31,7 @@ class Subscriber:
     events: set[int] = field(default_factory=set)
     retry_at: float = 0.0
     last_errno: int = 0
+    stalled: bool = False  # a UNIX receiver that did not drain while we waited
 
 
 def raise_fd_limit() -> int:

@@ -32,6 +32,7 @@ from engine.counters import (
     R_STATE,
     STATE_EXITED,
     STATE_READY,
+    TRANSPORTS,
     CounterBlock,
     Region,
 )
@@ -60,6 +61,7 @@ SHORT_SLEEP_S: Final = 50e-6
 LONG_SLEEP_S: Final = 1e-3
 BUSY_WINDOW_NS: Final = 100_000_000
 
+UNIX: Final = TRANSPORTS.index("unix")
 PR_SET_PDEATHSIG: Final = 1
 PR_SET_TIMERSLACK: Final = 29
 
@@ -75,6 +77,7 @@ class WorkerSpec:
     batch_max: int = 256
     use_sendmmsg: bool = True
     socket_limit: int = 0  # 0 = as many as the open-files limit allows
+    unix_wait_ms: float = 5.0  # per batch: how long full UNIX receivers may be waited for
     sndbuf: int = 0
     parent_pid: int = 0
     snapshot: list[tuple[int, ControlPayload]] = field(default_factory=list)
@@ -120,6 +123,8 @@ class Worker:
             self.table.subscribe(event_id, control)
         self.sender = BatchSender(self.ring.data, spec.batch_max, spec.use_sendmmsg)
         self.touched: set[int] = set()
+        self.unix_wait_s = spec.unix_wait_ms / 1000.0
+        self.batch_deadline = 0.0
         lay = self.layout
         self.i_records = lay.scalar("records_read")
         self.i_events = lay.scalar("events")
@@ -219,6 +224,7 @@ class Worker:
                 pos = nxt
             if n:
                 region_words[R_SENDING_UPTO] = pos
+                self.batch_deadline = 0.0  # the UNIX wait budget starts at the first wait
                 self._send_batch(n, eids, lengths, stamps)
                 self._add(self.i_events, n)
                 self._add(self.i_batches, 1)
@@ -308,24 +314,33 @@ class Worker:
             pairs += len(mine)
         return pairs
 
-    def _deliver(self, sub: Subscriber, start: int, count: int, scratch: bool = False) -> int:
+    def _deliver(self, sub: Subscriber, start: int, count: int) -> int:
         """Send entries [start, start+count) to one subscriber; count failures by reason."""
         sender = self.sender
         if sub.shared:
             sent = sender.send_to(sub.sock, sub.sockaddr, start, count)
-        elif not sub.connected:
-            now = time.monotonic()
-            if now < sub.retry_at or not self.table.connect(sub, now):
-                sender.errors[:] = [(i, sub.last_errno) for i in range(start, start + count)]
-                self._count_failures(sub, count)
-                return 0
-            sent = sender.send(sub.sock, start, count)
         else:
-            sent = sender.send(sub.sock, start, count)
+            if not sub.connected:
+                now = time.monotonic()
+                if now < sub.retry_at or not self.table.connect(sub, now):
+                    sender.errors[:] = [(i, sub.last_errno) for i in range(start, start + count)]
+                    self._count_failures(sub, count)
+                    return 0
+            # A UNIX receiver's queue is short (net.unix.max_dgram_qlen): wait for it to
+            # drain, within the batch's budget -- unless it made no progress last time.
+            wait = sub.transport == UNIX and not sub.stalled and self.unix_wait_s > 0
+            if wait and not self.batch_deadline:
+                self.batch_deadline = time.monotonic() + self.unix_wait_s
+            sent = sender.send(sub.sock, start, count, self.batch_deadline if wait else 0.0)
+            if sub.transport == UNIX:
+                if sender.errors and wait and not sender.sent_after_wait:
+                    sub.stalled = True  # waited in vain: do not hold up the batch for it again
+                elif sent:
+                    sub.stalled = False  # it reads again: it may be waited for
         if sender.errors:
             self._count_failures(sub, len(sender.errors))
             last = sender.errors[-1][1]
-            if sub.transport == 1 and last in RECONNECT_ERRNOS and not sub.shared:
+            if sub.transport == UNIX and last in RECONNECT_ERRNOS and not sub.shared:
                 sub.connected = False  # peer gone: connect again before the next send
                 sub.last_errno = last
                 sub.retry_at = 0.0
