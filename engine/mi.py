@@ -21,6 +21,8 @@ The commands themselves live in engine/mi_commands.py.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -94,18 +96,14 @@ class BadRequest(Exception):
 def parse_request(data: bytes) -> Request:
     """Check one request; raise BadRequest (carrying its error reply) when it is not valid."""
     try:
-        # msgspec checks UTF-8 only in what it decodes to str, not inside Raw values.
-        data.decode("utf-8")
-        fields = _decode_request(data)
+        with _parse_errors():
+            # msgspec checks UTF-8 only in what it decodes to str, not inside Raw values.
+            data.decode("utf-8")
+            fields = _decode_request(data)
     except msgspec.ValidationError:  # valid JSON or not, but not an object
-        _check_json(data)
+        with _parse_errors(validation_too=True):  # e.g. 1e999: "valid" but unreadable
+            _decode_any(data)
         raise BadRequest(INVALID_REQUEST, "Invalid Request", "not a JSON object", _NULL) from None
-    except msgspec.DecodeError:
-        raise BadRequest(PARSE_ERROR, "Parse error", None, _NULL) from None
-    except UnicodeDecodeError:
-        raise BadRequest(PARSE_ERROR, "Parse error", "invalid UTF-8", _NULL) from None
-    except RecursionError:
-        raise BadRequest(PARSE_ERROR, "Parse error", "JSON nested too deeply", _NULL) from None
 
     raw_id = fields.get("id")
     id_json: bytes | None = None
@@ -142,10 +140,16 @@ def parse_request(data: bytes) -> Request:
     return Request(id_json, method, params)
 
 
-def _check_json(data: bytes) -> None:
-    """Raise the -32700 reply if ``data`` is not even well-formed JSON."""
+@contextmanager
+def _parse_errors(validation_too: bool = False) -> Iterator[None]:
+    """Turn malformed JSON into the -32700 reply; a ValidationError (well-formed JSON
+    of the wrong shape) passes through unless `validation_too`."""
     try:
-        _decode_any(data)
+        yield
+    except msgspec.ValidationError:
+        if not validation_too:
+            raise
+        raise BadRequest(PARSE_ERROR, "Parse error", None, _NULL) from None
     except msgspec.DecodeError:
         raise BadRequest(PARSE_ERROR, "Parse error", None, _NULL) from None
     except UnicodeDecodeError:

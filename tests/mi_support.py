@@ -38,6 +38,13 @@ MI_EVENTS = [*CORE_EVENTS, "E_BENCH", "E_SAMPLE", "E_STARTUP_SUB", "E_CORE_LOG"]
 NAMES_EVENTS = [*CORE_EVENTS, "E_BENCH", "E_SAMPLE", "E_PIKE_BLOCKED", "E_CORE_LOG"]
 STATIC = "udp:127.0.0.1:9999"
 
+# The transport tests' probe: an engine with E_SAMPLE and E_BENCH, and its events_list.
+EVENTS_REQUEST = b'{"jsonrpc":"2.0","id":"1","method":"events_list"}'
+EVENTS_REPLY = (
+    b'{"jsonrpc":"2.0","result":{"Events":[{"name":"E_SAMPLE","id":0},'
+    b'{"name":"E_BENCH","id":1}]},"id":"1"}'
+)
+
 EXE = str(Path(sys.executable).with_name("event-datagram"))
 
 

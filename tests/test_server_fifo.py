@@ -14,13 +14,8 @@ import pytest
 from engine.mi_client import call
 from engine.mi_fifo import FifoServer, json_end
 from engine.producer import Engine
-from tests.mi_support import mi_engine
-
-REQUEST = b'{"jsonrpc":"2.0","id":"1","method":"events_list"}'
-EVENTS_REPLY = (
-    b'{"jsonrpc":"2.0","result":{"Events":[{"name":"E_SAMPLE","id":0},'
-    b'{"name":"E_BENCH","id":1}]},"id":"1"}'
-)
+from tests.mi_support import EVENTS_REPLY, mi_engine
+from tests.mi_support import EVENTS_REQUEST as REQUEST
 
 
 @pytest.fixture(scope="module")
