@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean ensure-prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,22 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/event-datagram run $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) ensure-prometheus
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# tests/test_prometheus.py runs a real Prometheus (Debian's package). Install it
+# where we can (root with apt-get); elsewhere say loudly what to do.
+ensure-prometheus:
+	@command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's prometheus for the metrics tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "*** prometheus is not installed: tests/test_prometheus.py will fail."; \
+	    echo "*** Install it (sudo apt-get install prometheus), or skip that test"; \
+	    echo "*** knowingly with EVENT_DATAGRAM_SKIP_PROMETHEUS=1."; \
+	  fi; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check engine workers tests
