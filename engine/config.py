@@ -80,7 +80,7 @@ class StaticSubscription(_Section):
 
 class MetricsConfig(_Section):
     per_subscriber: bool = False
-    """Add per-subscriber series (subscription TTL) to /metrics (one series each)."""
+    """Add per-subscriber series (datagrams sent, failures, TTL) to /metrics."""
 
 
 class Config(_Section):

@@ -1,6 +1,6 @@
 """The counter block: per-worker counters in shared memory, written once per batch.
 
-Layout, version 1 (u64 words, native little-endian):
+Layout, version 3 (u64 words, native little-endian):
 
     Block header, 64 bytes
       0   u64  magic          COUNTERS_MAGIC ("EDGCNTR" + 0x01)
@@ -21,6 +21,10 @@ Layout, version 1 (u64 words, native little-endian):
       7   reserved
       8   journal             JOURNAL_MAX (counter index, new absolute value) pairs
       8 + 2*JOURNAL_MAX       counters, indexed by `CounterLayout` (below)
+      then                    SUBSCRIBER_SLOTS (datagrams sent, sends failed) pairs, one
+                              per subscriber slot the producer assigned (per-subscriber
+                              metrics). Written directly, outside the journal: a worker
+                              killed mid-batch may leave these off by that batch.
 
 Why a journal. A batch's counters and its read position must move together,
 even if the worker is killed between two stores: the worker writes the new
@@ -40,10 +44,11 @@ from typing import Final
 from engine.ring import Ring
 
 COUNTERS_MAGIC: Final = int.from_bytes(b"EDGCNTR\x01", "little")
-COUNTERS_VERSION: Final = 2
+COUNTERS_VERSION: Final = 3
 BLOCK_HEADER_WORDS: Final = 8
 REGION_HEADER_WORDS: Final = 8
 JOURNAL_MAX: Final = 4096
+SUBSCRIBER_SLOTS: Final = 16384  # per worker; subscribers beyond are counted in aggregate only
 
 STATE_BOOTING: Final = 0
 STATE_READY: Final = 1
@@ -121,7 +126,7 @@ class CounterLayout:
 
 
 def region_words(layout: CounterLayout) -> int:
-    return REGION_HEADER_WORDS + 2 * JOURNAL_MAX + layout.size
+    return REGION_HEADER_WORDS + 2 * JOURNAL_MAX + layout.size + 2 * SUBSCRIBER_SLOTS
 
 
 def block_size(workers: int, layout: CounterLayout) -> int:
@@ -173,6 +178,12 @@ class Region:
         self.words = words
         self.layout = layout
         self.base = REGION_HEADER_WORDS + 2 * JOURNAL_MAX
+        self.subscriber_base = self.base + layout.size
+
+    def subscriber_slots(self) -> memoryview:
+        """(sent, failed) u64 pairs, slot i at words 2i and 2i+1."""
+        start = self.subscriber_base
+        return self.words[start : start + 2 * SUBSCRIBER_SLOTS]
 
     def counter(self, index: int) -> int:
         return int(self.words[self.base + index])

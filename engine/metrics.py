@@ -113,6 +113,8 @@ class EngineCollector(Collector):
         yield from _worker_families(stats)
         yield from _histograms(stats)
         yield from _subscriber_families(stats, subscribers, self.per_subscriber)
+        if self.per_subscriber:
+            yield from _subscriber_counters(subscribers, engine.subscriber_counts())
         alive = sum(w.alive for w in stats.workers)
         yield GaugeMetricFamily(PREFIX + "workers_alive", ALIVE_HELP, value=alive)
         yield from self._process_families(stats)
@@ -339,6 +341,29 @@ def _subscriber_families(
     for name, transport, socket, left in subscribers:
         ttl.add_metric([name, transport, socket], float("inf") if left is None else left)
     yield ttl
+
+
+def _subscriber_counters(
+    subscribers: list[tuple[str, str, str, int | None]], counts: dict[str, tuple[int, int]]
+) -> Iterator[Metric]:
+    """Per-subscriber datagram counters (all of a subscriber's events together)."""
+    sent = CounterMetricFamily(
+        PREFIX + "subscriber_datagrams_sent",
+        "Datagrams handed to the kernel for this subscriber, over all its events.",
+        labels=["transport", "socket"],
+    )
+    failed = CounterMetricFamily(
+        PREFIX + "subscriber_send_failures",
+        "Sends to this subscriber that failed (any reason), over all its events.",
+        labels=["transport", "socket"],
+    )
+    transports = {socket: transport for _event, transport, socket, _ttl in subscribers}
+    for socket, transport in sorted(transports.items()):
+        n_sent, n_failed = counts.get(socket, (0, 0))
+        sent.add_metric([transport, socket], n_sent)
+        failed.add_metric([transport, socket], n_failed)
+    yield sent
+    yield failed
 
 
 # -- the exposition an HTTP server serves ---------------------------------------------------

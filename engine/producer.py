@@ -22,11 +22,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from engine.address import Destination, parse_destination
-from engine.counters import REASONS, TRANSPORTS, CounterBlock, Region
+from engine.counters import REASONS, SUBSCRIBER_SLOTS, TRANSPORTS, CounterBlock, Region
 from engine.options import EngineOptions
 from engine.ring import (
     CONTROL_ENCODER,
@@ -81,6 +81,17 @@ class _WorkerRoute:
     pairs_queued: int = 0
     pairs_dropped: int = 0
     records_dropped: int = 0
+    # Per-subscriber counter slots in this worker's region; never reused, so a
+    # slot's counts always belong to one subscriber key.
+    slots: dict[str, int] = field(default_factory=dict)
+
+    def slot_for(self, key: str) -> int:
+        slot = self.slots.get(key)
+        if slot is None:
+            if len(self.slots) >= SUBSCRIBER_SLOTS:
+                return -1  # counted in the aggregates only
+            slot = self.slots[key] = len(self.slots)
+        return slot
 
 
 class Engine:
@@ -329,6 +340,7 @@ class Engine:
             dest.transport,
             dest.family,
             dest.sockaddr if isinstance(dest.sockaddr, str) else list(dest.sockaddr),
+            route.slot_for(key),
         )
         self._send_control(worker, kind, change.event_id, control)
         self._rebuild_targets(change.event_id)
@@ -467,6 +479,22 @@ class Engine:
                 event_names=names,
                 max_events=self.options.max_events,
             )
+
+    def subscriber_counts(self) -> dict[str, tuple[int, int]]:
+        """Datagrams sent and sends failed, per live subscriber key (all its events)."""
+        with self._hot:
+            block = self.supervisor.counters
+            if block is None or not self._routes:
+                return {}
+            out: dict[str, tuple[int, int]] = {}
+            for k, route in enumerate(self._routes):
+                slots = Region(block.region(k), block.layout).subscriber_slots()
+                for key in route.keys:
+                    slot = route.slots.get(key, -1)
+                    if slot >= 0:
+                        out[key] = (int(slots[2 * slot]), int(slots[2 * slot + 1]))
+                slots.release()
+            return out
 
     def describe(self) -> dict[str, Any]:
         """Where the engine runs, for logs and the `run` command's ready line."""

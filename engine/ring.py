@@ -76,6 +76,7 @@ class ControlPayload(msgspec.Struct, array_like=True, frozen=True):
     transport: str  # "udp" | "unix"
     family: int
     sockaddr: str | list[str | int]  # a UNIX path, or [host, port(, flowinfo, scope)]
+    slot: int = -1  # per-subscriber counter slot in the worker's region; -1 = none
 
     def address(self) -> str | tuple[str | int, ...]:
         """The sockaddr as socket.connect() takes it."""

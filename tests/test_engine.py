@@ -121,6 +121,31 @@ def test_mixed_events_in_one_batch_reach_only_their_subscribers_in_order() -> No
             rx.close()
 
 
+def test_per_subscriber_counts_follow_each_subscriber(tmp_path: Path) -> None:
+    first, second = udp_receiver(), udp_receiver()
+    missing = f"unix:{tmp_path / 'nobody.sock'}"
+    try:
+        with running_engine(["E_A", "E_B"], workers=2) as engine:
+            engine.subscribe("E_A", first.socket_text)
+            engine.subscribe("E_B", first.socket_text)
+            engine.subscribe("E_A", second.socket_text)
+            engine.subscribe("E_A", missing)
+            for seq in range(30):
+                engine.raise_event("E_A" if seq % 3 else "E_B", {"seq": seq})
+            first.wait_for(30)
+            second.wait_for(20)
+            settle(engine)
+            counts = engine.subscriber_counts()
+            assert counts == {
+                first.socket_text: (30, 0),
+                second.socket_text: (20, 0),
+                missing: (0, 20),
+            }
+    finally:
+        first.close()
+        second.close()
+
+
 def test_portable_send_path_delivers_the_same_bytes(tmp_path: Path) -> None:
     receivers = [udp_receiver(), unix_receiver(tmp_path)]
     try:

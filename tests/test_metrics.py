@@ -315,15 +315,33 @@ def test_per_subscriber_series_only_when_asked(tmp_path: Path) -> None:
         sockets = (udp.socket_text, unix.socket_text)
         engine.subscribe("E_A", sockets[0], 120)
         engine.subscribe("E_A", sockets[1], None)
+        missing = f"unix:{tmp_path / 'nobody.sock'}"
+        engine.subscribe("E_A", missing, 60)
+        for _ in range(5):
+            engine.raise_event("E_A", {})
+        udp.wait_for(5)
+        unix.wait_for(5)
+        settle(engine)
         plain = scrape(engine)
         detailed = scrape(engine, per_subscriber=True)
         again = scrape(engine)
     assert not plain.series("subscriber_ttl_seconds")
     assert not again.series("subscriber_ttl_seconds")
+    assert not plain.series("subscriber_datagrams_sent_total")
+    sent = {
+        dict(labels)["socket"]: v
+        for labels, v in detailed.series("subscriber_datagrams_sent_total").items()
+    }
+    failed = {
+        dict(labels)["socket"]: v
+        for labels, v in detailed.series("subscriber_send_failures_total").items()
+    }
+    assert sent == {sockets[0]: 5, sockets[1]: 5, missing: 0}
+    assert failed == {sockets[0]: 0, sockets[1]: 0, missing: 5}
     ttl = {
         dict(labels)["socket"]: v for labels, v in detailed.series("subscriber_ttl_seconds").items()
     }
-    assert set(ttl) == set(sockets)
+    assert set(ttl) == {*sockets, missing}
     assert 100 <= ttl[sockets[0]] <= 120
     assert ttl[sockets[1]] == float("inf")
 

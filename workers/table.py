@@ -32,6 +32,7 @@ class Subscriber:
     retry_at: float = 0.0
     last_errno: int = 0
     stalled: bool = False  # a UNIX receiver that did not drain while we waited
+    slot: int = -1  # per-subscriber counter slot (counters.SUBSCRIBER_SLOTS); -1 = none
 
 
 def raise_fd_limit() -> int:
@@ -92,13 +93,16 @@ class SubscriberTable:
                 sock = socket.socket(control.family, kind)
                 sock.setblocking(False)
                 self.shared[control.family] = sock
-            return Subscriber(control.key, transport, control.family, sockaddr, sock, False, True)
+            shared = Subscriber(control.key, transport, control.family, sockaddr, sock, False, True)
+            shared.slot = control.slot
+            return shared
         sock = socket.socket(control.family, kind)
         sock.setblocking(False)
         if self.sndbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
         self.own_sockets += 1
         sub = Subscriber(control.key, transport, control.family, sockaddr, sock, False, False)
+        sub.slot = control.slot
         self.connect(sub, time.monotonic())
         return sub
 
@@ -115,16 +119,6 @@ class SubscriberTable:
         sub.connected = True
         return True
 
-    def snapshot(self) -> list[tuple[int, ControlPayload]]:
-        return [
-            (
-                event_id,
-                ControlPayload(s.key, TRANSPORTS[s.transport], s.family, _listed(s.sockaddr)),
-            )
-            for event_id, subs in self.by_event.items()
-            for s in reversed(subs)
-        ]
-
     def close(self) -> None:
         for sub in self.by_key.values():
             if not sub.shared:
@@ -133,7 +127,3 @@ class SubscriberTable:
             sock.close()
         self.by_key.clear()
         self.by_event.clear()
-
-
-def _listed(sockaddr: str | tuple[str | int, ...]) -> str | list[str | int]:
-    return sockaddr if isinstance(sockaddr, str) else list(sockaddr)

@@ -117,6 +117,7 @@ class Worker:
         self.region = Region(block.region(spec.index), block.layout)
         self.layout = block.layout
         self.values = self.region.counters()
+        self.slots = self.region.subscriber_slots()
         limit = spec.socket_limit or max(1, raise_fd_limit() - FD_RESERVE)
         self.table = SubscriberTable(limit, spec.sndbuf)
         for event_id, control in spec.snapshot:
@@ -325,6 +326,8 @@ class Worker:
                 if now < sub.retry_at or not self.table.connect(sub, now):
                     sender.errors[:] = [(i, sub.last_errno) for i in range(start, start + count)]
                     self._count_failures(sub, count)
+                    if sub.slot >= 0:
+                        self.slots[2 * sub.slot + 1] += count
                     return 0
             # A UNIX receiver's queue is short (net.unix.max_dgram_qlen): wait for it to
             # drain, within the batch's budget -- unless it made no progress last time.
@@ -337,6 +340,10 @@ class Worker:
                     sub.stalled = True  # waited in vain: do not hold up the batch for it again
                 elif sent:
                     sub.stalled = False  # it reads again: it may be waited for
+        if sub.slot >= 0:
+            slots = self.slots
+            slots[2 * sub.slot] += sent
+            slots[2 * sub.slot + 1] += len(sender.errors)
         if sender.errors:
             self._count_failures(sub, len(sender.errors))
             last = sender.errors[-1][1]
