@@ -110,6 +110,7 @@ class Supervisor:
         self._segments: list[Segment] = []
         self._procs: list[WorkerProcess | None] = []
         self._boot_failures: list[int] = []
+        self._crashes_at: list[tuple[int, int]] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._workers_gone = threading.Event()
@@ -144,6 +145,7 @@ class Supervisor:
         self._procs = [None] * workers
         self.restarts = [0] * workers
         self._boot_failures = [0] * workers
+        self._crashes_at = [(-1, 0)] * workers  # (ring position, errors in a row there)
         if producer_cpu is not None:
             self._pin_producer(producer_cpu)
         self.running = True
@@ -294,6 +296,10 @@ class Supervisor:
             return
         if was_ready:
             self._boot_failures[k] = 0
+            reason = self._poisoned(k, proc.exitcode)
+            if reason:
+                self._give_up(k, reason)
+                return
         else:
             self._boot_failures[k] += 1
             if self._boot_failures[k] >= BOOT_ATTEMPTS:
@@ -302,12 +308,33 @@ class Supervisor:
                     f"(last: {_describe_exit(proc.exitcode)})"
                 )
                 self._boot_error = reason
-                self._procs[k] = None
-                self.engine.fail(reason)
-                self._stopping.set()
+                self._give_up(k, reason)
                 return
         self.restarts[k] += 1
         self._spawn(k)
+
+    def _poisoned(self, k: int, exitcode: int | None) -> str | None:
+        """A worker that errors out (not a signal) again and again at the same ring
+        position, with records waiting, is stuck on something it cannot process."""
+        ring = self.rings[k]
+        pos = ring.read_pos
+        if not exitcode or exitcode < 0 or ring.write_pos == pos:
+            self._crashes_at[k] = (-1, 0)
+            return None
+        last_pos, count = self._crashes_at[k]
+        count = count + 1 if last_pos == pos else 1
+        self._crashes_at[k] = (pos, count)
+        if count < BOOT_ATTEMPTS:
+            return None
+        return (
+            f"worker {k} failed {count} times in a row at ring position {pos} "
+            f"(last: {_describe_exit(exitcode)}); see its error output above"
+        )
+
+    def _give_up(self, k: int, reason: str) -> None:
+        self._procs[k] = None
+        self.engine.fail(reason)
+        self._stopping.set()
 
     # -- stop ------------------------------------------------------------------------------------
     def stop(self, drain_timeout_s: float) -> None:

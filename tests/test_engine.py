@@ -22,6 +22,7 @@ from tests.support import (
     running_engine,
     settle,
     udp_receiver,
+    unique_instance,
     unix_receiver,
 )
 
@@ -406,6 +407,55 @@ def test_two_thousand_subscribers() -> None:
                     except BlockingIOError:
                         break
                 assert seqs(got) == [0, 1, 2]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+OUT_OF_DESCRIPTORS = """
+import json, resource, sys
+from engine.options import EngineOptions
+from engine.producer import Engine
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))  # the worker inherits it
+engine = Engine(EngineOptions(instance=sys.argv[1], socket_limit=1000), events=["E_TEST"])
+engine.start()
+try:
+    for port in json.loads(sys.argv[2]):
+        engine.subscribe("E_TEST", f"udp:127.0.0.1:{port}")
+    for seq in range(2):
+        engine.raise_event("E_TEST", {"seq": seq})
+finally:
+    engine.stop()
+stats = engine.statistics()
+print(json.dumps([stats.pairs_sent, stats.pairs_failed, stats.identity_errors()]))
+"""
+
+
+def test_a_worker_out_of_descriptors_shares_a_socket_instead_of_crashing() -> None:
+    socks = []
+    for _ in range(300):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        socks.append(sock)
+    try:
+        ports = json.dumps([s.getsockname()[1] for s in socks])
+        out = subprocess.run(
+            [sys.executable, "-c", OUT_OF_DESCRIPTORS, unique_instance("fd"), ports],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        sent, failed, errors = json.loads(out.stdout)
+        assert (sent, failed, errors) == (600, 0, []), out.stderr[-3000:]
+        assert "no socket of its own" in out.stderr
+        for sock in socks:
+            got = []
+            while True:
+                try:
+                    got.append(sock.recv(2048))
+                except BlockingIOError:
+                    break
+            assert seqs(got) == [0, 1]
     finally:
         for sock in socks:
             sock.close()

@@ -160,3 +160,18 @@ def test_restarts_resume_from_the_shared_read_position() -> None:
             assert stats.workers[0].restarts == 1
     finally:
         rx.close()
+
+
+def test_a_worker_that_keeps_failing_on_a_record_stops_the_engine_clearly() -> None:
+    from engine.ring import KIND_SUBSCRIBE
+
+    with running_engine(["E_TEST"]) as engine:
+        # A control record no worker can decode (as if the ring were corrupted).
+        with engine.hot_lock():
+            assert engine.supervisor.rings[0].try_append(KIND_SUBSCRIBE, 0, 0, 0, b"\xc1junk")
+        eventually(lambda: engine.failure is not None, timeout=30, what="the engine to give up")
+        assert engine.failure is not None
+        assert "failed 3 times in a row at ring position" in engine.failure
+        assert engine.supervisor.restarts[0] == 2  # restarted twice, then given up on
+        with pytest.raises(EngineError, match="failed 3 times"):
+            engine.raise_event("E_TEST", {"seq": 0})

@@ -6,6 +6,8 @@ so a subscribe takes effect exactly before the next event record.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import resource
 import socket
 import time
@@ -14,6 +16,8 @@ from typing import Final
 
 from engine.counters import TRANSPORTS
 from engine.ring import ControlPayload
+
+log = logging.getLogger("event_datagram.worker")
 
 RECONNECT_INTERVAL_S: Final = 0.05
 FD_RESERVE: Final = 64  # descriptors kept free for the worker's own needs
@@ -57,7 +61,12 @@ class SubscriberTable:
         self.socket_limit = socket_limit
         self.sndbuf = sndbuf
         self.own_sockets = 0
+        # The shared sockets exist from the start, so running out of descriptors
+        # later can never leave a subscriber without any socket.
         self.shared: dict[int, socket.socket] = {}
+        for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            with contextlib.suppress(OSError):  # e.g. no IPv6 on this host
+                self._shared(family)
 
     def subscribe(self, event_id: int, control: ControlPayload) -> None:
         sub = self.by_key.get(control.key)
@@ -86,25 +95,38 @@ class SubscriberTable:
     def _open(self, control: ControlPayload) -> Subscriber:
         transport = TRANSPORTS.index(control.transport)
         sockaddr = control.address()
-        kind = socket.SOCK_DGRAM
-        if self.own_sockets >= self.socket_limit:
-            sock = self.shared.get(control.family)
-            if sock is None:
-                sock = socket.socket(control.family, kind)
-                sock.setblocking(False)
-                self.shared[control.family] = sock
-            shared = Subscriber(control.key, transport, control.family, sockaddr, sock, False, True)
-            shared.slot = control.slot
-            return shared
-        sock = socket.socket(control.family, kind)
-        sock.setblocking(False)
-        if self.sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
-        self.own_sockets += 1
-        sub = Subscriber(control.key, transport, control.family, sockaddr, sock, False, False)
+        sock = None
+        if self.own_sockets < self.socket_limit:
+            try:
+                sock = socket.socket(control.family, socket.SOCK_DGRAM)
+            except OSError as exc:  # out of descriptors or buffers: share instead
+                log.warning("subscriber %s: no socket of its own (%s)", control.key, exc)
+        if sock is None:
+            sub = Subscriber(
+                control.key, transport, control.family, sockaddr, self._shared(control.family),
+                connected=False, shared=True,
+            )  # fmt: skip
+        else:
+            sock.setblocking(False)
+            if self.sndbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+            self.own_sockets += 1
+            sub = Subscriber(
+                control.key, transport, control.family, sockaddr, sock,
+                connected=False, shared=False,
+            )  # fmt: skip
+            self.connect(sub, time.monotonic())
         sub.slot = control.slot
-        self.connect(sub, time.monotonic())
         return sub
+
+    def _shared(self, family: int) -> socket.socket:
+        """The worker's one unconnected socket for `family` (sendto per datagram)."""
+        sock = self.shared.get(family)
+        if sock is None:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            self.shared[family] = sock
+        return sock
 
     @staticmethod
     def connect(sub: Subscriber, now: float) -> bool:
