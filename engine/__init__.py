@@ -9,6 +9,7 @@ How this package is laid out (everything here runs in the main process):
   counters.py       the per-worker counter block (layout docstring)
   options.py        the engine's settings ([engine] in the config)
   producer.py       the Engine: the public raise path and its accounting
+  routing.py        which worker holds whom; control records and restart snapshots
   supervisor.py     start, pin, watch, restart, drain and stop workers
   statistics.py     frozen snapshots of every counter, the accounting identity
   metrics.py        Prometheus collector and exposition() for GET /metrics

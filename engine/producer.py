@@ -20,22 +20,18 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from engine.address import Destination, parse_destination
-from engine.counters import REASONS, SUBSCRIBER_SLOTS, TRANSPORTS, CounterBlock, Region
+from engine.counters import REASONS, TRANSPORTS, CounterBlock, Region
 from engine.options import EngineOptions
 from engine.ring import (
-    CONTROL_ENCODER,
     KIND_EVENT,
     KIND_STOP,
-    KIND_SUBSCRIBE,
-    KIND_UNSUBSCRIBE,
     ControlPayload,
 )
+from engine.routing import Router
 from engine.statistics import EngineStatistics, WorkerStatistics
 from engine.subscriptions import DEFAULT_EXPIRE, AllowList, Change, Registry
 from engine.supervisor import Supervisor
@@ -69,31 +65,6 @@ class RaiseResult(NamedTuple):
         return self.workers_queued == 0 and self.workers_dropped == 0
 
 
-@dataclass(slots=True)
-class _WorkerRoute:
-    """The producer's view of one worker: what its table holds, what it was sent."""
-
-    fanout: dict[int, int]  # event id -> subscribers of it in this worker
-    keys: dict[str, int]  # subscriber key -> events it has in this worker
-    log: deque[tuple[int, int, int, ControlPayload]]  # (end pos, kind, event id, payload)
-    base: list[tuple[int, ControlPayload]]  # the worker's table at the oldest log entry
-    pending: deque[tuple[int, int, bytes]]  # control records waiting for room
-    pairs_queued: int = 0
-    pairs_dropped: int = 0
-    records_dropped: int = 0
-    # Per-subscriber counter slots in this worker's region; never reused, so a
-    # slot's counts always belong to one subscriber key.
-    slots: dict[str, int] = field(default_factory=dict)
-
-    def slot_for(self, key: str) -> int:
-        slot = self.slots.get(key)
-        if slot is None:
-            if len(self.slots) >= SUBSCRIBER_SLOTS:
-                return -1  # counted in the aggregates only
-            slot = self.slots[key] = len(self.slots)
-        return slot
-
-
 class Engine:
     """The fan-out engine. Use as a context manager, or call start() and stop().
 
@@ -124,9 +95,7 @@ class Engine:
         for name in events or ():
             self.registry.register_event(name)
         self.supervisor = Supervisor(self)
-        self._routes: list[_WorkerRoute] = []
-        self._owner: dict[str, int] = {}  # subscriber key -> worker index
-        self._targets: dict[int, list[tuple[int, int]]] = {}  # event id -> [(worker, fanout)]
+        self._router: Router | None = None  # while running
         self._next_expiry: float | None = None
         self._accepting = False
         self._failure: str | None = None
@@ -148,9 +117,7 @@ class Engine:
         self.supervisor.start()  # creates the segments and boots the workers (no lock:
         # the supervisor thread takes it to spawn them)
         with self.lock, self._hot:
-            self._routes = [
-                _WorkerRoute({}, {}, deque(), [], deque()) for _ in self.supervisor.rings
-            ]
+            self._router = Router(self.supervisor.rings)
             self._accepting = True
             self._replay_registry()  # subscriptions made before start()
             self.registry.load()
@@ -164,7 +131,8 @@ class Engine:
                 return
             self._accepting = False
             self.supervisor.stopping()  # a worker leaving at STOP must not be restarted
-            self._flush_pending()
+            if self._router is not None:
+                self._router.flush()
             for ring in self.supervisor.rings:
                 ring.append(KIND_STOP, 0, 0, time.monotonic_ns(), b"", wait_s=0.5)
         timeout = self.options.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
@@ -173,7 +141,7 @@ class Engine:
             self.final_statistics = self.statistics()  # the last word, before unmapping
             with self._hot:
                 self.supervisor.free()
-                self._routes, self._targets, self._owner = [], {}, {}
+                self._router = None
 
     def run_until_signalled(
         self,
@@ -270,12 +238,13 @@ class Engine:
 
     def _queue(self, name: str, eid: int, payload: bytes) -> RaiseResult:
         self.raised[eid] += 1
-        targets = self._targets.get(eid)
-        if not targets:
+        router = self._router
+        targets = router.targets.get(eid) if router is not None else None
+        if not targets or router is None:
             self.drops["no_subscribers"] += 1
             return RaiseResult(name, len(payload), 0, 0, 0)
-        rings = self.supervisor.rings
-        routes = self._routes
+        rings = router.rings
+        routes = router.routes
         ts = time.monotonic_ns()
         wait_s = self._wait_s
         queued = dropped = pairs = 0
@@ -305,89 +274,14 @@ class Engine:
     def _on_change(self, change: Change) -> None:
         """Registry callback (under self.lock): tell the owning worker, in order."""
         with self._hot:
-            self._route_change(change)
-
-    def _route_change(self, change: Change) -> None:
-        if change.kind == "refreshed":
+            if self._router is not None:  # before start(): replayed by start()
+                self._router.apply(change)
             self._refresh_expiry()
-            return
-        dest = change.subscriber.dest
-        key = dest.key
-        if not self._routes:
-            return  # not started yet: load() will replay after start
-        if change.kind == "added":
-            worker = self._owner.get(key)
-            if worker is None:
-                worker = min(range(len(self._routes)), key=lambda k: len(self._routes[k].keys))
-                self._owner[key] = worker
-            route = self._routes[worker]
-            route.keys[key] = route.keys.get(key, 0) + 1
-            route.fanout[change.event_id] = route.fanout.get(change.event_id, 0) + 1
-            kind = KIND_SUBSCRIBE
-        else:
-            worker = self._owner[key]
-            route = self._routes[worker]
-            route.fanout[change.event_id] -= 1
-            if not route.fanout[change.event_id]:
-                del route.fanout[change.event_id]
-            route.keys[key] -= 1
-            if not route.keys[key]:
-                del route.keys[key]
-                del self._owner[key]
-            kind = KIND_UNSUBSCRIBE
-        control = ControlPayload(
-            key,
-            dest.transport,
-            dest.family,
-            dest.sockaddr if isinstance(dest.sockaddr, str) else list(dest.sockaddr),
-            route.slot_for(key),
-        )
-        self._send_control(worker, kind, change.event_id, control)
-        self._rebuild_targets(change.event_id)
-        self._refresh_expiry()
 
     def _replay_registry(self) -> None:
         for name, eid in self.registry.events():
             for sub in reversed(self.registry.subscribers(name)):  # oldest first
                 self._on_change(Change("added", name, eid, sub))
-
-    def _send_control(self, worker: int, kind: int, eid: int, control: ControlPayload) -> None:
-        route = self._routes[worker]
-        route.pending.append((kind, eid, CONTROL_ENCODER.encode(control)))
-        route.log.append((-1, kind, eid, control))
-        self._flush_route(worker)
-
-    def _flush_route(self, worker: int) -> None:
-        """Move waiting control records into the ring, oldest first, while they fit."""
-        route = self._routes[worker]
-        ring = self.supervisor.rings[worker]
-        if not route.pending:
-            return
-        # Log entries without a position are the pending ones, in the same order.
-        unplaced = [i for i, entry in enumerate(route.log) if entry[0] < 0]
-        while route.pending:
-            kind, eid, payload = route.pending[0]
-            if not ring.try_append(kind, eid, 0, time.monotonic_ns(), payload):
-                return
-            route.pending.popleft()
-            i = unplaced.pop(0)
-            _, k, e, control = route.log[i]
-            route.log[i] = (ring.write_pos, k, e, control)
-
-    def _flush_pending(self) -> None:
-        for worker in range(len(self._routes)):
-            self._flush_route(worker)
-
-    def _rebuild_targets(self, eid: int) -> None:
-        targets = [
-            (worker, route.fanout[eid])
-            for worker, route in enumerate(self._routes)
-            if route.fanout.get(eid)
-        ]
-        if targets:
-            self._targets[eid] = targets
-        else:
-            self._targets.pop(eid, None)
 
     def _refresh_expiry(self) -> None:
         self._next_expiry = self.registry.next_expiry()
@@ -399,22 +293,7 @@ class Engine:
 
     def snapshot_for(self, worker: int, read_pos: int) -> list[tuple[int, ControlPayload]]:
         """The worker's table as of ring position `read_pos` (for a restarted worker)."""
-        self.fold_log(worker, read_pos)
-        return list(self._routes[worker].base) if self._routes else []
-
-    def fold_log(self, worker: int, read_pos: int) -> None:
-        """Fold control records the worker has consumed into the base table."""
-        if not self._routes:
-            return
-        route = self._routes[worker]
-        while route.log and 0 <= route.log[0][0] <= read_pos:
-            _, kind, eid, control = route.log.popleft()
-            if kind == KIND_SUBSCRIBE:
-                route.base.append((eid, control))
-            else:
-                route.base = [
-                    (e, c) for e, c in route.base if not (e == eid and c.key == control.key)
-                ]
+        return self._router.snapshot(worker, read_pos) if self._router is not None else []
 
     def tick(self) -> None:
         """Periodic housekeeping (supervisor thread): expiry sweep, pending controls."""
@@ -423,11 +302,12 @@ class Engine:
         if self._next_expiry is not None and time.time() >= self._next_expiry:
             self.sweep()
         with self._hot:
-            if not self._accepting:
+            router = self._router
+            if not self._accepting or router is None:
                 return
-            self._flush_pending()
-            for worker, ring in enumerate(self.supervisor.rings):
-                self.fold_log(worker, ring.read_pos)
+            router.flush()
+            for worker, ring in enumerate(router.rings):
+                router.fold(worker, ring.read_pos)
 
     # -- statistics --------------------------------------------------------------------------
     def statistics(self) -> EngineStatistics:
@@ -438,7 +318,7 @@ class Engine:
             workers = []
             block: CounterBlock | None = self.supervisor.counters
             for k, ring in enumerate(self.supervisor.rings):
-                route = self._routes[k] if self._routes else None
+                route = self._router.routes[k] if self._router is not None else None
                 assert block is not None
                 # The ring first: the worker applies counters before it releases ring
                 # space, so counters read after it are never older than it.
@@ -484,10 +364,10 @@ class Engine:
         """Datagrams sent and sends failed, per live subscriber key (all its events)."""
         with self._hot:
             block = self.supervisor.counters
-            if block is None or not self._routes:
+            if block is None or self._router is None:
                 return {}
             out: dict[str, tuple[int, int]] = {}
-            for k, route in enumerate(self._routes):
+            for k, route in enumerate(self._router.routes):
                 slots = Region(block.region(k), block.layout).subscriber_slots()
                 for key in route.keys:
                     slot = route.slots.get(key, -1)

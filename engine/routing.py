@@ -1,0 +1,149 @@
+"""Which worker holds which subscriber, and the control records that tell it so.
+
+The producer keeps its own view of every worker's subscriber table (`WorkerRoute`):
+how many subscribers of each event a worker holds (the fan-out written into each
+event record), and the control records sent to it, each with the ring position
+it ends at. A restarted worker gets the table as of its ring's read position:
+the records it had consumed, folded into a base table. Control records never
+drop: when a ring is full they wait in `pending`, and events for that worker
+drop (counted) until they are in, so nothing overtakes them.
+
+Not thread-safe: the engine calls everything here under its raise-path lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.counters import SUBSCRIBER_SLOTS
+from engine.ring import (
+    CONTROL_ENCODER,
+    KIND_SUBSCRIBE,
+    KIND_UNSUBSCRIBE,
+    ControlPayload,
+    Ring,
+)
+from engine.subscriptions import Change
+
+
+@dataclass(slots=True)
+class WorkerRoute:
+    """The producer's view of one worker: what its table holds, what it was sent."""
+
+    fanout: dict[int, int] = field(default_factory=dict)  # event id -> subscribers here
+    keys: dict[str, int] = field(default_factory=dict)  # subscriber key -> its events here
+    # (end position, kind, event id, payload); position -1 while still pending
+    log: deque[tuple[int, int, int, ControlPayload]] = field(default_factory=deque)
+    base: list[tuple[int, ControlPayload]] = field(default_factory=list)  # table at log[0]
+    pending: deque[tuple[int, int, bytes]] = field(default_factory=deque)  # waiting for room
+    pairs_queued: int = 0
+    pairs_dropped: int = 0
+    records_dropped: int = 0
+    # Per-subscriber counter slots in this worker's region; never reused, so a
+    # slot's counts always belong to one subscriber key.
+    slots: dict[str, int] = field(default_factory=dict)
+
+    def slot_for(self, key: str) -> int:
+        slot = self.slots.get(key)
+        if slot is None:
+            if len(self.slots) >= SUBSCRIBER_SLOTS:
+                return -1  # counted in the aggregates only
+            slot = self.slots[key] = len(self.slots)
+        return slot
+
+
+class Router:
+    """Routes subscription changes to workers and events to the workers that need them."""
+
+    def __init__(self, rings: list[Ring]) -> None:
+        self.rings = rings
+        self.routes = [WorkerRoute() for _ in rings]
+        self.owner: dict[str, int] = {}  # subscriber key -> worker index
+        self.targets: dict[int, list[tuple[int, int]]] = {}  # event id -> [(worker, fanout)]
+
+    def apply(self, change: Change) -> None:
+        """Send an added/removed subscription to its worker (refreshes change nothing)."""
+        if change.kind == "refreshed":
+            return
+        dest = change.subscriber.dest
+        key = dest.key
+        eid = change.event_id
+        if change.kind == "added":
+            worker = self.owner.get(key)
+            if worker is None:  # a new socket goes to the worker holding the fewest
+                worker = min(range(len(self.routes)), key=lambda k: len(self.routes[k].keys))
+                self.owner[key] = worker
+            route = self.routes[worker]
+            route.keys[key] = route.keys.get(key, 0) + 1
+            route.fanout[eid] = route.fanout.get(eid, 0) + 1
+            kind = KIND_SUBSCRIBE
+        else:
+            worker = self.owner[key]
+            route = self.routes[worker]
+            route.fanout[eid] -= 1
+            if not route.fanout[eid]:
+                del route.fanout[eid]
+            route.keys[key] -= 1
+            if not route.keys[key]:
+                del route.keys[key]
+                del self.owner[key]
+            kind = KIND_UNSUBSCRIBE
+        sockaddr: str | list[str | int] = (
+            dest.sockaddr if isinstance(dest.sockaddr, str) else list(dest.sockaddr)
+        )
+        control = ControlPayload(key, dest.transport, dest.family, sockaddr, route.slot_for(key))
+        route.pending.append((kind, eid, CONTROL_ENCODER.encode(control)))
+        route.log.append((-1, kind, eid, control))
+        self._flush(worker)
+        self._rebuild_targets(eid)
+
+    def flush(self) -> None:
+        """Move waiting control records into their rings where they fit now."""
+        for worker in range(len(self.routes)):
+            self._flush(worker)
+
+    def _flush(self, worker: int) -> None:
+        route = self.routes[worker]
+        if not route.pending:
+            return
+        ring = self.rings[worker]
+        # Log entries without a position are the pending ones, in the same order.
+        unplaced = [i for i, entry in enumerate(route.log) if entry[0] < 0]
+        while route.pending:
+            kind, eid, payload = route.pending[0]
+            if not ring.try_append(kind, eid, 0, time.monotonic_ns(), payload):
+                return
+            route.pending.popleft()
+            i = unplaced.pop(0)
+            _, k, e, control = route.log[i]
+            route.log[i] = (ring.write_pos, k, e, control)
+
+    def fold(self, worker: int, read_pos: int) -> None:
+        """Fold the control records the worker has consumed into its base table."""
+        route = self.routes[worker]
+        while route.log and 0 <= route.log[0][0] <= read_pos:
+            _, kind, eid, control = route.log.popleft()
+            if kind == KIND_SUBSCRIBE:
+                route.base.append((eid, control))
+            else:
+                route.base = [
+                    (e, c) for e, c in route.base if not (e == eid and c.key == control.key)
+                ]
+
+    def snapshot(self, worker: int, read_pos: int) -> list[tuple[int, ControlPayload]]:
+        """The worker's table as of ring position `read_pos` (oldest first)."""
+        self.fold(worker, read_pos)
+        return list(self.routes[worker].base)
+
+    def _rebuild_targets(self, eid: int) -> None:
+        targets = [
+            (worker, route.fanout[eid])
+            for worker, route in enumerate(self.routes)
+            if route.fanout.get(eid)
+        ]
+        if targets:
+            self.targets[eid] = targets
+        else:
+            self.targets.pop(eid, None)
