@@ -381,13 +381,29 @@ def test_stop_drains_every_queued_event() -> None:
         rx.close()
 
 
-def test_two_thousand_subscribers() -> None:
+def bound_udp_sockets(count: int) -> list[socket.socket]:
+    """Non-blocking UDP sockets bound to free loopback ports (plain receivers)."""
     socks = []
-    for _ in range(2000):
+    for _ in range(count):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("127.0.0.1", 0))
         sock.setblocking(False)
         socks.append(sock)
+    return socks
+
+
+def drained(sock: socket.socket) -> list[bytes]:
+    """Every datagram waiting on a non-blocking socket."""
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(2048))
+        except BlockingIOError:
+            return got
+
+
+def test_two_thousand_subscribers() -> None:
+    socks = bound_udp_sockets(2000)
     try:
         for limit in (0, 100):  # all connected; then 100 connected + shared sockets
             with running_engine(["E_TEST"], socket_limit=limit) as engine:
@@ -400,13 +416,7 @@ def test_two_thousand_subscribers() -> None:
                 stats.check_identity()
                 assert stats.pairs_sent == 6000 and stats.pairs_failed == 0
             for sock in socks:
-                got = []
-                while True:
-                    try:
-                        got.append(sock.recv(2048))
-                    except BlockingIOError:
-                        break
-                assert seqs(got) == [0, 1, 2]
+                assert seqs(drained(sock)) == [0, 1, 2]
     finally:
         for sock in socks:
             sock.close()
@@ -432,12 +442,7 @@ print(json.dumps([stats.pairs_sent, stats.pairs_failed, stats.identity_errors()]
 
 
 def test_a_worker_out_of_descriptors_shares_a_socket_instead_of_crashing() -> None:
-    socks = []
-    for _ in range(300):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.setblocking(False)
-        socks.append(sock)
+    socks = bound_udp_sockets(300)
     try:
         ports = json.dumps([s.getsockname()[1] for s in socks])
         out = subprocess.run(
@@ -449,13 +454,7 @@ def test_a_worker_out_of_descriptors_shares_a_socket_instead_of_crashing() -> No
         assert (sent, failed, errors) == (600, 0, []), out.stderr[-3000:]
         assert "no socket of its own" in out.stderr
         for sock in socks:
-            got = []
-            while True:
-                try:
-                    got.append(sock.recv(2048))
-                except BlockingIOError:
-                    break
-            assert seqs(got) == [0, 1]
+            assert seqs(drained(sock)) == [0, 1]
     finally:
         for sock in socks:
             sock.close()
