@@ -20,9 +20,9 @@ from typing import Any
 import msgspec
 
 from engine.address import parse_destination
+from engine.mi.server import parse_listen
 from engine.options import EngineOptions
-from engine.server import parse_listen
-from engine.shm import check_instance_name
+from engine.shm.segment import check_instance_name
 from engine.subscriptions import AllowList
 
 __all__ = [

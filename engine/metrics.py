@@ -47,8 +47,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from engine.counters import BATCH_BUCKETS, LATENCY_BUCKETS_S, REASONS, TRANSPORTS, CounterLayout
 from engine.producer import DROP_REASONS, Engine
+from engine.shm.counters import BATCH_BUCKETS, LATENCY_BUCKETS_S, REASONS, TRANSPORTS, CounterLayout
 from engine.statistics import EngineStatistics, WorkerStatistics
 
 PREFIX: Final = "event_datagram_"

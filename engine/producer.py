@@ -24,14 +24,14 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from engine.address import Destination, parse_destination
-from engine.counters import REASONS, TRANSPORTS, CounterBlock, Region
 from engine.options import EngineOptions
-from engine.ring import (
+from engine.routing import Router
+from engine.shm.counters import REASONS, TRANSPORTS, CounterBlock, Region
+from engine.shm.ring import (
     KIND_EVENT,
     KIND_STOP,
     ControlPayload,
 )
-from engine.routing import Router
 from engine.statistics import EngineStatistics, WorkerStatistics
 from engine.subscriptions import DEFAULT_EXPIRE, AllowList, Change, Registry
 from engine.supervisor import Supervisor

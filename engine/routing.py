@@ -17,8 +17,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.counters import SUBSCRIBER_SLOTS
-from engine.ring import (
+from engine.shm.counters import SUBSCRIBER_SLOTS
+from engine.shm.ring import (
     CONTROL_ENCODER,
     KIND_SUBSCRIBE,
     KIND_UNSUBSCRIBE,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.counters import LATENCY_BUCKETS_S, TRANSPORTS, CounterLayout
-from engine.ring import RingStatistics
+from engine.shm.counters import LATENCY_BUCKETS_S, TRANSPORTS, CounterLayout
+from engine.shm.ring import RingStatistics
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ import time
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Final
 
-from engine.counters import (
+from engine.shm.counters import (
     R_PID,
     R_STATE,
     STATE_BOOTING,
@@ -31,8 +31,8 @@ from engine.counters import (
     Region,
     block_size,
 )
-from engine.ring import Ring, check_architecture, segment_size
-from engine.shm import (
+from engine.shm.ring import Ring, check_architecture, segment_size
+from engine.shm.segment import (
     Segment,
     check_instance_name,
     list_segments,

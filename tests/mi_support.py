@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from engine.mi import handle
+from engine.mi.protocol import handle
 from engine.options import EngineOptions
 from engine.producer import Engine
-from engine.shm import list_segments
+from engine.shm.segment import list_segments
 from engine.subscriptions import AllowList
 from tests.support import unique_instance, vectors_dir
 

@@ -16,16 +16,17 @@ from typing import Any
 import psutil
 import pytest
 
-from engine import bench_plot, cli
-from engine.bench_common import (
+from engine.bench import plot as bench_plot
+from engine.bench.common import (
     EVENT,
     SEQ_BASE,
     bench_params,
     make_tag,
     payload_size,
 )
-from engine.bench_receivers import ReceiverPool, RoundSpec
-from engine.shm import list_segments
+from engine.bench.receivers import ReceiverPool, RoundSpec
+from engine.cli import main as cli
+from engine.shm.segment import list_segments
 from engine.wire import MAX_PAYLOAD, encode_notification
 
 TINY = [

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 
 from engine import config
-from engine.shm import list_segments
+from engine.shm.segment import list_segments
 from tests.mi_support import EXE, Proc, RunProc, client, processes
 from tests.support import unique_instance
 

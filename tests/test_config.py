@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from engine import config
-from engine.cli import _apply_flags, build_parser
+from engine.cli.main import _apply_flags, build_parser
 from engine.options import EngineOptions
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -205,13 +205,13 @@ sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 sock.bind(sys.argv[1])
 sock.settimeout(5)
 print("ready", flush=True)
-got = []
+raw = []  # decoded after the burst: the reader must keep up, not parse
 try:
-    while len(got) < int(sys.argv[2]):
-        got.append(json.loads(sock.recv(70000))["params"]["seq"])
+    while len(raw) < int(sys.argv[2]):
+        raw.append(sock.recv(70000))
 except TimeoutError:
     pass
-print(json.dumps(got), flush=True)
+print(json.dumps([json.loads(d)["params"]["seq"] for d in raw]), flush=True)
 """
 
 

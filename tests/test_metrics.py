@@ -20,9 +20,9 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.counters import BATCH_BUCKETS, LATENCY_BUCKETS_S, REASONS, TRANSPORTS
 from engine.metrics import CONTENT_TYPE, cumulative, exposition
 from engine.producer import Engine, RaiseResult
+from engine.shm.counters import BATCH_BUCKETS, LATENCY_BUCKETS_S, REASONS, TRANSPORTS
 from engine.wire import MAX_PAYLOAD, PayloadTooLarge
 from tests.support import Receiver, eventually, running_engine, settle, udp_receiver, unix_receiver
 

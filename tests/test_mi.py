@@ -1,4 +1,4 @@
-"""engine.mi / engine.mi_commands against a real engine: the JSON-RPC envelope,
+"""engine.mi.protocol / engine.mi.commands against a real engine: the JSON-RPC envelope,
 recipes and parameter types, each command's results and errors, and a
 hypothesis fuzz of handle() itself. (The captured vectors: test_mi_vectors.py.)"""
 
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.mi import handle
+from engine.mi.protocol import handle
 from engine.producer import Engine
 from engine.wire import MAX_PAYLOAD
 from tests.mi_support import STATIC, mi, mi_engine

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.address import AddressError, parse_destination
-from engine.mi import handle
-from engine.mi_commands import SERVER
+from engine.mi.commands import SERVER
+from engine.mi.protocol import handle
 from tests.mi_support import (
     MI_EVENTS,
     NAMES_EVENTS,

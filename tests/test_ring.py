@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.ring import (
+from engine.shm.ring import (
     HEADER_SIZE,
     KIND_EVENT,
     KIND_SUBSCRIBE,
@@ -23,7 +23,7 @@ from engine.ring import (
     check_architecture,
     segment_size,
 )
-from engine.shm import SHM_DIR, Segment, list_segments, segment_name, segment_owner
+from engine.shm.segment import SHM_DIR, Segment, list_segments, segment_name, segment_owner
 from tests.support import unique_instance
 
 CAPACITY = 4096
@@ -146,8 +146,8 @@ def test_any_interleaving_of_appends_and_reads_matches_a_queue(
 CONSUMER = textwrap.dedent(
     """
     import sys
-    from engine.ring import Ring
-    from engine.shm import Segment
+    from engine.shm.ring import Ring
+    from engine.shm.segment import Segment
     seg = Segment.attach(sys.argv[1])
     ring = Ring(seg.buf)
     total = 0

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine.mi import handle
+from engine.mi.protocol import handle
+from engine.mi.server import DatagramServer, HTTPServer, format_listen, parse_listen
 from engine.producer import Engine
-from engine.server import DatagramServer, HTTPServer, format_listen, parse_listen
 from tests.mi_support import EVENTS_REPLY, mi_engine
 from tests.mi_support import EVENTS_REQUEST as REQUEST
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.mi_client import call
-from engine.mi_fifo import FifoServer, json_end
+from engine.mi.client import call
+from engine.mi.fifo import FifoServer, json_end
 from engine.producer import Engine
 from tests.mi_support import EVENTS_REPLY, mi_engine
 from tests.mi_support import EVENTS_REQUEST as REQUEST

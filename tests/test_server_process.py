@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from engine.mi_client import call
+from engine.mi.client import call
 from tests.mi_support import (
     MI_EVENTS,
     NAMES_EVENTS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from engine.ring import RingStatistics
+from engine.shm.ring import RingStatistics
 from engine.statistics import EngineStatistics, WorkerStatistics
 
 

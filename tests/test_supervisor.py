@@ -15,7 +15,7 @@ import pytest
 
 from engine.options import EngineOptions
 from engine.producer import Engine, EngineError
-from engine.shm import list_segments
+from engine.shm.segment import list_segments
 from tests.support import eventually, running_engine, udp_receiver, unique_instance
 
 ENGINE_SCRIPT = textwrap.dedent(
@@ -163,7 +163,7 @@ def test_restarts_resume_from_the_shared_read_position() -> None:
 
 
 def test_a_worker_that_keeps_failing_on_a_record_stops_the_engine_clearly() -> None:
-    from engine.ring import KIND_SUBSCRIBE
+    from engine.shm.ring import KIND_SUBSCRIBE
 
     with running_engine(["E_TEST"]) as engine:
         # A control record no worker can decode (as if the ring were corrupted).

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from engine.counters import REASONS
+from engine.shm.counters import REASONS
 
 MSG_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0x40)
 

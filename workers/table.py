@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Final
 
-from engine.counters import TRANSPORTS
-from engine.ring import ControlPayload
+from engine.shm.counters import TRANSPORTS
+from engine.shm.ring import ControlPayload
 
 log = logging.getLogger("event_datagram.worker")
 

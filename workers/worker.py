@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Final
 
-from engine.counters import (
+from engine.shm.counters import (
     BATCH_BUCKETS,
     LATENCY_BUCKETS_NS,
     R_GENERATION,
@@ -36,7 +36,7 @@ from engine.counters import (
     CounterBlock,
     Region,
 )
-from engine.ring import (
+from engine.shm.ring import (
     CONTROL_DECODER,
     KIND_EVENT,
     KIND_STOP,
@@ -48,7 +48,7 @@ from engine.ring import (
     ControlPayload,
     Ring,
 )
-from engine.shm import Segment
+from engine.shm.segment import Segment
 from workers.sender import RECONNECT_ERRNOS, BatchSender, reason_index
 from workers.table import FD_RESERVE, Subscriber, SubscriberTable, raise_fd_limit
 

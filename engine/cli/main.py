@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from engine import config as config_mod
-from engine.mi_client import DEFAULT_TARGET, MIClientError, MIReplyError, call
+from engine.mi.client import DEFAULT_TARGET, MIClientError, MIReplyError, call
 
 log = logging.getLogger("event_datagram.cli")
 
@@ -84,7 +84,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
     if argv and argv[0] == "bench":
         bench = verbs.add_parser("bench", help="stress run (make bench)")
-        importlib.import_module("engine.bench").add_arguments(bench)
+        importlib.import_module("engine.bench.main").add_arguments(bench)
     else:
         verbs.add_parser("bench", help="stress run (see: event-datagram bench --help)")
     return parser
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb == "run":
         return run(args)
     if args.verb == "bench":
-        status: int = importlib.import_module("engine.bench").run(args)
+        status: int = importlib.import_module("engine.bench.main").run(args)
         return status
     if args.verb == "listen":
         return _listen(args)
@@ -193,7 +193,7 @@ def _human_sub(sub: dict[str, Any]) -> str:
 
 
 def _listen(args: argparse.Namespace) -> int:
-    from engine.listen import ListenError, run_listener
+    from engine.cli.listen import ListenError, run_listener
 
     if args.expire < 1:
         print("event-datagram listen: --expire must be at least 1", file=sys.stderr)
@@ -209,7 +209,7 @@ def _listen(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.runner import RunError, Runner
+    from engine.cli.run import RunError, Runner
 
     logging.basicConfig(
         level=logging.INFO,

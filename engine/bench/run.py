@@ -18,8 +18,8 @@ import tempfile
 import time
 from typing import Any, Final
 
-from engine.bench_baseline import RunSpec, SenderProcess
-from engine.bench_common import (
+from engine.bench.baseline import RunSpec, SenderProcess
+from engine.bench.common import (
     EVENT,
     IP,
     MAX_EVENTS_PER_ROUND,
@@ -29,7 +29,7 @@ from engine.bench_common import (
     make_tag,
     peak_rss,
 )
-from engine.bench_live import (
+from engine.bench.live import (
     Progress,
     Scraper,
     affinity,
@@ -40,12 +40,12 @@ from engine.bench_live import (
     wait_drained,
     wait_idle,
 )
-from engine.bench_receivers import ReceiverPool, RoundSpec
-from engine.bench_report import latency_summary, median
-from engine.counters import LATENCY_BUCKETS_S
+from engine.bench.receivers import ReceiverPool, RoundSpec
+from engine.bench.report import latency_summary, median
 from engine.options import EngineOptions
 from engine.producer import Engine
-from engine.shm import list_segments, unlink_name
+from engine.shm.counters import LATENCY_BUCKETS_S
+from engine.shm.segment import list_segments, unlink_name
 from engine.wire import PayloadTooLarge
 
 LATENCY_RATE_CAP: Final = 50_000.0  # events/s

@@ -24,8 +24,8 @@ from typing import BinaryIO
 
 import msgspec
 
-from engine.mi_client import MIClientError, MIReplyError, call
-from engine.server import format_listen, parse_listen
+from engine.mi.client import MIClientError, MIReplyError, call
+from engine.mi.server import format_listen, parse_listen
 
 
 class ListenError(Exception):

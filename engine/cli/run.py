@@ -14,9 +14,9 @@ from typing import Protocol
 
 from engine.address import AddressError
 from engine.config import Config, ConfigError
-from engine.mi_fifo import FifoServer
+from engine.mi.fifo import FifoServer
+from engine.mi.server import DatagramServer, HTTPServer, parse_listen
 from engine.producer import Engine, EngineError
-from engine.server import DatagramServer, HTTPServer, parse_listen
 from engine.subscriptions import StateFileError, SubscriptionError
 
 

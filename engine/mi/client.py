@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import msgspec
 
-from engine.server import parse_listen
+from engine.mi.server import parse_listen
 
 DEFAULT_TARGET: Final = "http://127.0.0.1:8888/mi"
 _ids = itertools.count(1)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
-from engine.mi_commands import (
+from engine.mi.commands import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     PARSE_ERROR,

@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any, Final
 
-from engine.bench_common import read_sysctl
+from engine.bench.common import read_sysctl
 
 SCHEMA_VERSION: Final = 1
 OPENSIPS_DG_PER_S: Final = 37_486  # MEASUREMENTS.md 7.2: 1 process, 4 subscribers (median)
@@ -39,7 +39,7 @@ def machine_info() -> dict[str, Any]:
     import msgspec
     import psutil
 
-    from engine.bench_common import available_cpus
+    from engine.bench.common import available_cpus
 
     model = ""
     try:

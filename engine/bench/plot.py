@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from engine.bench_report import OPENSIPS_DG_PER_S, TARGET_P99_S, format_us
+from engine.bench.report import OPENSIPS_DG_PER_S, TARGET_P99_S, format_us
 
 PLOT_HINT: Final = (
     "--plot needs matplotlib, the optional 'bench' extra: "

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from engine.mi import error_reply, handle
+from engine.mi.protocol import error_reply, handle
 
 if TYPE_CHECKING:
     from engine.producer import Engine

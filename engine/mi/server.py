@@ -31,7 +31,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Final
 
-from engine.mi import error_reply, handle
+from engine.mi.protocol import error_reply, handle
 
 if TYPE_CHECKING:
     from engine.producer import Engine
@@ -377,6 +377,6 @@ class DatagramServer:
 
 
 def _reply_id(reply: bytes) -> bytes:
-    """The id of a reply built by engine.mi (it is always the last member)."""
+    """The id of a reply built by engine.mi.protocol (it is always the last member)."""
     start = reply.rfind(b',"id":')
     return reply[start + 6 : -1] if start >= 0 else b"null"

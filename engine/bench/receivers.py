@@ -38,7 +38,7 @@ from typing import Any, Final
 
 import msgspec
 
-from engine.bench_common import BenchPayload, Child, prepare_child, read_sysctl
+from engine.bench.common import BenchPayload, Child, prepare_child, read_sysctl
 from workers.sender import IoVec, MMsgHdr, MsgHdr
 
 MSG_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0x40)
@@ -408,7 +408,7 @@ class ReceiverPool:
             slots = [(i, kinds[i]) for i in range(p, len(kinds), processes)]
             args = (slots, socket_dir, rcvbuf, slot_bytes, self.counters_path, cpus, lifetime_s)
             self.children.append(
-                Child("engine.bench_receivers:receiver_main", args, f"receiver {p}")
+                Child("engine.bench.receivers:receiver_main", args, f"receiver {p}")
             )
         for p, child in enumerate(self.children):
             msg = child.recv(30.0, "not ready")

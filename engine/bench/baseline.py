@@ -31,7 +31,7 @@ from typing import Any, Final
 import msgspec
 
 from engine.address import parse_destination
-from engine.bench_common import (
+from engine.bench.common import (
     EVENT,
     MAX_EVENTS_PER_ROUND,
     PACE_TICK_S,
@@ -195,7 +195,7 @@ class SenderProcess:
     """The parent's handle on the reference sender process."""
 
     def __init__(self, cpus: list[int] | None, lifetime_s: float) -> None:
-        self.child = Child("engine.bench_baseline:sender_main", (cpus, lifetime_s), "sender")
+        self.child = Child("engine.bench.baseline:sender_main", (cpus, lifetime_s), "sender")
         self.child.recv(30.0, "not ready")
 
     @property

@@ -38,15 +38,15 @@ import time
 from types import FrameType
 from typing import Any, Final
 
-from engine.bench_common import (
+from engine.bench.common import (
     DEFAULT_PAYLOAD_BYTES,
     PR_GET_TIMERSLACK,
     PR_SET_TIMERSLACK,
     make_tag,
     prctl,
 )
-from engine.bench_plot import PLOT_HINT, write_plot
-from engine.bench_report import (
+from engine.bench.plot import PLOT_HINT, write_plot
+from engine.bench.report import (
     backlog_warning,
     format_table,
     machine_info,
@@ -54,7 +54,7 @@ from engine.bench_report import (
     summarize,
     sysctl_info,
 )
-from engine.bench_run import LATENCY_RATE_CAP, Bench, Interrupted
+from engine.bench.run import LATENCY_RATE_CAP, Bench, Interrupted
 from engine.options import EngineOptions
 from engine.producer import EngineError
 

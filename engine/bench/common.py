@@ -113,7 +113,7 @@ class Child:
     def __init__(self, target: str, args: tuple[Any, ...], name: str) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.name = name
-        code = "import sys; from engine.bench_common import child_entry; child_entry(sys.argv[1])"
+        code = "import sys; from engine.bench.common import child_entry; child_entry(sys.argv[1])"
         try:
             self.popen = subprocess.Popen(
                 [sys.executable, "-c", code, str(child.fileno())],

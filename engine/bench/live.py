@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from engine.bench_common import cpu_seconds, net_counters, system_cpu
-from engine.bench_receivers import RoundReport
+from engine.bench.common import cpu_seconds, net_counters, system_cpu
+from engine.bench.receivers import RoundReport
 from engine.producer import Engine, EngineError
-from engine.shm import list_segments, unlink_name
+from engine.shm.segment import list_segments, unlink_name
 
 
 class Progress:
