@@ -36,6 +36,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check engine workers tests
 	$(BIN)/ruff format --check engine workers tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/event-datagram bench --json bench.json $(ARGS)
