@@ -30,7 +30,16 @@ import socket
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-__all__ = ["UNIX_PATH_MAX", "AddressError", "Destination", "parse_destination"]
+from engine.errors import AddressError
+
+__all__ = [
+    "UNIX_PATH_MAX",
+    "AddressError",
+    "Destination",
+    "format_listen",
+    "parse_destination",
+    "parse_listen",
+]
 
 UNIX_PATH_MAX: Final = 107  # bytes; sun_path is 108 including the NUL
 
@@ -39,10 +48,6 @@ _DOTTED: Final = re.compile(r"[0-9.]+")
 _PORT: Final = re.compile(r"[0-9]+")
 
 SockAddr = tuple[str, int] | tuple[str, int, int, int] | str
-
-
-class AddressError(ValueError):
-    """A subscriber socket that cannot be used; the message names the part."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,3 +184,31 @@ def parse_destination(text: str, *, resolve: bool = True) -> Destination:
     if transport == "udp":
         return _parse_udp(text, rest, resolve)
     raise _fail(text, f"unknown transport {transport!r} (only 'udp' and 'unix', lowercase)")
+
+
+# -- listen addresses (MI listeners, `listen`, ingest) ----------------------------------
+def parse_listen(text: str, what: str = "address") -> tuple[str, int] | None:
+    """Parse ``HOST:PORT`` (``[IPV6]:PORT``); "" or "off" -> None (disabled).
+
+    HOST must be an IP literal (port 0 = any free port). Raises AddressError (a ValueError).
+    """
+    if text in ("", "off"):
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not port_text.isascii():
+        raise AddressError(f"{what} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8888")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise AddressError(f"{what} {text!r}: {host!r} is not an IP address") from None
+    port = int(port_text)
+    if port > 65535:
+        raise AddressError(f"{what} {text!r}: port must be 0-65535")
+    return host, port
+
+
+def format_listen(address: tuple[str, int]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -19,11 +19,12 @@ from typing import Any
 
 import msgspec
 
-from engine.address import parse_destination
-from engine.mi.server import parse_listen
+from engine.address import parse_destination, parse_listen
+from engine.errors import BadEventName, ConfigError
 from engine.options import EngineOptions
 from engine.shm.segment import check_instance_name
 from engine.subscriptions import AllowList
+from engine.wire import check_event_name
 
 __all__ = [
     "DEFAULT_EVENTS",
@@ -45,10 +46,6 @@ DEFAULT_EVENTS = [
     "E_CORE_PKG_THRESHOLD",
     "E_SAMPLE",
 ]
-
-
-class ConfigError(Exception):
-    """The config cannot be used; ``str()`` is the full message for the operator."""
 
 
 class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -132,11 +129,10 @@ class Config(_Section):
 
 
 def _check_event(name: str, where: str) -> None:
-    ok = 1 <= len(name) <= 255 and name.isascii() and name.isprintable()
-    if not ok or any(c.isspace() for c in name):
-        raise ConfigError(
-            f"event name {name!r}: expected 1-255 printable ASCII characters - at `{where}`"
-        )
+    try:
+        check_event_name(name)
+    except BadEventName as exc:
+        raise ConfigError(f"{exc} - at `{where}`") from None
 
 
 def loads(text: str, source: str = "<string>") -> Config:

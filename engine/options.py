@@ -42,6 +42,9 @@ class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Per batch: how long a worker may wait for full UNIX receiver queues to drain
     before the rest counts as eagain failures. A receiver that drained nothing in
     that time is not waited for again until it reads. 0 = never wait."""
+    heartbeat_timeout_s: float = 5.0
+    """A worker whose ring holds records while it shows no progress for this long is
+    killed and restarted (its heartbeat: each poll, batch and subscriber); 0 = never."""
     runtime_dir: str = ""
     """Where the engine keeps its files; "" = $XDG_RUNTIME_DIR/event-datagram or /tmp."""
 
@@ -57,6 +60,11 @@ class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             (self.socket_limit >= 0, "socket_limit", "must be >= 0"),
             (self.sndbuf_bytes >= 0, "sndbuf_bytes", "must be >= 0"),
             (0 <= self.unix_wait_ms <= 1000, "unix_wait_ms", "must be 0-1000"),
+            (
+                self.heartbeat_timeout_s == 0 or 0.5 <= self.heartbeat_timeout_s <= 3600,
+                "heartbeat_timeout_s",
+                "must be 0 (never) or 0.5-3600",
+            ),
             (all(c >= 0 for c in self.cpus), "cpus", "must be CPU numbers >= 0"),
         )
         for ok, name, why in checks:

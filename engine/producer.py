@@ -24,9 +24,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from engine.address import Destination, parse_destination
+from engine.errors import EngineError, PayloadTooLarge
 from engine.options import EngineOptions
 from engine.routing import Router
-from engine.shm.counters import REASONS, TRANSPORTS, CounterBlock, Region
+from engine.shm.counters import CounterBlock
 from engine.shm.ring import (
     KIND_EVENT,
     KIND_STOP,
@@ -35,15 +36,11 @@ from engine.shm.ring import (
 from engine.statistics import EngineStatistics, WorkerStatistics
 from engine.subscriptions import DEFAULT_EXPIRE, AllowList, Change, Registry
 from engine.supervisor import Supervisor
-from engine.wire import Params, PayloadTooLarge, encode_notification
+from engine.wire import Params, encode_notification
 
 log = logging.getLogger("event_datagram.engine")
 
 DROP_REASONS = ("ring_full", "no_subscribers")
-
-
-class EngineError(RuntimeError):
-    """The engine cannot start or has stopped (the message says why)."""
 
 
 class RaiseResult(NamedTuple):
@@ -94,7 +91,7 @@ class Engine:
         )
         for name in events or ():
             self.registry.register_event(name)
-        self.supervisor = Supervisor(self)
+        self.supervisor = Supervisor(self.options, self)
         self._router: Router | None = None  # while running
         self._next_expiry: float | None = None
         self._accepting = False
@@ -323,13 +320,10 @@ class Engine:
                 # The ring first: the worker applies counters before it releases ring
                 # space, so counters read after it are never older than it.
                 ring_stats = ring.statistics()
-                values = Region(block.region(k), block.layout).counters()
+                region = block.region(k)
+                values = region.counters()
                 lay = block.layout
-                failures = {
-                    (TRANSPORTS[t], REASONS[r]): values[lay.failure(t, r)]
-                    for t in range(len(TRANSPORTS))
-                    for r in range(len(REASONS))
-                }
+                failures = region.failures(values)
                 workers.append(
                     WorkerStatistics(
                         index=k,
@@ -368,12 +362,11 @@ class Engine:
                 return {}
             out: dict[str, tuple[int, int]] = {}
             for k, route in enumerate(self._router.routes):
-                slots = Region(block.region(k), block.layout).subscriber_slots()
+                region = block.region(k)
                 for key in route.keys:
                     slot = route.slots.get(key, -1)
                     if slot >= 0:
-                        out[key] = (int(slots[2 * slot]), int(slots[2 * slot + 1]))
-                slots.release()
+                        out[key] = region.subscriber_counts(slot)
             return out
 
     def describe(self) -> dict[str, Any]:

@@ -30,6 +30,9 @@ from typing import Annotated, Final
 
 import msgspec
 
+from engine.errors import StateFileError
+from engine.wire import EventName
+
 __all__ = [
     "MAX_EXPIRE",
     "STATE_VERSION",
@@ -44,17 +47,6 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION: Final = 1
 MAX_EXPIRE: Final = 2**31 - 1  # seconds; OpenSIPS keeps expire in a C int
-
-EventName = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=r"^[!-~]+$")]
-
-
-class StateFileError(Exception):
-    """The state file is unreadable, corrupt or cannot be written."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"state file {path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 class StateEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

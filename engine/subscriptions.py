@@ -31,37 +31,29 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .address import AddressError, Destination, parse_destination
-from .state import MAX_EXPIRE, StateEntry, StateStore
-from .state import StateFileError as StateFileError  # re-exported
+from engine.address import AddressError, Destination, parse_destination
+from engine.errors import BadExpire, NotAllowed, StateFileError, SubscriptionError, UnknownEvent
+from engine.state import MAX_EXPIRE, StateEntry, StateStore
+from engine.wire import check_event_name
+
+__all__ = [
+    "DEFAULT_EXPIRE",
+    "AllowList",
+    "BadExpire",
+    "Change",
+    "NotAllowed",
+    "Registry",
+    "StateFileError",
+    "Subscriber",
+    "SubscriptionError",
+    "UnknownEvent",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPIRE: Final = 3600
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class SubscriptionError(Exception):
-    """A subscription request was refused; the message names the bad part."""
-
-
-class UnknownEvent(SubscriptionError):
-    def __init__(self, event: str | int) -> None:
-        super().__init__(f"unknown event {event!r}")
-        self.event = event
-
-
-class BadExpire(SubscriptionError):
-    def __init__(self, expire: object) -> None:
-        super().__init__(f"bad expire {expire!r}: expected an integer from 0 to {MAX_EXPIRE}")
-        self.expire = expire
-
-
-class NotAllowed(SubscriptionError):
-    def __init__(self, dest: str, allow: AllowList, detail: str = "") -> None:
-        super().__init__(f"destination {dest}{detail} is not in the allow-list ({allow})")
-        self.dest = dest
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +151,7 @@ def _check_expire(expire: object) -> None:
     if expire is None:
         return
     if not isinstance(expire, int) or isinstance(expire, bool) or not 0 <= expire <= MAX_EXPIRE:
-        raise BadExpire(expire)
+        raise BadExpire(expire, MAX_EXPIRE)
 
 
 class Registry:
@@ -190,10 +182,7 @@ class Registry:
         eid = self._ids.get(name) if isinstance(name, str) else None
         if eid is not None:
             return eid
-        if not isinstance(name, str) or not 1 <= len(name) <= 255 or not name.isascii():
-            raise ValueError(f"event name {name!r}: expected 1-255 printable ASCII characters")
-        if not name.isprintable() or any(c.isspace() for c in name):
-            raise ValueError(f"event name {name!r}: whitespace and control characters are refused")
+        check_event_name(name)
         if len(self._names) >= self._max_events:
             raise SubscriptionError(
                 f"cannot register event {name!r}: {self._max_events} is the limit"

@@ -2,9 +2,15 @@
 
 The supervisor thread's loop is short: wait for a worker to die (its process
 sentinel) or for the next tick; restart the dead one on the same ring and
-counter region; let the engine do its periodic housekeeping. A worker that dies
-before it ever became ready counts as a boot failure; BOOT_ATTEMPTS of those in
-a row stop the engine with the reason instead of crash-looping.
+counter region; kill a worker that is stuck (its ring has held records for
+`heartbeat_timeout_s` while its heartbeat stood still, as gunicorn's
+`murder_workers` does), so it is restarted; let the host do its periodic
+housekeeping. A worker that dies before it ever became ready counts as a boot
+failure; BOOT_ATTEMPTS of those in a row stop the engine with the reason
+instead of crash-looping.
+
+The supervisor knows its host only through `SupervisorHost` (the Engine is
+one): it never imports the producer.
 """
 
 from __future__ import annotations
@@ -19,19 +25,18 @@ import sys
 import threading
 import time
 from multiprocessing.connection import wait
-from typing import TYPE_CHECKING, Final
+from typing import Any, Final, Protocol
 
+from engine.errors import EngineError
+from engine.options import EngineOptions
 from engine.shm.counters import (
-    R_PID,
-    R_STATE,
     STATE_BOOTING,
     STATE_READY,
     CounterBlock,
     CounterLayout,
-    Region,
     block_size,
 )
-from engine.shm.ring import Ring, check_architecture, segment_size
+from engine.shm.ring import ControlPayload, Ring, check_architecture, segment_size
 from engine.shm.segment import (
     Segment,
     check_instance_name,
@@ -40,12 +45,29 @@ from engine.shm.segment import (
     segment_owner,
     unlink_name,
 )
-from workers.worker import WorkerSpec
-
-if TYPE_CHECKING:
-    from engine.producer import Engine
+from engine.shm.spec import WorkerSpec
 
 log = logging.getLogger("event_datagram.supervisor")
+
+
+class SupervisorHost(Protocol):
+    """What the supervisor needs from the engine it serves."""
+
+    def hot_lock(self) -> contextlib.AbstractContextManager[Any]:
+        """The raise path's lock: held while a worker's ring and table are reset."""
+        ...
+
+    def snapshot_for(self, worker: int, read_pos: int) -> list[tuple[int, ControlPayload]]:
+        """The worker's subscriber table as of ring position `read_pos`."""
+        ...
+
+    def tick(self) -> None:
+        """Periodic housekeeping, from the supervisor thread."""
+        ...
+
+    def fail(self, reason: str) -> None:
+        """Workers cannot be kept alive: the host stops accepting events."""
+        ...
 
 
 class WorkerProcess:
@@ -63,6 +85,7 @@ class WorkerProcess:
         )
         self.pid = self.popen.pid
         self.sentinel = os.pidfd_open(self.pid)
+        self.killed_because: str | None = None  # set when the supervisor kills it
         assert self.popen.stdin is not None
         try:
             self.popen.stdin.write(pickle.dumps(spec))
@@ -100,9 +123,9 @@ TICK_S: Final = 0.1
 
 
 class Supervisor:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.options = engine.options
+    def __init__(self, options: EngineOptions, host: SupervisorHost) -> None:
+        self.host = host
+        self.options = options
         self.rings: list[Ring] = []
         self.counters: CounterBlock | None = None
         self.cpus: list[int | None] = []
@@ -111,6 +134,10 @@ class Supervisor:
         self._procs: list[WorkerProcess | None] = []
         self._boot_failures: list[int] = []
         self._crashes_at: list[tuple[int, int]] = []
+        # Per worker: (read position, monotonic ns) since when records have waited
+        # at that read position, as this thread saw it; None while it makes progress.
+        self._waiting_since: list[tuple[int, int] | None] = []
+        self.stuck_kills: list[int] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._workers_gone = threading.Event()
@@ -146,6 +173,8 @@ class Supervisor:
         self.restarts = [0] * workers
         self._boot_failures = [0] * workers
         self._crashes_at = [(-1, 0)] * workers  # (ring position, errors in a row there)
+        self._waiting_since = [None] * workers
+        self.stuck_kills = [0] * workers
         if producer_cpu is not None:
             self._pin_producer(producer_cpu)
         self.running = True
@@ -154,8 +183,6 @@ class Supervisor:
         if not self._booted.wait(BOOT_TIMEOUT_S) or self._boot_error:
             reason = self._boot_error or f"workers not ready after {BOOT_TIMEOUT_S:.0f} s"
             self.stop(0.0)
-            from engine.producer import EngineError
-
             raise EngineError(reason)
 
     def _reclaim(self, instance: str) -> None:
@@ -163,8 +190,6 @@ class Supervisor:
         names = list_segments(instance)
         live = {pid for pid in map(segment_owner, names) if pid is not None and _alive(pid)}
         if live:
-            from engine.producer import EngineError
-
             raise EngineError(
                 f"instance {instance!r} is already running (pid {min(live)}); "
                 f"stop it or choose another instance name"
@@ -227,8 +252,9 @@ class Supervisor:
                 self._reap()
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK_S
+                self._kill_stuck_workers()
                 try:
-                    self.engine.tick()
+                    self.host.tick()
                 except Exception:  # housekeeping must never kill the supervisor
                     log.exception("engine housekeeping failed")
         # Stopping: this thread must outlive the workers (their PDEATHSIG is tied to
@@ -241,7 +267,7 @@ class Supervisor:
         while time.monotonic() < deadline:
             if self._boot_error:
                 return
-            if all(self.counters.region(k)[R_STATE] == STATE_READY for k in range(len(self.rings))):
+            if all(self.counters.region(k).state == STATE_READY for k in range(len(self.rings))):
                 return
             for k, proc in enumerate(self._procs):
                 if proc is not None and not proc.is_alive():
@@ -251,18 +277,17 @@ class Supervisor:
 
     def _spawn(self, k: int) -> None:
         assert self.counters is not None
-        engine = self.engine
-        with engine.hot_lock():
-            region = Region(self.counters.region(k), self.counters.layout)
+        with self.host.hot_lock():
+            region = self.counters.region(k)
             ring = self.rings[k]
             redelivered = region.recover(ring)
             if redelivered:
                 log.warning(
                     "worker %d: %d pair(s) of its last batch will be resent", k, redelivered
                 )
-            snapshot = engine.snapshot_for(k, ring.read_pos)
-            region.words[R_STATE] = STATE_BOOTING
-            region.words[R_PID] = 0
+            snapshot = self.host.snapshot_for(k, ring.read_pos)
+            region.mark_booting()
+            self._waiting_since[k] = None
             opts = self.options
             spec = WorkerSpec(
                 index=k,
@@ -279,6 +304,38 @@ class Supervisor:
             )
             self._procs[k] = WorkerProcess(spec)
 
+    def _kill_stuck_workers(self) -> None:
+        """Kill a ready worker whose ring has held records at the same read position,
+        with its heartbeat standing still, for `heartbeat_timeout_s` (a hung system
+        call, a SIGSTOP, a livelock); the sentinel then reports it and it is
+        restarted on the same ring. An idle worker (empty ring) is never killed,
+        however long it sleeps."""
+        timeout_ns = int(self.options.heartbeat_timeout_s * 1e9)
+        if not timeout_ns or self.counters is None:
+            return
+        now = time.monotonic_ns()
+        for k, proc in enumerate(self._procs):
+            ring = self.rings[k]
+            read_pos = ring.read_pos
+            if proc is None or proc.killed_because or ring.write_pos == read_pos:
+                self._waiting_since[k] = None
+                continue
+            waiting = self._waiting_since[k]
+            if waiting is None or waiting[0] != read_pos:
+                self._waiting_since[k] = (read_pos, now)
+                continue
+            region = self.counters.region(k)
+            silent_ns = now - max(waiting[1], region.heartbeat_ns)
+            if region.state != STATE_READY or silent_ns < timeout_ns:
+                continue
+            proc.killed_because = (
+                f"was killed by the supervisor: no progress for {silent_ns / 1e9:.1f} s "
+                f"with {ring.write_pos - read_pos} bytes waiting in its ring "
+                f"(engine.heartbeat_timeout_s = {self.options.heartbeat_timeout_s:g})"
+            )
+            self.stuck_kills[k] += 1
+            proc.kill()
+
     def _reap(self) -> None:
         for k, proc in enumerate(self._procs):
             if proc is not None and proc.exitcode is not None:
@@ -289,8 +346,9 @@ class Supervisor:
         proc.join(0)
         proc.close()
         # READY, or EXITED (set by a worker that had been ready), means it booted.
-        was_ready = self.counters.region(k)[R_STATE] != STATE_BOOTING
-        log.error("worker %d (pid %s) %s", k, proc.pid, _describe_exit(proc.exitcode))
+        was_ready = self.counters.region(k).state != STATE_BOOTING
+        how = proc.killed_because or _describe_exit(proc.exitcode)
+        log.error("worker %d (pid %s) %s", k, proc.pid, how)
         if self._stopping.is_set():
             self._procs[k] = None
             return
@@ -333,7 +391,7 @@ class Supervisor:
 
     def _give_up(self, k: int, reason: str) -> None:
         self._procs[k] = None
-        self.engine.fail(reason)
+        self.host.fail(reason)
         self._stopping.set()
 
     # -- stop ------------------------------------------------------------------------------------
@@ -408,7 +466,7 @@ class Supervisor:
         return proc is not None and proc.is_alive()
 
     def ready(self, k: int) -> bool:
-        return self.counters is not None and self.counters.region(k)[R_STATE] == STATE_READY
+        return self.counters is not None and self.counters.region(k).state == STATE_READY
 
 
 def _alive(pid: int) -> bool:

@@ -17,7 +17,7 @@ Why this module looks the way it does:
   ``\\\\``, ``\\b \\f \\n \\r \\t``, other control characters as lowercase
   ``\\u00xx``, while DEL and non-ASCII go out as raw UTF-8 and ``/`` is not
   escaped. The tests check this byte for byte against datagrams captured from a
-  real OpenSIPS (``shared/vectors/opensips/wire.json``).
+  real OpenSIPS (``tests/vectors/opensips/wire.json``).
 * **Strict input.** ``msgspec`` would happily encode ``bytes`` (as base64),
   sets, dates or NaN (as ``null``). None of that is a JSON value the event
   model knows, so anything but str / int / finite float / bool / None and
@@ -30,12 +30,25 @@ Why this module looks the way it does:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 
-__all__ = ["MAX_PAYLOAD", "Params", "PayloadTooLarge", "WireError", "encode_notification"]
+from engine.errors import BadEventName, PayloadTooLarge, WireError
+
+__all__ = [
+    "EVENT_NAME_RULE",
+    "MAX_PAYLOAD",
+    "BadEventName",
+    "EventName",
+    "Params",
+    "PayloadTooLarge",
+    "WireError",
+    "check_event_name",
+    "encode_notification",
+]
 
 MAX_PAYLOAD: Final = 65457
 """Largest payload accepted, in bytes (OpenSIPS's documented maximum)."""
@@ -45,22 +58,21 @@ Params = Mapping[str, Any] | Sequence[Any] | None
 as a JSON array), or None for no params."""
 
 
-class WireError(ValueError):
-    """The event cannot be encoded; the message names the offending part."""
+EVENT_NAME_RULE: Final = "1-255 printable ASCII characters, no spaces"
+_EVENT_NAME_PATTERN: Final = r"\A[!-~]{1,255}\Z"  # \Z: no trailing newline either
+_EVENT_NAME_RE: Final = re.compile(_EVENT_NAME_PATTERN)
+
+EventName = Annotated[str, msgspec.Meta(pattern=_EVENT_NAME_PATTERN)]
+"""An event name as msgspec checks it while decoding (the state file, the config)."""
 
 
-class PayloadTooLarge(WireError):
-    """The encoded payload is bigger than the limit. Nothing is truncated."""
-
-    def __init__(self, event: str, size: int, limit: int) -> None:
-        super().__init__(f"event {event} payload is {size} bytes, over the {limit}-byte limit")
-        self.event = event
-        self.size = size
-        self.limit = limit
-
-    def __reduce__(self) -> tuple[type[PayloadTooLarge], tuple[str, int, int]]:
-        # Keeps the exception picklable (it crosses process boundaries).
-        return (type(self), (self.event, self.size, self.limit))
+def check_event_name(name: object) -> str:
+    """Return `name` if it follows EVENT_NAME_RULE (the one rule for every event
+    name: the API, the config, the state file, received notifications), else
+    raise BadEventName naming it."""
+    if not isinstance(name, str) or not _EVENT_NAME_RE.match(name):
+        raise BadEventName(f"event name {name!r}: expected {EVENT_NAME_RULE}")
+    return name
 
 
 class _Notification(msgspec.Struct, omit_defaults=True, gc=False):

@@ -1,13 +1,17 @@
 """A worker process: drain its ring in batches, send, count once per batch.
 
 The loop, per batch:
-  1. read up to `batch_max` event records (a control record ends the batch, and
-     is applied once the events before it are sent, so ordering is exact);
-  2. mark the batch in flight (region `sending upto`);
-  3. aim the iovec table at the payloads inside the ring and, for every
-     subscriber of those events, send them with one `sendmmsg` on its socket;
+  1. ask the ring for a batch of up to `batch_max` event records
+     (`Ring.read_batch`: a control record ends the batch, and is applied once
+     the events before it are sent, so ordering is exact); the ring aims the
+     iovec table at the payloads inside it;
+  2. mark the batch in flight (`Region.mark_sending`);
+  3. for every subscriber of those events, send them with one `sendmmsg` on
+     its socket, beating the heart once per subscriber;
   4. commit the counters and the ring's read position together (counters.py).
-Nothing here imports the MI, HTTP or config code.
+Every shared-memory layout is engine.shm's: nothing here computes an offset
+into the ring or the counter block. Nothing here imports the MI, HTTP or
+config code (import-linter checks it).
 """
 
 from __future__ import annotations
@@ -19,40 +23,15 @@ import errno
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from typing import Final
 
-from engine.shm.counters import (
-    BATCH_BUCKETS,
-    LATENCY_BUCKETS_NS,
-    R_GENERATION,
-    R_HEARTBEAT,
-    R_PID,
-    R_SENDING_UPTO,
-    R_STATE,
-    STATE_EXITED,
-    STATE_READY,
-    TRANSPORTS,
-    CounterBlock,
-    Region,
-)
-from engine.shm.ring import (
-    CONTROL_DECODER,
-    KIND_EVENT,
-    KIND_STOP,
-    KIND_SUBSCRIBE,
-    KIND_UNSUBSCRIBE,
-    KIND_WRAP,
-    RECORD_HEADER,
-    RECORD_HEADER_SIZE,
-    ControlPayload,
-    Ring,
-)
+from engine.shm.counters import BATCH_BUCKETS, LATENCY_BUCKETS_NS, TRANSPORTS, CounterBlock
+from engine.shm.ring import KIND_STOP, KIND_SUBSCRIBE, KIND_UNSUBSCRIBE, Ring
 from engine.shm.segment import Segment
+from engine.shm.spec import WorkerSpec
 from workers.sender import RECONNECT_ERRNOS, BatchSender, reason_index
 from workers.table import FD_RESERVE, Subscriber, SubscriberTable, raise_fd_limit
 
-_WRITE_POS_WORD: Final = 8  # ring header word of the write position (ring.py layout)
 # Idle back-off: spin briefly, then short sleeps while traffic is recent, then
 # 1 ms sleeps (about 1% of a core when idle; at most ~1 ms added to the first
 # event after a quiet 100 ms).
@@ -64,23 +43,6 @@ BUSY_WINDOW_NS: Final = 100_000_000
 UNIX: Final = TRANSPORTS.index("unix")
 PR_SET_PDEATHSIG: Final = 1
 PR_SET_TIMERSLACK: Final = 29
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker needs; pickled into the spawned process."""
-
-    index: int
-    ring_name: str
-    counters_name: str
-    cpu: int | None = None
-    batch_max: int = 256
-    use_sendmmsg: bool = True
-    socket_limit: int = 0  # 0 = as many as the open-files limit allows
-    unix_wait_ms: float = 5.0  # per batch: how long full UNIX receivers may be waited for
-    sndbuf: int = 0
-    parent_pid: int = 0
-    snapshot: list[tuple[int, ControlPayload]] = field(default_factory=list)
 
 
 def _prctl(option: int, value: int) -> None:
@@ -114,10 +76,9 @@ class Worker:
         self.counter_segment = Segment.attach(spec.counters_name)
         self.ring = Ring(self.ring_segment.buf)
         block = CounterBlock(self.counter_segment.buf)
-        self.region = Region(block.region(spec.index), block.layout)
+        self.region = block.region(spec.index)
         self.layout = block.layout
         self.values = self.region.counters()
-        self.slots = self.region.subscriber_slots()
         limit = spec.socket_limit or max(1, raise_fd_limit() - FD_RESERVE)
         self.table = SubscriberTable(limit, spec.sndbuf)
         for event_id, control in spec.snapshot:
@@ -146,23 +107,18 @@ class Worker:
         self.touched.add(index)
 
     def run(self) -> None:
-        words = self.region.words
-        words[R_PID] = os.getpid()
-        words[R_GENERATION] += 1
-        words[R_STATE] = STATE_READY
+        self.region.mark_ready(os.getpid())
         try:
             self._loop()
         finally:
-            words[R_STATE] = STATE_EXITED
+            self.region.mark_exited()
             self.table.close()
 
     def _loop(self) -> None:
         ring = self.ring
-        ring_words = ring.words
-        data = ring.data
-        cap = ring.capacity
-        unpack = RECORD_HEADER.unpack_from
-        region_words = self.region.words
+        read_batch = ring.read_batch
+        region = self.region
+        beat = region.beat
         batch_max = self.spec.batch_max
         iov = self.sender.iov_words
         base = self.sender.data_address
@@ -174,13 +130,13 @@ class Worker:
         lengths: list[int] = []
         stamps: list[int] = []
         while True:
-            wpos = ring_words[_WRITE_POS_WORD]
+            wpos = ring.write_pos
             if wpos == rpos:
                 idle += 1
                 if idle < IDLE_SPINS:
                     continue
                 now = time.monotonic_ns()
-                region_words[R_HEARTBEAT] = now
+                beat(now)
                 if now - last_busy < BUSY_WINDOW_NS:
                     time.sleep(SHORT_SLEEP_S)
                 else:
@@ -189,42 +145,11 @@ class Worker:
                     time.sleep(LONG_SLEEP_S)
                 continue
             idle = 0
-            pos = rpos
-            records = 0
-            consumed = 0
-            n = 0
-            eids.clear()
-            lengths.clear()
-            stamps.clear()
-            control: tuple[int, int, int, int] | None = None  # kind, event id, offset, length
-            while pos < wpos and n < batch_max:
-                off = pos % cap
-                tail = cap - off
-                if tail < RECORD_HEADER_SIZE:
-                    pos += tail
-                    continue
-                length, kind, _flags, eid, fanout, ts = unpack(data, off)
-                if kind == KIND_WRAP:
-                    pos += tail
-                    continue
-                nxt = pos + RECORD_HEADER_SIZE + ((length + 7) & ~7)
-                if kind != KIND_EVENT:
-                    if n == 0:
-                        control = (kind, eid, off + RECORD_HEADER_SIZE, length)
-                        records += 1
-                        pos = nxt
-                    break
-                iov[2 * n] = base + off + RECORD_HEADER_SIZE
-                iov[2 * n + 1] = length
-                eids.append(eid)
-                lengths.append(length)
-                stamps.append(ts)
-                consumed += fanout
-                n += 1
-                records += 1
-                pos = nxt
+            pos, records, consumed, n, control = read_batch(
+                rpos, wpos, batch_max, iov, base, eids, lengths, stamps
+            )
             if n:
-                region_words[R_SENDING_UPTO] = pos
+                region.mark_sending(pos)
                 self.batch_deadline = 0.0  # the UNIX wait budget starts at the first wait
                 self._send_batch(n, eids, lengths, stamps)
                 self._add(self.i_events, n)
@@ -234,11 +159,11 @@ class Worker:
             if control is not None:
                 stop = self._apply_control(*control)
             self._add(self.i_records, records)
-            self.region.commit(self.values, self.touched, ring, pos)
+            region.commit(self.values, self.touched, ring, pos)
             self.touched.clear()
             rpos = pos
             last_busy = time.monotonic_ns()
-            region_words[R_HEARTBEAT] = last_busy
+            beat(last_busy)
             if stop:
                 return
 
@@ -246,7 +171,7 @@ class Worker:
         self._add(self.i_controls, 1)
         if kind == KIND_STOP:
             return True
-        control = CONTROL_DECODER.decode(self.ring.data[offset : offset + length])
+        control = self.ring.control_payload(offset, length)
         if kind == KIND_SUBSCRIBE:
             self.table.subscribe(event_id, control)
         elif kind == KIND_UNSUBSCRIBE:
@@ -317,6 +242,9 @@ class Worker:
 
     def _deliver(self, sub: Subscriber, start: int, count: int) -> int:
         """Send entries [start, start+count) to one subscriber; count failures by reason."""
+        # A batch to thousands of subscribers takes a while: beat per subscriber, so
+        # the supervisor tells a busy worker from a stuck one.
+        self.region.beat(time.monotonic_ns())
         sender = self.sender
         if sub.shared:
             sent = sender.send_to(sub.sock, sub.sockaddr, start, count)
@@ -327,7 +255,7 @@ class Worker:
                     sender.errors[:] = [(i, sub.last_errno) for i in range(start, start + count)]
                     self._count_failures(sub, count)
                     if sub.slot >= 0:
-                        self.slots[2 * sub.slot + 1] += count
+                        self.region.count_subscriber(sub.slot, 0, count)
                     return 0
             # A UNIX receiver's queue is short (net.unix.max_dgram_qlen): wait for it to
             # drain, within the batch's budget -- unless it made no progress last time.
@@ -341,9 +269,7 @@ class Worker:
                 elif sent:
                     sub.stalled = False  # it reads again: it may be waited for
         if sub.slot >= 0:
-            slots = self.slots
-            slots[2 * sub.slot] += sent
-            slots[2 * sub.slot + 1] += len(sender.errors)
+            self.region.count_subscriber(sub.slot, sent, len(sender.errors))
         if sender.errors:
             self._count_failures(sub, len(sender.errors))
             last = sender.errors[-1][1]

@@ -12,7 +12,8 @@ from typing import Any, Final
 
 from engine.bench.common import cpu_seconds, net_counters, system_cpu
 from engine.bench.receivers import RoundReport
-from engine.producer import Engine, EngineError
+from engine.errors import EngineError
+from engine.producer import Engine
 from engine.shm.segment import list_segments, unlink_name
 
 

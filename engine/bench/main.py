@@ -55,8 +55,8 @@ from engine.bench.report import (
     sysctl_info,
 )
 from engine.bench.run import LATENCY_RATE_CAP, Bench, Interrupted
+from engine.errors import EngineError
 from engine.options import EngineOptions
-from engine.producer import EngineError
 
 FOREIGN_WARN_CORES: Final = 0.25
 FOREIGN_WARN_LATENCY_CORES: Final = 0.05

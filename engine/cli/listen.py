@@ -24,12 +24,9 @@ from typing import BinaryIO
 
 import msgspec
 
-from engine.mi.client import MIClientError, MIReplyError, call
-from engine.mi.server import format_listen, parse_listen
-
-
-class ListenError(Exception):
-    pass
+from engine.address import format_listen, parse_listen
+from engine.errors import ListenError, MIClientError, MIReplyError
+from engine.mi.client import call
 
 
 def bind(text: str) -> tuple[socket.socket, str]:

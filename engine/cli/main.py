@@ -23,7 +23,8 @@ from typing import Any
 import msgspec
 
 from engine import config as config_mod
-from engine.mi.client import DEFAULT_TARGET, MIClientError, MIReplyError, call
+from engine.errors import ListenError, MIClientError, MIReplyError, RunError
+from engine.mi.client import DEFAULT_TARGET, call
 
 log = logging.getLogger("event_datagram.cli")
 
@@ -193,7 +194,7 @@ def _human_sub(sub: dict[str, Any]) -> str:
 
 
 def _listen(args: argparse.Namespace) -> int:
-    from engine.cli.listen import ListenError, run_listener
+    from engine.cli.listen import run_listener
 
     if args.expire < 1:
         print("event-datagram listen: --expire must be at least 1", file=sys.stderr)
@@ -209,7 +210,7 @@ def _listen(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.cli.run import RunError, Runner
+    from engine.cli.run import Runner
 
     logging.basicConfig(
         level=logging.INFO,

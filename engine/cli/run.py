@@ -12,16 +12,13 @@ import contextlib
 import os
 from typing import Protocol
 
-from engine.address import AddressError
-from engine.config import Config, ConfigError
+from engine.address import AddressError, parse_listen
+from engine.config import Config
+from engine.errors import ConfigError, EngineError, RunError
 from engine.mi.fifo import FifoServer
-from engine.mi.server import DatagramServer, HTTPServer, parse_listen
-from engine.producer import Engine, EngineError
+from engine.mi.server import DatagramServer, HTTPServer
+from engine.producer import Engine
 from engine.subscriptions import StateFileError, SubscriptionError
-
-
-class RunError(Exception):
-    """The engine or a listener could not start; the message says why."""
 
 
 class _Listener(Protocol):

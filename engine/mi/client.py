@@ -21,25 +21,11 @@ from typing import Any, Final
 
 import msgspec
 
-from engine.mi.server import parse_listen
+from engine.address import parse_listen
+from engine.errors import MIClientError, MIReplyError
 
 DEFAULT_TARGET: Final = "http://127.0.0.1:8888/mi"
 _ids = itertools.count(1)
-
-
-class MIClientError(Exception):
-    """The MI could not be reached, or its answer was not a JSON-RPC reply."""
-
-
-class MIReplyError(Exception):
-    """The MI answered with an error."""
-
-    def __init__(self, code: object, message: object, data: object = None) -> None:
-        text = f"error {code}: {message}" + (f" ({data})" if data is not None else "")
-        super().__init__(text)
-        self.code = code
-        self.message = message
-        self.data = data
 
 
 def call(

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 
 from engine.address import AddressError, parse_destination
+from engine.errors import EngineError, MIError
 from engine.subscriptions import (
     DEFAULT_EXPIRE,
     NotAllowed,
@@ -49,16 +50,6 @@ SERVER_ERROR: Final = -32000
 INT_MIN: Final = -(2**31)
 INT_MAX: Final = 2**31 - 1
 _INT_TEXT: Final = re.compile(r"[+-]?[0-9]{1,20}")
-
-
-class MIError(Exception):
-    """An MI error reply: JSON-RPC ``code``, ``message`` and optional ``data``."""
-
-    def __init__(self, code: int, message: str, data: str | None = None) -> None:
-        super().__init__(f"{code} {message}" + (f" ({data})" if data else ""))
-        self.code = code
-        self.message = message
-        self.data = data
 
 
 def _bad_type(name: str) -> MIError:
@@ -245,8 +236,6 @@ def _event_params(value: object) -> list[Any] | dict[str, Any] | None:
 
 
 def _raise(engine: Engine, p: Params) -> object:
-    from engine.producer import EngineError
-
     event = p.string("event")
     try:
         with engine.lock:

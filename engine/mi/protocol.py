@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
+from engine.errors import BadRequest, MIError
 from engine.mi.commands import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     PARSE_ERROR,
     SERVER_ERROR,
-    MIError,
     run,
 )
 
@@ -85,16 +85,8 @@ def error_reply(code: int, message: str, data: str | None = None, id_json: bytes
     return b'{"jsonrpc":"2.0","error":' + _encode(error) + b',"id":' + id_json + b"}"
 
 
-class BadRequest(Exception):
-    """The request is not valid JSON-RPC: answered even without an id."""
-
-    def __init__(self, code: int, message: str, data: str | None, id_json: bytes) -> None:
-        super().__init__(message)
-        self.reply = error_reply(code, message, data, id_json)
-
-
 def parse_request(data: bytes) -> Request:
-    """Check one request; raise BadRequest (carrying its error reply) when it is not valid."""
+    """Check one request; raise BadRequest (code, message, data, id) when it is not valid."""
     try:
         with _parse_errors():
             # msgspec checks UTF-8 only in what it decodes to str, not inside Raw values.
@@ -177,7 +169,7 @@ def handle(engine: Engine, data: bytes) -> bytes | None:
     try:
         request = parse_request(data)
     except BadRequest as bad:
-        return bad.reply
+        return error_reply(bad.code, bad.message, bad.data, bad.id_json)
     except Exception:  # pragma: no cover - a bug; keep the transport alive
         log.exception("MI request could not be parsed")
         return error_reply(SERVER_ERROR, "Server error")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import ipaddress
 import logging
 import socket
 import threading
@@ -31,6 +30,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Final
 
+from engine.address import format_listen
 from engine.mi.protocol import error_reply, handle
 
 if TYPE_CHECKING:
@@ -42,33 +42,6 @@ MAX_BODY: Final = 1 << 20
 MAX_DATAGRAM: Final = 65535
 MAX_UDP_REPLY: Final = 65507  # the largest IPv4 UDP payload
 JSON: Final = "application/json"
-
-
-def parse_listen(text: str, what: str = "address") -> tuple[str, int] | None:
-    """Parse ``HOST:PORT`` (``[IPV6]:PORT``); "" or "off" -> None (disabled).
-
-    HOST must be an IP literal (port 0 = any free port). Raises ValueError.
-    """
-    if text in ("", "off"):
-        return None
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not port_text.isascii():
-        raise ValueError(f"{what} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8888")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{what} {text!r}: {host!r} is not an IP address") from None
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"{what} {text!r}: port must be 0-65535")
-    return host, port
-
-
-def format_listen(address: tuple[str, int]) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _family(host: str) -> socket.AddressFamily:

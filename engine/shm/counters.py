@@ -16,7 +16,10 @@ Layout, version 3 (u64 words, native little-endian):
       2   sending upto        ring position of the batch being sent (in-flight marker)
       3   journal upto        ring position the journal commits to; 0 = no journal
       4   journal length      entries in the journal
-      5   heartbeat           time.monotonic_ns() of the worker's last loop
+      5   heartbeat           time.monotonic_ns() the worker last showed progress (each
+                              idle poll, each batch, each subscriber of a batch); the
+                              supervisor restarts a worker that stops beating while its
+                              ring holds records
       6   generation          1 + restarts of this region's worker
       7   reserved
       8   journal             JOURNAL_MAX (counter index, new absolute value) pairs
@@ -38,6 +41,7 @@ its pairs are added to `redelivered_pairs`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Final
 
@@ -54,8 +58,8 @@ STATE_BOOTING: Final = 0
 STATE_READY: Final = 1
 STATE_EXITED: Final = 2
 
-# Region header word indexes.
-R_PID, R_STATE, R_SENDING_UPTO, R_JOURNAL_UPTO, R_JOURNAL_LEN, R_HEARTBEAT, R_GENERATION = range(7)
+# Region header word indexes (private: use Region's methods).
+_PID, _STATE, _SENDING_UPTO, _JOURNAL_UPTO, _JOURNAL_LEN, _HEARTBEAT, _GENERATION = range(7)
 
 TRANSPORTS: Final = ("udp", "unix")
 REASONS: Final = ("eagain", "enobufs", "econnrefused", "enoent", "emsgsize", "other")
@@ -134,7 +138,7 @@ def block_size(workers: int, layout: CounterLayout) -> int:
 
 
 class CounterBlock:
-    """A view of the counter block; `region(k)` is worker k's u64 words."""
+    """A view of the counter block; `region(k)` is worker k's `Region`."""
 
     def __init__(self, buf: memoryview) -> None:
         self.words = buf.cast("Q")
@@ -146,6 +150,7 @@ class CounterBlock:
         self.workers = int(self.words[2])
         self.region_words = int(self.words[3])
         self.layout = CounterLayout(int(self.words[4]))
+        self._regions: dict[int, Region] = {}
 
     @staticmethod
     def format(buf: memoryview, workers: int, max_events: int, owner_pid: int) -> None:
@@ -163,33 +168,111 @@ class CounterBlock:
     def owner_pid(self) -> int:
         return int(self.words[5])
 
-    def region(self, worker: int) -> memoryview:
-        start = BLOCK_HEADER_WORDS + worker * self.region_words
-        return self.words[start : start + self.region_words]
+    def region(self, worker: int) -> Region:
+        region = self._regions.get(worker)
+        if region is None:
+            if not 0 <= worker < self.workers:
+                raise IndexError(f"worker {worker}: the block has {self.workers} regions")
+            start = BLOCK_HEADER_WORDS + worker * self.region_words
+            words = self.words[start : start + self.region_words]
+            region = self._regions[worker] = Region(words, self.layout)
+        return region
 
     def release(self) -> None:
+        """Drop every view into the segment (regions included) so it can be closed."""
+        for region in self._regions.values():
+            region.release()
+        self._regions.clear()
         self.words.release()
 
 
 class Region:
-    """One worker's region: header words, the journal, and its counters."""
+    """One worker's region: header words, the journal, and its counters.
+
+    The worker writes it (`mark_ready`, `beat`, `mark_sending`, `commit`); the
+    supervisor and the producer read it, and the supervisor resets it between
+    two workers (`mark_booting`, `recover`).
+    """
 
     def __init__(self, words: memoryview, layout: CounterLayout) -> None:
         self.words = words
         self.layout = layout
         self.base = REGION_HEADER_WORDS + 2 * JOURNAL_MAX
         self.subscriber_base = self.base + layout.size
+        self._slots = words[self.subscriber_base : self.subscriber_base + 2 * SUBSCRIBER_SLOTS]
 
-    def subscriber_slots(self) -> memoryview:
-        """(sent, failed) u64 pairs, slot i at words 2i and 2i+1."""
-        start = self.subscriber_base
-        return self.words[start : start + 2 * SUBSCRIBER_SLOTS]
+    def release(self) -> None:
+        self._slots.release()
+        self.words.release()
 
+    # -- the header: who serves this region, and how it is doing --------------------------
+    @property
+    def pid(self) -> int:
+        return int(self.words[_PID])
+
+    @property
+    def state(self) -> int:
+        return int(self.words[_STATE])
+
+    @property
+    def generation(self) -> int:
+        """1 + restarts of this region's worker (0 before the first one was ready)."""
+        return int(self.words[_GENERATION])
+
+    @property
+    def heartbeat_ns(self) -> int:
+        """time.monotonic_ns() of the worker's last sign of progress."""
+        return int(self.words[_HEARTBEAT])
+
+    def mark_booting(self) -> None:
+        """Supervisor, before spawning a worker: not ready yet, heart reset to now."""
+        words = self.words
+        words[_HEARTBEAT] = time.monotonic_ns()
+        words[_PID] = 0
+        words[_STATE] = STATE_BOOTING
+
+    def mark_ready(self, pid: int) -> None:
+        words = self.words
+        words[_PID] = pid
+        words[_GENERATION] += 1
+        words[_HEARTBEAT] = time.monotonic_ns()
+        words[_STATE] = STATE_READY
+
+    def mark_exited(self) -> None:
+        self.words[_STATE] = STATE_EXITED
+
+    def beat(self, now_ns: int) -> None:
+        self.words[_HEARTBEAT] = now_ns
+
+    def mark_sending(self, upto: int) -> None:
+        """The batch ending at ring position `upto` is being sent (the in-flight marker)."""
+        self.words[_SENDING_UPTO] = upto
+
+    # -- counters -------------------------------------------------------------------------
     def counter(self, index: int) -> int:
         return int(self.words[self.base + index])
 
     def counters(self) -> list[int]:
         return self.words[self.base : self.base + self.layout.size].tolist()
+
+    def failures(self, values: list[int]) -> dict[tuple[str, str], int]:
+        """Send failures by (transport, reason) from a `counters()` list."""
+        lay = self.layout
+        return {
+            (transport, reason): values[lay.failure(t, r)]
+            for t, transport in enumerate(TRANSPORTS)
+            for r, reason in enumerate(REASONS)
+        }
+
+    # -- per-subscriber slots (written outside the journal) -------------------------------
+    def count_subscriber(self, slot: int, sent: int, failed: int) -> None:
+        slots = self._slots
+        slots[2 * slot] += sent
+        slots[2 * slot + 1] += failed
+
+    def subscriber_counts(self, slot: int) -> tuple[int, int]:
+        """(datagrams sent, sends failed) of subscriber slot `slot`."""
+        return int(self._slots[2 * slot]), int(self._slots[2 * slot + 1])
 
     def commit(self, values: list[int], touched: set[int], ring: Ring, read_pos: int) -> None:
         """Publish the touched counters together with the ring's new read position."""
@@ -200,12 +283,12 @@ class Region:
             words[j] = index
             words[j + 1] = values[index]
             j += 2
-        words[R_JOURNAL_LEN] = len(touched)
-        words[R_JOURNAL_UPTO] = read_pos  # the commit point
+        words[_JOURNAL_LEN] = len(touched)
+        words[_JOURNAL_UPTO] = read_pos  # the commit point
         for index in touched:
             words[base + index] = values[index]
         ring.set_read_pos(read_pos, values[self.layout.scalar("records_read")])
-        words[R_JOURNAL_UPTO] = 0
+        words[_JOURNAL_UPTO] = 0
 
     def recover(self, ring: Ring) -> int:
         """Make a dead worker's region and ring consistent before a successor starts.
@@ -214,18 +297,18 @@ class Region:
         flight (they will be sent again). Returns those redelivered pairs.
         """
         words = self.words
-        upto = int(words[R_JOURNAL_UPTO])
+        upto = int(words[_JOURNAL_UPTO])
         if upto:
-            for i in range(int(words[R_JOURNAL_LEN])):
+            for i in range(int(words[_JOURNAL_LEN])):
                 j = REGION_HEADER_WORDS + 2 * i
                 words[self.base + words[j]] = words[j + 1]
             ring.set_read_pos(upto, self.counter(self.layout.scalar("records_read")))
-            words[R_JOURNAL_UPTO] = 0
-        sending = int(words[R_SENDING_UPTO])
+            words[_JOURNAL_UPTO] = 0
+        sending = int(words[_SENDING_UPTO])
         redelivered = 0
         if sending > ring.read_pos:
             redelivered = ring.pending_fanout(sending)
             index = self.base + self.layout.scalar("redelivered_pairs")
             words[index] += redelivered
-        words[R_SENDING_UPTO] = 0
+        words[_SENDING_UPTO] = 0
         return redelivered

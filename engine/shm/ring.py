@@ -229,6 +229,73 @@ class Ring:
         return size + skip <= self.capacity - (wpos - self.words[_READ_POS])
 
     # -- consumer -------------------------------------------------------------------
+    def read_batch(
+        self,
+        rpos: int,
+        wpos: int,
+        batch_max: int,
+        iov: memoryview,
+        base_address: int,
+        eids: list[int],
+        lengths: list[int],
+        stamps: list[int],
+    ) -> tuple[int, int, int, int, tuple[int, int, int, int] | None]:
+        """The consumer's hot path: the next batch of records in [rpos, wpos).
+
+        Reads up to `batch_max` event records. For event record i it points iovec
+        i (`iov`: u64 (address, length) pairs; `base_address`: the address of this
+        ring's data area in the reader's mapping) at the payload inside the ring,
+        and appends its event id, payload length and raise timestamp to `eids`,
+        `lengths` and `stamps` (cleared first). A control record ends the batch:
+        when it comes first it is the batch (consumed, returned as `control`);
+        otherwise it is left for the next one, so it applies after the events
+        before it are sent.
+
+        Returns (end position, records consumed, fan-out of the events, events,
+        control) where control is (kind, event id, payload offset, payload
+        length) or None; read it with `control_payload(offset, length)`.
+        """
+        data = self.data
+        cap = self.capacity
+        unpack = RECORD_HEADER.unpack_from
+        eids.clear()
+        lengths.clear()
+        stamps.clear()
+        pos = rpos
+        records = consumed = n = 0
+        control: tuple[int, int, int, int] | None = None
+        while pos < wpos and n < batch_max:
+            off = pos % cap
+            tail = cap - off
+            if tail < RECORD_HEADER_SIZE:
+                pos += tail
+                continue
+            length, kind, _flags, eid, fanout, ts = unpack(data, off)
+            if kind == KIND_WRAP:
+                pos += tail
+                continue
+            nxt = pos + RECORD_HEADER_SIZE + ((length + 7) & ~7)
+            if kind != KIND_EVENT:
+                if n == 0:
+                    control = (kind, eid, off + RECORD_HEADER_SIZE, length)
+                    records += 1
+                    pos = nxt
+                break
+            iov[2 * n] = base_address + off + RECORD_HEADER_SIZE
+            iov[2 * n + 1] = length
+            eids.append(eid)
+            lengths.append(length)
+            stamps.append(ts)
+            consumed += fanout
+            n += 1
+            records += 1
+            pos = nxt
+        return pos, records, consumed, n, control
+
+    def control_payload(self, offset: int, length: int) -> ControlPayload:
+        """Decode the payload of a subscribe/unsubscribe record found by read_batch."""
+        return CONTROL_DECODER.decode(self.data[offset : offset + length])
+
     def set_read_pos(self, pos: int, records_read: int) -> None:
         """Release everything before `pos`; `records_read` is the new absolute total."""
         self.words[_RECORDS_READ] = records_read
