@@ -79,7 +79,9 @@ class Engine:
         self.options = options or EngineOptions()
         # Two locks, always taken in this order: `lock` guards the registry (the
         # control plane; it may write the state file), `_hot` guards the rings and
-        # routing (the raise path never waits on a file write).
+        # routing. The raise path takes `_hot` only, and nothing holds `_hot` while
+        # it writes a file: expiry on the raise path is the router's (in memory),
+        # and the registry's sweep, which rewrites the state file, runs in tick().
         self.lock = threading.RLock()
         self._hot = threading.RLock()
         self._event_ids: dict[str, int] = {}
@@ -113,12 +115,14 @@ class Engine:
     def start(self) -> Engine:
         self.supervisor.start()  # creates the segments and boots the workers (no lock:
         # the supervisor thread takes it to spawn them)
-        with self.lock, self._hot:
-            self._router = Router(self.supervisor.rings)
-            self._accepting = True
+        with self.lock:
+            with self._hot:
+                self._router = Router(self.supervisor.rings)
             self._replay_registry()  # subscriptions made before start()
-            self.registry.load()
+            self.registry.load()  # may rewrite the state file: `_hot` is not held
             self._refresh_expiry()
+            with self._hot:
+                self._accepting = True
         return self
 
     def stop(self, drain_timeout_s: float | None = None) -> None:
@@ -214,17 +218,16 @@ class Engine:
                 self.raised[eid] += 1
                 self.oversize[eid] += 1
             raise
-        if self._next_expiry is not None and time.time() >= self._next_expiry:
-            self.sweep()  # an expired subscriber must receive nothing more
         with self._hot:
             if not self._accepting:
                 raise EngineError(self._failure or "engine is not running")
             return self._queue(name, eid, payload)
 
     def _learn_event(self, name: str) -> int:
-        with self.lock:
-            eid = self.registry.event_id(name)
-        self._event_ids[name] = eid  # ids never change once given
+        # No lock: a dict read is atomic, and ids never change once given (taking
+        # `lock` here could wait behind a state-file write).
+        eid = self.registry.event_id(name)
+        self._event_ids[name] = eid
         return eid
 
     def sweep(self) -> None:
@@ -236,6 +239,8 @@ class Engine:
     def _queue(self, name: str, eid: int, payload: bytes) -> RaiseResult:
         self.raised[eid] += 1
         router = self._router
+        if router is not None and router.next_expiry <= time.time():
+            router.expire(time.time())  # an expired subscriber receives nothing more
         targets = router.targets.get(eid) if router is not None else None
         if not targets or router is None:
             self.drops["no_subscribers"] += 1

@@ -8,15 +8,24 @@ the records it had consumed, folded into a base table. Control records never
 drop: when a ring is full they wait in `pending`, and events for that worker
 drop (counted) until they are in, so nothing overtakes them.
 
+Expiry is routed here too, so the raise path can act on it without touching the
+registry (whose lock a state-file write may hold): every routed subscription
+with an expiry is in a heap, and `expire(now)` unsubscribes the ones due, at
+once, in ring order. The registry's own sweep catches up later, off the raise
+path; its "removed" for a subscription already expired here changes nothing.
+
 Not thread-safe: the engine calls everything here under its raise-path lock.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.address import Destination
 from engine.shm.counters import SUBSCRIBER_SLOTS
 from engine.shm.ring import (
     CONTROL_ENCODER,
@@ -62,15 +71,55 @@ class Router:
         self.routes = [WorkerRoute() for _ in rings]
         self.owner: dict[str, int] = {}  # subscriber key -> worker index
         self.targets: dict[int, list[tuple[int, int]]] = {}  # event id -> [(worker, fanout)]
+        self.routed: dict[tuple[int, str], Destination] = {}  # (event id, key) -> socket
+        self._expires: dict[tuple[int, str], float] = {}  # (event id, key) -> instant
+        self._heap: list[tuple[float, int, str]] = []  # lazy: stale entries are skipped
+        self.next_expiry = math.inf  # no routed subscription expires before this
 
     def apply(self, change: Change) -> None:
-        """Send an added/removed subscription to its worker (refreshes change nothing)."""
-        if change.kind == "refreshed":
+        """Route a registry change: added/removed go to the worker as control
+        records; a refresh only moves the expiry. Idempotent against `expire()`:
+        a removal of what already expired here is nothing, a refresh of it adds
+        it again."""
+        sub = change.subscriber
+        member = (change.event_id, sub.dest.key)
+        if change.kind == "removed":
+            if member in self.routed:
+                self._route(False, change.event_id, sub.dest)
+        elif member not in self.routed:
+            self._route(True, change.event_id, sub.dest)
+        self._set_expiry(member, sub.expires_at if change.kind != "removed" else None)
+
+    def expire(self, now: float) -> int:
+        """Unsubscribe every routed subscription due at `now` (the registry's clock);
+        return how many."""
+        heap, expires, count = self._heap, self._expires, 0
+        while heap and heap[0][0] <= now:
+            instant, eid, key = heapq.heappop(heap)
+            member = (eid, key)
+            if expires.get(member) == instant:
+                del expires[member]
+                self._route(False, eid, self.routed[member])
+                count += 1
+        self.next_expiry = heap[0][0] if heap else math.inf
+        return count
+
+    def _set_expiry(self, member: tuple[int, str], instant: float | None) -> None:
+        if instant is None:
+            self._expires.pop(member, None)
             return
-        dest = change.subscriber.dest
+        self._expires[member] = instant
+        heapq.heappush(self._heap, (instant, *member))
+        if len(self._heap) > 64 and len(self._heap) > 2 * len(self._expires):
+            # Drop stale entries, amortised O(1) per change.
+            self._heap = [(t, e, k) for (e, k), t in self._expires.items()]
+            heapq.heapify(self._heap)
+        self.next_expiry = self._heap[0][0]
+
+    def _route(self, add: bool, eid: int, dest: Destination) -> None:
         key = dest.key
-        eid = change.event_id
-        if change.kind == "added":
+        if add:
+            self.routed[(eid, key)] = dest
             worker = self.owner.get(key)
             if worker is None:  # a new socket goes to the worker holding the fewest
                 worker = min(range(len(self.routes)), key=lambda k: len(self.routes[k].keys))
@@ -80,6 +129,7 @@ class Router:
             route.fanout[eid] = route.fanout.get(eid, 0) + 1
             kind = KIND_SUBSCRIBE
         else:
+            del self.routed[(eid, key)]
             worker = self.owner[key]
             route = self.routes[worker]
             route.fanout[eid] -= 1
