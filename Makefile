@@ -18,7 +18,7 @@ run: $(STAMP)
 test: $(STAMP) ensure-prometheus
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-# tests/test_prometheus.py runs a real Prometheus (Debian's package). Install it
+# tests/system/test_prometheus.py runs a real Prometheus (Debian's package). Install it
 # where we can (root with apt-get); elsewhere say loudly what to do.
 ensure-prometheus:
 	@command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || { \
@@ -27,7 +27,7 @@ ensure-prometheus:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else \
-	    echo "*** prometheus is not installed: tests/test_prometheus.py will fail."; \
+	    echo "*** prometheus is not installed: tests/system/test_prometheus.py will fail."; \
 	    echo "*** Install it (sudo apt-get install prometheus), or skip that test"; \
 	    echo "*** knowingly with EVENT_DATAGRAM_SKIP_PROMETHEUS=1."; \
 	  fi; }

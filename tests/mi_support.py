@@ -11,11 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from engine.address import AddressError, parse_destination
 from engine.mi.protocol import handle
 from engine.options import EngineOptions
 from engine.producer import Engine
@@ -94,6 +95,122 @@ def check_ttls(reply: bytes | None) -> None:
     assert reply is not None
     for expire, ttl in re.findall(rb'"expire":(\d+),"ttl":(\d+)', reply):
         assert 0 < int(ttl) <= int(expire), reply
+
+
+# -- mi.json, replayed through any transport (in process, or a real process's MI) ------------
+
+# Replies of the captured sessions (mi.json's "id":"1").
+OK = '{"jsonrpc":"2.0","result":"OK","id":"1"}'
+BAD_VALUE = '{"jsonrpc":"2.0","error":{"code":400,"message":"Bad parameter value"},"id":"1"}'
+NO_SUBSCRIBER = (
+    '{"jsonrpc":"2.0","error":{"code":404,"message":"Subscriber does not exist"},"id":"1"}'
+)
+PARSE_ERROR = '{"jsonrpc":"2.0","error":{"code":-32700,"message":"Parse error"},"id":null}'
+
+
+def _resolves(socket: str) -> bool:
+    try:
+        parse_destination(socket)
+    except AddressError:
+        return False
+    return True
+
+
+def _subs(entries: list[tuple[str, int]]) -> str:
+    return ",".join(f'{{"socket":"{s}","expire":{e},"ttl":N}}' for s, e in entries)
+
+
+def _event(entries: list[tuple[str, int]], name: str = "E_SAMPLE", eid: int = 9) -> str:
+    inner = f'{{"name":"{name}","id":{eid},"Subscribers":[{_subs(entries)}]}}'
+    return f'{{"jsonrpc":"2.0","result":{{"Event":{inner}}},"id":"1"}}'
+
+
+def _our_mi_json() -> dict[str, str]:
+    """Our replies where mi.json shows an OpenSIPS quirk (README: deliberate differences)."""
+    ip6 = _resolves("udp:ip6-localhost:9000")  # the capture's host could not resolve it
+    sample = [
+        *([("udp:ip6-localhost:9000", 60)] if ip6 else []),
+        ("udp:localhost:9000", 60),
+        ("udp:[::1]:9000", 60),  # IPv6 supported
+        ("unix:/tmp/ev_bare.sock", 60),  # "unix:" is optional
+        # udp:127.0.0.1:70000 rejected (no wrap to 4464); unix:rel.sock rejected (relative)
+        ("udp:127.0.0.1:65535", 60),
+        ("udp:127.0.0.1:9003", 30),
+        ("unix:/tmp/ev_mi_test.sock", 3600),
+        ("udp:127.0.0.1:9002", 3600),
+        ("udp:127.0.0.1:9001", 60),
+    ]
+    startup = (
+        '{"name":"E_STARTUP_SUB","id":10,"Subscribers":'
+        '[{"socket":"udp:127.0.0.1:9999","expire":"never"}]}'
+    )
+    all_events = (
+        '{"jsonrpc":"2.0","result":{"Events":[{"name":"E_SAMPLE","id":9,"Subscribers":['
+        + _subs([*sample, ("udp:127.0.0.1:9000", 120)])
+        + "]},"
+        + startup
+        + ']},"id":"1"}'
+    )
+    with_9010 = [("udp:127.0.0.1:9010", 2), *sample]  # 9000 left at once with expire 0
+    return {
+        "subscribe bad/odd socket: port 70000": BAD_VALUE,
+        "subscribe bad/odd socket: bare path no unix: prefix": OK,
+        "subscribe bad/odd socket: unix relative path": BAD_VALUE,
+        "subscribe bad/odd socket: ipv6 bracketed": OK,
+        "subscribe bad/odd socket: hostname ip6-localhost (/etc/hosts ::1)": OK
+        if ip6
+        else BAD_VALUE,
+        "subscribers_list all after odd sockets": all_events,
+        # exact matching: unix:/tmp/evA is a subscriber of its own, /tmp/evAB keeps expire 60
+        "subscribers_list E_BENCH after prefix test": _event(
+            [("unix:/tmp/evA", 30), ("unix:/tmp/evAB", 60)], "E_BENCH", 8
+        ),
+        "subscribers_list E_BENCH, socket unix:/tmp/evA": (
+            '{"jsonrpc":"2.0","result":{"Event":{"name":"E_BENCH","id":8,"Subscriber":'
+            '{"socket":"unix:/tmp/evA","expire":30,"ttl":N}}},"id":"1"}'
+        ),
+        "subscribers_list E_SAMPLE right after expire 0": _event(with_9010),
+        "subscribers_list E_SAMPLE/9000 right after expire 0": NO_SUBSCRIBER,
+        "subscribers_list E_SAMPLE ~1s later": _event(with_9010),
+        "subscribers_list E_SAMPLE ~3s later": _event(sample),
+        # invalid JSON: a JSON-RPC error instead of a plain-text "400 Parse_error"
+        "invalid json": PARSE_ERROR,
+    }
+
+
+def replay_mi_json(send: Callable[[bytes], bytes | None]) -> None:
+    """Send every mi.json request in order through ``send``; check every reply.
+
+    The engine behind ``send`` must be set up like the capture: MI_EVENTS and
+    E_STARTUP_SUB statically subscribed on udp:127.0.0.1:9999.
+    """
+    ours = _our_mi_json()
+    cases = vectors("mi.json")
+    labels = [c["label"] for c in cases]
+    assert set(ours) <= set(labels), set(ours) - set(labels)
+    marks: dict[str, float] = {}
+    for case in cases:
+        label = case["label"]
+        # Wait where the capture waited, so the same subscribers have expired.
+        if label == "subscribers_list all after odd sockets":
+            _sleep_until(marks["9004"] + 1.1)  # expire 1.5 -> 1 s
+        elif label == "subscribers_list E_SAMPLE ~1s later":
+            _sleep_until(marks["9010"] + 1.0)
+        elif label == "subscribers_list E_SAMPLE ~3s later":
+            _sleep_until(marks["9010"] + 2.1)  # expire 2
+        got = send(case["request"].encode())
+        if label == "subscribe expire float":
+            marks["9004"] = time.time()
+        elif label == "subscribe E_SAMPLE udp 9010 expire 2 (new)":
+            marks["9010"] = time.time()
+        want = ours.get(label, case["reply"])
+        assert no_ttl(got) == no_ttl(want), label
+        if got is not None and b'"ttl"' in got:
+            check_ttls(got)
+
+
+def _sleep_until(instant: float) -> None:
+    time.sleep(max(0.0, instant - time.time()))
 
 
 # -- real processes -------------------------------------------------------------------------

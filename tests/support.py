@@ -16,7 +16,8 @@ from engine.options import EngineOptions
 from engine.producer import Engine
 from engine.shm.segment import list_segments
 
-VECTORS = Path(__file__).resolve().parent / "vectors" / "opensips"  # data, kept byte-identical
+REPO = Path(__file__).resolve().parent.parent  # the checkout: README.md, grafana/, tests/
+VECTORS = REPO / "tests" / "vectors" / "opensips"  # data, kept byte-identical
 _counter = itertools.count()
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 

@@ -27,10 +27,10 @@ from tests.mi_support import (
     check_ttls,
     no_ttl,
     processes,
+    replay_mi_json,
     vectors,
 )
 from tests.support import udp_receiver, unique_instance, unix_receiver
-from tests.test_mi_vectors import replay_mi_json
 
 
 def write_config(tmp_path: Path, events: list[str], static: tuple[str, str]) -> Path:

@@ -9,7 +9,6 @@ import math
 import pickle
 import types
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -17,14 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.wire import MAX_PAYLOAD, PayloadTooLarge, WireError, encode_notification
+from tests.support import VECTORS
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "opensips"
 WIRE_JSON = VECTORS / "wire.json"
 WIRE_TXT = VECTORS / "wire_samples.txt"
-MISSING = (
-    f"OpenSIPS test vectors not found at {VECTORS}: the shared/ folder must sit beside the "
-    "repository (CI provides it)"
-)
+MISSING = f"OpenSIPS test vectors not found at {VECTORS} (they are part of the repository)"
 
 # Captured datagrams that are OpenSIPS bugs we deliberately do not replicate
 # (MEASUREMENTS.md 4.2, vectors/README.md "Where we deliberately do better"):

@@ -13,14 +13,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.metrics import CONTENT_TYPE, cumulative, exposition
+from engine.metrics import CONTENT_TYPE, exposition
 from engine.producer import Engine, RaiseResult
 from engine.shm.counters import BATCH_BUCKETS, LATENCY_BUCKETS_S, REASONS, TRANSPORTS
 from engine.wire import MAX_PAYLOAD, PayloadTooLarge
@@ -365,16 +364,3 @@ def test_a_stopped_engine_exposes_no_stale_numbers() -> None:
         pass
     s = scrape(engine)
     assert s.samples == {("event_datagram_workers_alive", ()): 0}
-
-
-@pytest.mark.parametrize(
-    ("counts", "expected"),
-    [([0, 0, 0], [0, 0, 0]), ([1, 2, 3], [1, 3, 6]), ([5, 0, 1], [5, 5, 6])],
-)
-def test_cumulative_buckets(counts: list[int], expected: list[int]) -> None:
-    buckets = cumulative(counts, (1, 2.5e-5))
-    assert buckets == [
-        (le, float(n)) for le, n in zip(("1.0", "2.5e-05", "+Inf"), expected, strict=True)
-    ]
-    with pytest.raises(ValueError):
-        cumulative(counts, (1,))

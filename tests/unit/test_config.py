@@ -13,8 +13,9 @@ import pytest
 from engine import config
 from engine.cli.main import _apply_flags, build_parser
 from engine.options import EngineOptions
+from tests.support import REPO
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO / "README.md"
 
 
 def keys(value: Any, prefix: str = "") -> list[str]:

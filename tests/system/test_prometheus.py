@@ -29,12 +29,9 @@ from typing import Any
 
 import pytest
 
+from tests.dashboard_support import dashboard, panel_queries
 from tests.support import udp_receiver, unix_receiver
 
-GRAFANA = Path(__file__).resolve().parents[1] / "grafana"
-DASHBOARD = GRAFANA / "dashboards" / "event-datagram.json"
-DATASOURCE = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
-PROVIDER = GRAFANA / "provisioning" / "dashboards" / "event-datagram.yaml"
 WINDOW = "15s"  # stands in for Grafana's $__rate_interval
 INSTALL = (
     "Prometheus is not installed, so the dashboard cannot be checked against it.\n"
@@ -55,22 +52,6 @@ def prometheus_binary() -> str:
     if os.environ.get("EVENT_DATAGRAM_SKIP_PROMETHEUS") == "1" and not in_ci:
         pytest.skip("EVENT_DATAGRAM_SKIP_PROMETHEUS=1: the real-Prometheus check was skipped")
     pytest.fail("\n" + "!" * 72 + "\n" + INSTALL + "\n" + "!" * 72, pytrace=False)
-
-
-def dashboard() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
-    return data
-
-
-def panel_queries() -> list[tuple[str, str]]:
-    """(panel title, expr) of every target of every panel, rows included."""
-    out = []
-    stack = list(dashboard()["panels"])
-    while stack:
-        panel = stack.pop(0)
-        stack.extend(panel.get("panels", []))
-        out += [(panel["title"], t["expr"]) for t in panel.get("targets", [])]
-    return out
 
 
 def concrete(expr: str) -> str:
@@ -282,39 +263,6 @@ def query(url: str, expr: str) -> dict[str, Any]:
 
 
 # -- the tests -------------------------------------------------------------------------------------
-def test_dashboard_is_provisionable_as_is() -> None:
-    """Fixed uids, the datasource by uid, no import placeholders, rates over $__rate_interval."""
-    text = DASHBOARD.read_text()
-    board = dashboard()
-    assert board["uid"] == "event-datagram"
-    assert "${DS_" not in text and "__inputs" not in board
-    uid = re.search(r"^\s*uid:\s*(\S+)", DATASOURCE.read_text(), re.MULTILINE)
-    assert uid is not None and uid.group(1) == "event-datagram-prom"
-    provider = PROVIDER.read_text()
-    assert re.search(r"^\s*type:\s*file\s*$", provider, re.MULTILINE)
-    assert re.search(r"^\s*path:\s*\S+", provider, re.MULTILINE)
-    stack = list(board["panels"])
-    titles = []
-    while stack:
-        panel = stack.pop(0)
-        stack.extend(panel.get("panels", []))
-        titles.append(panel["title"])
-        if panel["type"] == "row":
-            continue
-        assert panel["datasource"] == {"type": "prometheus", "uid": "event-datagram-prom"}
-        for target in panel["targets"]:
-            assert target["datasource"]["uid"] == "event-datagram-prom"
-    assert len(titles) == len(set(titles)), "panel titles must be unique"
-    queries = panel_queries()
-    assert len(queries) >= 15
-    for title, expr in queries:
-        windows = re.findall(r"\[([^\]]+)\]", expr)
-        assert all(w == "$__rate_interval" for w in windows), f"{title}: fixed window in {expr}"
-        assert 'instance=~"$instance"' in expr, f"{title}: not filtered by $instance"
-    for variable in board["templating"]["list"]:
-        assert variable["datasource"]["uid"] == "event-datagram-prom"
-
-
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
     binary = prometheus_binary()
     rx_udp, rx_unix = udp_receiver(), unix_receiver(tmp_path)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from engine.mi.protocol import handle
-from engine.mi.server import DatagramServer, HTTPServer, format_listen, parse_listen
+from engine.mi.server import DatagramServer, HTTPServer
 from engine.producer import Engine
 from tests.mi_support import EVENTS_REPLY, mi_engine
 from tests.mi_support import EVENTS_REQUEST as REQUEST
@@ -59,16 +59,6 @@ def raw_http(server: HTTPServer, data: bytes, timeout: float = 5.0) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
         return b"".join(chunks)
-
-
-def test_parse_listen() -> None:
-    assert parse_listen("127.0.0.1:8888") == ("127.0.0.1", 8888)
-    assert parse_listen("[::1]:0") == ("::1", 0)
-    assert parse_listen("") is None and parse_listen("off") is None
-    assert format_listen(("::1", 80)) == "[::1]:80"
-    for bad in ("localhost:80", "127.0.0.1", "127.0.0.1:x", "127.0.0.1:70000", ":80", "1.2.3.4:٣"):
-        with pytest.raises(ValueError, match=r"expected|not an IP|port"):
-            parse_listen(bad)
 
 
 def test_http_post_mi(engine: Engine, http_server: HTTPServer) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine.mi.client import call
-from engine.mi.fifo import FifoServer, json_end
+from engine.mi.fifo import FifoServer
 from engine.producer import Engine
 from tests.mi_support import EVENTS_REPLY, mi_engine
 from tests.mi_support import EVENTS_REQUEST as REQUEST
@@ -62,24 +62,6 @@ class ReplyFifo:
 def write(server: FifoServer, data: bytes) -> None:
     with open(server.path, "wb") as f:
         f.write(data)
-
-
-def test_json_end() -> None:
-    text = b'  {"a":"}\\"{","b":[1,{"c":"]"}]} tail'
-    end, _ = json_end(text, 2)
-    assert text[2:end] == b'{"a":"}\\"{","b":[1,{"c":"]"}]}'
-    state = None
-    for cut in range(3, len(text)):  # fed piece by piece, it resumes where it stopped
-        end, state = json_end(text[:cut], 2, state)
-        if end is not None:
-            assert text[2:end].endswith(b"]}")
-            break
-    assert json_end(b'{"a":"\\', 0)[0] is None
-    # Requests may span lines, but a line starting with ':' is the next request.
-    assert json_end(b'{"a":\n 1}', 0)[0] == 9
-    assert json_end(b'{"a":\n', 0)[0] is None
-    assert json_end(b'{"a":[1,\n:next:{}', 0)[0] == 8
-    assert json_end(b'{"a":"unclosed\n:next:{}', 0)[0] == 14
 
 
 def test_opensips_cli_style_request(fifo: FifoServer, tmp_path: Path) -> None:

@@ -1,0 +1,2 @@
+"""The tests, by purpose: unit/ (in-process), integration/ (real worker processes,
+sockets, shared memory), system/ (the installed command as a user runs it)."""

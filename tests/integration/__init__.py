@@ -1,0 +1,1 @@
+"""Real worker processes, shared memory and sockets, driven from this process (slow)."""

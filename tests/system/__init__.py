@@ -1,0 +1,1 @@
+"""The `event-datagram` command as a process: CLI, MI transports, Prometheus, bench (slow)."""

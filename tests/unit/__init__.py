@@ -1,0 +1,1 @@
+"""Pure in-process tests: no worker processes, no subprocesses. `make test-fast`."""
