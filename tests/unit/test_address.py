@@ -15,7 +15,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.address import UNIX_PATH_MAX, AddressError, Destination, parse_destination
+from engine.address import (
+    UNIX_PATH_MAX,
+    AddressError,
+    Destination,
+    format_listen,
+    parse_destination,
+    parse_listen,
+)
 
 
 def _ipv6_loopback_works() -> bool:
@@ -353,3 +360,13 @@ def test_arbitrary_text_parses_or_raises_address_error(text: str) -> None:
         return
     assert isinstance(d, Destination)
     assert parse_destination(d.key, resolve=False).key == d.key
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:8888") == ("127.0.0.1", 8888)
+    assert parse_listen("[::1]:0") == ("::1", 0)
+    assert parse_listen("") is None and parse_listen("off") is None
+    assert format_listen(("::1", 80)) == "[::1]:80"
+    for bad in ("localhost:80", "127.0.0.1", "127.0.0.1:x", "127.0.0.1:70000", ":80", "1.2.3.4:٣"):
+        with pytest.raises(ValueError, match=r"expected|not an IP|port"):
+            parse_listen(bad)

@@ -1,22 +1,8 @@
-"""The MI transports' parsing, without a server: listen addresses (engine.mi.server)
-and where a FIFO request ends (engine.mi.fifo)."""
+"""engine.mi.fifo's framing without a FIFO: where a request ends in what was read."""
 
 from __future__ import annotations
 
-import pytest
-
 from engine.mi.fifo import json_end
-from engine.mi.server import format_listen, parse_listen
-
-
-def test_parse_listen() -> None:
-    assert parse_listen("127.0.0.1:8888") == ("127.0.0.1", 8888)
-    assert parse_listen("[::1]:0") == ("::1", 0)
-    assert parse_listen("") is None and parse_listen("off") is None
-    assert format_listen(("::1", 80)) == "[::1]:80"
-    for bad in ("localhost:80", "127.0.0.1", "127.0.0.1:x", "127.0.0.1:70000", ":80", "1.2.3.4:٣"):
-        with pytest.raises(ValueError, match=r"expected|not an IP|port"):
-            parse_listen(bad)
 
 
 def test_json_end() -> None:
