@@ -1,23 +1,28 @@
 """event-datagram: the OpenSIPS event_datagram transport as a fan-out engine.
 
-How this package is laid out (everything here runs in the main process):
-  wire.py           encode one event as a JSON-RPC 2.0 notification, once
-  address.py        subscriber socket syntax: parse, print, resolve
+How this package is laid out. This file imports nothing: every worker process
+runs it (workers import engine.shm and engine.errors only).
+
+The core, flat (the main process, or an application embedding the engine):
+  errors.py         one error hierarchy: EventDatagramError and its children
+  wire.py           the JSON-RPC notification: encode once, the event-name rule, MAX_PAYLOAD
+  address.py        socket syntax: subscriber sockets and listen addresses
   subscriptions.py  events, subscribers, expiry, allow-list (state.py: the file)
-  shm.py            named shared-memory segments (create, attach, reclaim)
-  ring.py           the single-producer/single-consumer ring (layout docstring)
-  counters.py       the per-worker counter block (layout docstring)
   options.py        the engine's settings ([engine] in the config)
   producer.py       the Engine: the public raise path and its accounting
-  routing.py        which worker holds whom; control records and restart snapshots
-  supervisor.py     start, pin, watch, restart, drain and stop workers
+  routing.py        which worker holds whom; control records, expiry, restart snapshots
+  supervisor.py     start, pin, watch, restart, drain, stop workers (a SupervisorHost)
   statistics.py     frozen snapshots of every counter, the accounting identity
-  metrics.py        Prometheus collector and exposition() for GET /metrics
-  mi.py             JSON-RPC dispatch of the OpenSIPS MI (mi_commands.py: the commands)
-  server.py         HTTP (/mi, /metrics) and MI datagram listeners (mi_fifo.py: FIFO)
+  metrics.py        the Prometheus collector and exposition() for GET /metrics
   config.py         the TOML config as msgspec structs (default.toml)
-  runner.py         what `run` runs: engine + listeners, signals
-  cli.py            the `event-datagram` command (mi_client.py, listen.py)
-  bench*.py         the stress run behind `make bench`
-The worker side lives in the sibling package `workers`.
+The folders:
+  shm/              what both sides of shared memory share, each layout defined once:
+                    segment.py, ring.py (reader and writer), counters.py, spec.py
+  sources/          where events come from besides the API (empty for now)
+  mi/               the OpenSIPS control interface: protocol.py, commands.py,
+                    server.py (HTTP + datagram), fifo.py, client.py
+  cli/              the `event-datagram` command: main.py (verbs), run.py, listen.py
+  bench/            the stress run behind `make bench` (and metrics_overhead.py)
+The worker side lives in the sibling package `workers`. The import rules between
+these are import-linter contracts in pyproject.toml, checked by `make lint`.
 """

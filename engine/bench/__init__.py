@@ -1,1 +1,4 @@
-
+"""The stress run behind `make bench` (`event-datagram bench`): main.py (options,
+exit codes), run.py (the rounds), live.py (the engine contender), baseline.py
+(the naive sender and the sendmmsg ceiling), receivers.py (checking receivers),
+report.py, plot.py, common.py; metrics_overhead.py measures scraping."""

@@ -1,1 +1,2 @@
-
+"""The `event-datagram` command: main.py (argument parsing and the client verbs),
+run.py (`run`: the engine and its MI listeners), listen.py (`listen`)."""
