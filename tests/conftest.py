@@ -2,13 +2,27 @@
 
 tests/unit holds in-process tests only; every test under tests/integration and
 tests/system (real processes) is marked `slow`, here, by where it lives.
+
+Engines come from tests.support.running_engine, and nowhere else:
+
+- `with running_engine(events, **options) as engine:` where a test stops it itself;
+- the `make_engine` fixture: `engine = make_engine(events, **options)`, stopped
+  (and checked clean) when the test ends;
+- the module-scoped `engine` fixture: one engine shared by a module's tests, set
+  up with the module's `ENGINE` dict of running_engine arguments.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from engine.producer import Engine
+from tests.support import running_engine
 
 TESTS = Path(__file__).resolve().parent
 SLOW_FOLDERS = ("integration", "system")
@@ -35,3 +49,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 f"{item.nodeid} is marked slow: a slow test belongs in tests/integration "
                 "or tests/system, not tests/unit"
             )
+
+
+@pytest.fixture
+def make_engine() -> Iterator[Callable[..., Engine]]:
+    """Start engines with running_engine's arguments; all are stopped after the test."""
+    with ExitStack() as stack:
+
+        def make(*args: Any, **kwargs: Any) -> Engine:
+            return stack.enter_context(running_engine(*args, **kwargs))
+
+        yield make
+
+
+@pytest.fixture(scope="module")
+def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """One engine for a whole module, set up as the module's `ENGINE` dict says."""
+    setup = getattr(request.module, "ENGINE", None)
+    if setup is None:
+        raise pytest.UsageError(f"{request.module.__name__} uses `engine` but sets no ENGINE")
+    with running_engine(**setup) as shared:
+        yield shared

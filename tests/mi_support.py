@@ -1,5 +1,6 @@
-"""Helpers for the MI, server, CLI and config tests: engines set up like the
-captured OpenSIPS sessions, the vectors, and real `event-datagram` processes."""
+"""Helpers for the MI, server and CLI tests: the events and static subscription
+of the captured OpenSIPS sessions, the vectors and their replay, and real
+`event-datagram` processes. (Engines come from tests.support.running_engine.)"""
 
 from __future__ import annotations
 
@@ -18,11 +19,8 @@ from typing import Any
 
 from engine.address import AddressError, parse_destination
 from engine.mi.protocol import handle
-from engine.options import EngineOptions
 from engine.producer import Engine
-from engine.shm.segment import list_segments
-from engine.subscriptions import AllowList
-from tests.support import unique_instance, vectors_dir
+from tests.support import vectors_dir
 
 # The events of the captured sessions, in OpenSIPS's id order.
 CORE_EVENTS = [
@@ -38,6 +36,7 @@ CORE_EVENTS = [
 MI_EVENTS = [*CORE_EVENTS, "E_BENCH", "E_SAMPLE", "E_STARTUP_SUB", "E_CORE_LOG"]
 NAMES_EVENTS = [*CORE_EVENTS, "E_BENCH", "E_SAMPLE", "E_PIKE_BLOCKED", "E_CORE_LOG"]
 STATIC = "udp:127.0.0.1:9999"
+ONE_WORKER = {"workers": 1, "pin": False}  # the MI tests' engines: running_engine(**ONE_WORKER)
 
 # The transport tests' probe: an engine with E_SAMPLE and E_BENCH, and its events_list.
 EVENTS_REQUEST = b'{"jsonrpc":"2.0","id":"1","method":"events_list"}'
@@ -51,27 +50,6 @@ EXE = str(Path(sys.executable).with_name("event-datagram"))
 
 def vectors(name: str) -> Any:
     return json.loads((vectors_dir() / name).read_text())
-
-
-@contextmanager
-def mi_engine(
-    events: list[str],
-    static: Sequence[tuple[str, str]] = (),
-    allow: AllowList | None = None,
-    state_file: str | None = None,
-    **options: Any,
-) -> Iterator[Engine]:
-    """A started Engine (1 worker, unpinned) with static subscriptions made first."""
-    opts = EngineOptions(instance=unique_instance("mi"), workers=1, pin=False, **options)
-    engine = Engine(opts, events=events, allow=allow, state_file=state_file)
-    for event, socket in static:
-        engine.subscribe(event, socket, None)
-    engine.start()
-    try:
-        yield engine
-    finally:
-        engine.stop()
-        assert not list_segments(opts.instance), "shared memory left behind"
 
 
 def mi(engine: Engine, request: str | bytes | dict[str, Any]) -> bytes | None:

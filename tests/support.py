@@ -8,13 +8,15 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from engine.options import EngineOptions
 from engine.producer import Engine
 from engine.shm.segment import list_segments
+from engine.subscriptions import AllowList
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout: README.md, grafana/, tests/
 VECTORS = REPO / "tests" / "vectors" / "opensips"  # data, kept byte-identical
@@ -105,10 +107,26 @@ def unix_receiver(directory: Path, name: str = "rx.sock") -> Receiver:
 
 
 @contextmanager
-def running_engine(events: list[str] | None = None, **options: object) -> Iterator[Engine]:
-    """An Engine with a unique instance name; stopped (and checked clean) afterwards."""
-    opts = EngineOptions(instance=unique_instance(), **options)  # type: ignore[arg-type]
-    engine = Engine(opts, events=events or ["E_TEST"])
+def running_engine(
+    events: Sequence[str] | None = None,
+    *,
+    static: Sequence[tuple[str, str]] = (),
+    allow: AllowList | None = None,
+    state_file: str | None = None,
+    **options: Any,
+) -> Iterator[Engine]:
+    """The tests' one engine factory: an Engine for `events` (default E_TEST) with
+    EngineOptions(**options) and a unique instance name (unless `instance` is
+    given), the `static` (event, socket) subscriptions made before it starts,
+    started; stopped afterwards, and checked to leave no shared memory behind.
+
+    conftest.py exposes it as the `make_engine` fixture and as the module-scoped
+    `engine` fixture."""
+    options.setdefault("instance", unique_instance())
+    opts = EngineOptions(**options)
+    engine = Engine(opts, events=list(events or ["E_TEST"]), allow=allow, state_file=state_file)
+    for event, socket_text in static:
+        engine.subscribe(event, socket_text, None)
     engine.start()
     try:
         yield engine

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +19,15 @@ from hypothesis import strategies as st
 from engine.mi.protocol import handle
 from engine.producer import Engine
 from engine.wire import MAX_PAYLOAD
-from tests.mi_support import STATIC, mi, mi_engine
+from tests.mi_support import ONE_WORKER, STATIC, mi
 from tests.support import eventually, udp_receiver
 
 EVENTS = ["E_SAMPLE", "E_BENCH", "E_STATIC"]
 OK = b'{"jsonrpc":"2.0","result":"OK","id":1}'
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
-    with mi_engine(EVENTS, static=[("E_STATIC", STATIC)]) as engine:
-        yield engine
+# The module's shared `engine` (conftest.py).
+ENGINE = {"events": EVENTS, "static": [("E_STATIC", STATIC)], **ONE_WORKER}
 
 
 def req(method: str, params: Any = None, id_: Any = 1) -> dict[str, Any]:
@@ -354,36 +352,38 @@ def test_oversize_payload_is_an_error_and_counted(engine: Engine) -> None:
     assert mi(engine, req("event_subscribe", ["E_BENCH", "udp:127.0.0.1:9104", 0])) == OK
 
 
-def test_full_ring_drop_is_reported() -> None:
+def test_full_ring_drop_is_reported(make_engine: Callable[..., Engine]) -> None:
     """A stopped worker's ring fills up: the MI says the event was dropped (503)."""
-    with mi_engine(["E_FULL"], ring_bytes=262144) as engine:
-        assert mi(engine, req("event_subscribe", ["E_FULL", "udp:127.0.0.1:9105", 60])) == OK
-        pid = engine.supervisor.pid_of(0)
-        assert pid is not None
-        big = json.dumps({"big": "x" * 60000})
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            replies = [mi(engine, req("raise_event", ["E_FULL", big])) for _ in range(8)]
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        assert replies[0] == OK
-        dropped = json.loads(replies[-1] or b"{}")["error"]
-        assert (dropped["code"], dropped["message"]) == (503, "Event Dropped")
-        assert "ring full" in dropped["data"]
-        assert engine.drops["ring_full"] >= 1
+    engine = make_engine(["E_FULL"], ring_bytes=262144, **ONE_WORKER)
+    assert mi(engine, req("event_subscribe", ["E_FULL", "udp:127.0.0.1:9105", 60])) == OK
+    pid = engine.supervisor.pid_of(0)
+    assert pid is not None
+    big = json.dumps({"big": "x" * 60000})
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        replies = [mi(engine, req("raise_event", ["E_FULL", big])) for _ in range(8)]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert replies[0] == OK
+    dropped = json.loads(replies[-1] or b"{}")["error"]
+    assert (dropped["code"], dropped["message"]) == (503, "Event Dropped")
+    assert "ring full" in dropped["data"]
+    assert engine.drops["ring_full"] >= 1
 
 
-def test_state_file_failure_is_a_server_error(tmp_path: Path) -> None:
+def test_state_file_failure_is_a_server_error(
+    make_engine: Callable[..., Engine], tmp_path: Path
+) -> None:
     state = tmp_path / "missing-dir" / "state.json"
-    with mi_engine(["E_A"], state_file=str(state)) as engine:
-        reply = mi(engine, req("event_subscribe", ["E_A", "udp:127.0.0.1:9106", 60]))
-        assert reply is not None
-        error = json.loads(reply)["error"]
-        assert (error["code"], error["message"]) == (-32000, "Server error")
-        assert "state file" in error["data"]
-        assert mi(engine, req("subscribers_list", ["E_A"])) == (
-            b'{"jsonrpc":"2.0","result":{"Event":{}},"id":1}'
-        )
+    engine = make_engine(["E_A"], state_file=str(state), **ONE_WORKER)
+    reply = mi(engine, req("event_subscribe", ["E_A", "udp:127.0.0.1:9106", 60]))
+    assert reply is not None
+    error = json.loads(reply)["error"]
+    assert (error["code"], error["message"]) == (-32000, "Server error")
+    assert "state file" in error["data"]
+    assert mi(engine, req("subscribers_list", ["E_A"])) == (
+        b'{"jsonrpc":"2.0","result":{"Event":{}},"id":1}'
+    )
 
 
 # -- fuzz --------------------------------------------------------------------------------------

@@ -23,27 +23,27 @@ from tests.mi_support import (
     MI_EVENTS,
     NAMES_EVENTS,
     OK,
+    ONE_WORKER,
     STATIC,
     check_ttls,
     mi,
-    mi_engine,
     no_ttl,
     replay_mi_json,
     vectors,
 )
-from tests.support import udp_receiver, unix_receiver
+from tests.support import running_engine, udp_receiver, unix_receiver
 
 UNAVAILABLE = '{"jsonrpc":"2.0","error":{"code":480,"message":"Temporarily Unavailable"},"id":"1"}'
 
 
 def test_mi_json_replayed_byte_for_byte() -> None:
-    with mi_engine(MI_EVENTS, static=[("E_STARTUP_SUB", STATIC)]) as engine:
+    with running_engine(MI_EVENTS, static=[("E_STARTUP_SUB", STATIC)], **ONE_WORKER) as engine:
         replay_mi_json(lambda data: handle(engine, data))
 
 
 def test_mi_names_replayed() -> None:
     """OpenSIPS 4.x names, `which`, `version`, `uptime` (mi_names.json)."""
-    with mi_engine(NAMES_EVENTS, static=[("E_PIKE_BLOCKED", STATIC)]) as engine:
+    with running_engine(NAMES_EVENTS, static=[("E_PIKE_BLOCKED", STATIC)], **ONE_WORKER) as engine:
         for case in vectors("mi_names.json"):
             request = json.loads(case["request"])
             got = mi(engine, case["request"])
@@ -89,7 +89,7 @@ def test_expire0_replayed() -> None:
         "subscribers_list same second": '{"jsonrpc":"2.0","result":{"Event":{}},"id":"1"}',
         "MI raise next second": UNAVAILABLE,
     }
-    with mi_engine(MI_EVENTS) as engine:
+    with running_engine(MI_EVENTS, **ONE_WORKER) as engine:
         for case in vectors("expire0.json"):
             request = {"jsonrpc": "2.0", "id": "1", **json.loads(case["request"])}
             got = mi(engine, request)
@@ -114,7 +114,7 @@ def test_mi_raise_replayed_with_datagrams(tmp_path: Path) -> None:
     """wire.json's MI raise_event series: replies and the datagram bytes, UDP and UNIX."""
     udp, unix = udp_receiver(), unix_receiver(tmp_path)
     try:
-        with mi_engine(MI_EVENTS) as engine:
+        with running_engine(MI_EVENTS, **ONE_WORKER) as engine:
             for rx in (udp, unix):
                 assert mi(engine, _subscribe(rx.socket_text)) == OK.encode()
             expected_count = 0
@@ -148,7 +148,7 @@ def _subscribe(socket: str, event: str = "E_SAMPLE", expire: int = 600) -> str:
 def test_fanout_listing_like_extra_json() -> None:
     """extra.json: five subscribers listed newest first, hostname kept separate."""
     capture = vectors("extra.json")["fanout_order"]
-    with mi_engine(MI_EVENTS) as engine:
+    with running_engine(MI_EVENTS, **ONE_WORKER) as engine:
         for sock in [*capture["subscribe_order"], "udp:127.0.0.1:9305"]:
             assert mi(engine, _subscribe(sock, expire=60)) == OK.encode()
         got = mi(

@@ -15,14 +15,11 @@ import pytest
 from engine.mi.protocol import handle
 from engine.mi.server import DatagramServer, HTTPServer
 from engine.producer import Engine
-from tests.mi_support import EVENTS_REPLY, mi_engine
+from tests.mi_support import EVENTS_REPLY, ONE_WORKER
 from tests.mi_support import EVENTS_REQUEST as REQUEST
 
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
-    with mi_engine(["E_SAMPLE", "E_BENCH"]) as engine:
-        yield engine
+# The module's shared `engine` (conftest.py): the transport tests' probe, EVENTS_REPLY.
+ENGINE = {"events": ["E_SAMPLE", "E_BENCH"], **ONE_WORKER}
 
 
 @pytest.fixture

@@ -14,14 +14,11 @@ import pytest
 from engine.mi.client import call
 from engine.mi.fifo import FifoServer
 from engine.producer import Engine
-from tests.mi_support import EVENTS_REPLY, mi_engine
+from tests.mi_support import EVENTS_REPLY, ONE_WORKER
 from tests.mi_support import EVENTS_REQUEST as REQUEST
 
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
-    with mi_engine(["E_SAMPLE", "E_BENCH"]) as engine:
-        yield engine
+# The module's shared `engine` (conftest.py): the transport tests' probe, EVENTS_REPLY.
+ENGINE = {"events": ["E_SAMPLE", "E_BENCH"], **ONE_WORKER}
 
 
 @pytest.fixture

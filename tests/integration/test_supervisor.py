@@ -100,16 +100,12 @@ def test_after_the_supervisor_is_killed_workers_die_and_a_restart_reclaims() -> 
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         eventually(lambda: all(process_gone(pid) for pid in pids), what="orphan workers to exit")
-        engine = Engine(EngineOptions(instance=instance), events=["E_TEST"])
-        engine.start()  # must not be refused: the old owner is dead
-        try:
+        # The same instance must not be refused: the old owner is dead.
+        with running_engine(["E_TEST"], instance=instance) as engine:
             engine.subscribe("E_TEST", rx.socket_text)
             rx.datagrams.clear()
             engine.raise_event("E_TEST", {"seq": 1})
             assert len(rx.wait_for(1)) == 1
-        finally:
-            engine.stop()
-        assert list_segments(instance) == []
     finally:
         rx.close()
 
