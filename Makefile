@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean ensure-prometheus
+.PHONY: run test test-fast lint bench clean ensure-prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/event-datagram run $(ARGS)
 
+# Everything: tests/unit, tests/integration and tests/system (the last two are `slow`).
 test: $(STAMP) ensure-prometheus
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# The in-process tests only (tests/unit): seconds, no worker processes.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q tests/unit
 
 # tests/system/test_prometheus.py runs a real Prometheus (Debian's package). Install it
 # where we can (root with apt-get); elsewhere say loudly what to do.
