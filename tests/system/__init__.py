@@ -1,1 +1,2 @@
-"""The `event-datagram` command as a process: CLI, MI transports, Prometheus, bench (slow)."""
+"""The `event-datagram` command as a process: CLI, MI transports, Prometheus, bench,
+the installed wheel (slow)."""
