@@ -18,8 +18,8 @@ alone:
 
     sum(events_raised_total) = sum(oversize_rejections_total)
                                + sum(drops_total) + events_queued_total
-    pairs_queued_total{worker} = pairs_sent_total{worker}
-                                 + pairs_failed_total{worker} + pairs_in_ring{worker}
+    pairs_queued_total{worker} = pairs_sent_total{worker} + pairs_failed_total{worker}
+                                 + pairs_stale_total{worker} + pairs_in_ring{worker}
 
 Both are exact in any one scrape of an idle engine; under load a worker may
 commit a batch between the reads of its counters and of its ring, so the right
@@ -225,6 +225,15 @@ def _event_families(stats: EngineStatistics) -> Iterator[Metric]:
             n = sum(w.failures.get((transport, reason), 0) for w in stats.workers)
             failures.add_metric([transport, reason], n)
     yield failures
+    stale = CounterMetricFamily(
+        PREFIX + "stale_datagrams_total",
+        "Datagrams not sent because their event was older than engine.max_delay_ms "
+        "when a worker reached it (dropped for all its subscribers, never sent late).",
+        labels=["event"],
+    )
+    for name, n in sorted(stats.stale_by_event().items()):
+        stale.add_metric([name], n)
+    yield stale
 
 
 # (gauge?, name, help, value of one worker)
@@ -265,6 +274,18 @@ _WORKER_SERIES: Final[tuple[tuple[bool, str, str, Callable[[WorkerStatistics], i
         "pairs_failed_total",
         "(event, subscriber) pairs whose send failed (any reason).",
         lambda w: w.pairs_failed,
+    ),
+    (
+        False,
+        "pairs_stale_total",
+        "(event, subscriber) pairs dropped as stale (older than engine.max_delay_ms).",
+        lambda w: w.pairs_stale,
+    ),
+    (
+        False,
+        "worker_sleeps_total",
+        "Times the worker went to sleep until woken (idle; no CPU while asleep).",
+        lambda w: w.sleeps,
     ),
     (
         True,

@@ -25,6 +25,16 @@ class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """With a full ring: drop the event for that worker (counted) or wait."""
     full_ring_wait_ms: float = 10.0
     """With policy "wait": the longest a raise waits for room before dropping."""
+    max_pending_datagrams: int = 1_000_000
+    """Per worker: a ring counts as full for an event when the datagrams it already
+    holds plus this event's would pass this (about 3 s of one core's sending); 0 = no
+    bound but the ring's bytes."""
+    max_delay_ms: float = 0.0
+    """A worker drops (counted `stale`) an event raised longer ago than this instead
+    of sending it late; 0 = no limit."""
+    idle_poll_ms: float = 100.0
+    """After its last batch, a worker polls (50 us sleeps) this long, then sleeps
+    until the producer wakes it."""
     batch_max: int = 256
     """Most event records a worker sends per round."""
     drain_timeout_s: float = 5.0
@@ -55,6 +65,9 @@ class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             (self.ring_bytes % 8 == 0, "ring_bytes", "must be a multiple of 8"),
             (self.full_ring_wait_ms >= 0, "full_ring_wait_ms", "must be >= 0"),
             (1 <= self.batch_max <= 1024, "batch_max", "must be 1-1024"),
+            (self.max_pending_datagrams >= 0, "max_pending_datagrams", "must be >= 0"),
+            (0 <= self.max_delay_ms <= 86_400_000, "max_delay_ms", "must be 0-86400000"),
+            (0 <= self.idle_poll_ms <= 10_000, "idle_poll_ms", "must be 0-10000"),
             (self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0"),
             (1 <= self.max_events <= 65535, "max_events", "must be 1-65535"),
             (self.socket_limit >= 0, "socket_limit", "must be >= 0"),

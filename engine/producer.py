@@ -16,6 +16,7 @@ Accounting (checked by `EngineStatistics.check_identity`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -27,7 +28,7 @@ from engine.address import Destination, parse_destination
 from engine.errors import EngineError, PayloadTooLarge
 from engine.options import EngineOptions
 from engine.routing import Router
-from engine.shm.counters import CounterBlock
+from engine.shm.counters import CounterBlock, CounterLayout, Region
 from engine.shm.ring import (
     KIND_EVENT,
     KIND_STOP,
@@ -105,6 +106,9 @@ class Engine:
         self.oversize: list[int] = [0] * self.options.max_events
         self.events_queued = 0
         self.drops = dict.fromkeys(DROP_REASONS, 0)
+        self._max_pending = self.options.max_pending_datagrams
+        self._regions: list[Region] = []  # the workers' counter regions, while running
+        self._i_consumed = CounterLayout(self.options.max_events).scalar("pairs_consumed")
         self._wait_s = (
             self.options.full_ring_wait_ms / 1000.0
             if self.options.full_ring_policy == "wait"
@@ -118,6 +122,9 @@ class Engine:
         with self.lock:
             with self._hot:
                 self._router = Router(self.supervisor.rings)
+                counters = self.supervisor.counters
+                assert counters is not None
+                self._regions = [counters.region(k) for k in range(len(self.supervisor.rings))]
             self._replay_registry()  # subscriptions made before start()
             self.registry.load()  # may rewrite the state file: `_hot` is not held
             self._refresh_expiry()
@@ -136,11 +143,13 @@ class Engine:
                 self._router.flush()
             for ring in self.supervisor.rings:
                 ring.append(KIND_STOP, 0, 0, time.monotonic_ns(), b"", wait_s=0.5)
+        self._wake_all()
         timeout = self.options.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         self.supervisor.join_workers(timeout)
         with self.lock:
             self.final_statistics = self.statistics()  # the last word, before unmapping
             with self._hot:
+                self._regions = []
                 self.supervisor.free()
                 self._router = None
 
@@ -221,7 +230,34 @@ class Engine:
         with self._hot:
             if not self._accepting:
                 raise EngineError(self._failure or "engine is not running")
-            return self._queue(name, eid, payload)
+            result = self._queue(name, eid, payload)
+        # Releasing the lock was a full barrier (a locked instruction), so a worker
+        # that went to sleep before our append is seen asleep now (shm/ring.py).
+        if result.workers_queued:
+            self._wake(eid)
+        return result
+
+    def _wake(self, eid: int) -> None:
+        """Wake the sleeping workers that hold subscribers of `eid` (no system call
+        for a worker that is awake)."""
+        router = self._router
+        if router is None:
+            return
+        rings = router.rings
+        try:
+            for worker, _ in router.targets.get(eid, ()):
+                rings[worker].wake_if_sleeping()
+        except ValueError:  # stop() unmapped the rings meanwhile: no one to wake
+            pass
+
+    def _wake_all(self) -> None:
+        """After control records (outside `_hot`: its release is the barrier)."""
+        router = self._router
+        if router is None:
+            return
+        with contextlib.suppress(ValueError):  # unmapped by stop() meanwhile
+            for ring in router.rings:
+                ring.wake_if_sleeping()
 
     def _learn_event(self, name: str) -> int:
         # No lock: a dict read is atomic, and ids never change once given (taking
@@ -250,10 +286,17 @@ class Engine:
         ts = time.monotonic_ns()
         wait_s = self._wait_s
         queued = dropped = pairs = 0
+        bound = self._max_pending
         for worker, fanout in targets:
             route = routes[worker]
             if route.pending:  # control records first: the event must not overtake them
                 ok = False
+            elif (
+                bound
+                and route.pairs_queued - route.consumed_seen + fanout > bound
+                and not self._backlog_room(worker, fanout, wait_s)
+            ):
+                ok = False  # a backlog of datagrams, not only of bytes, is bounded
             elif wait_s:
                 ok = rings[worker].append(KIND_EVENT, eid, fanout, ts, payload, wait_s)
             else:  # payloads are <= MAX_PAYLOAD, always under the ring's record limit
@@ -272,6 +315,24 @@ class Engine:
             self.events_queued += 1
         return RaiseResult(name, len(payload), queued, dropped, pairs)
 
+    def _backlog_room(self, worker: int, fanout: int, wait_s: float) -> bool:
+        """Whether `worker`'s pending datagrams plus `fanout` fit under
+        engine.max_pending_datagrams, with its consumed count read afresh (waiting up
+        to `wait_s` for it to drain). An empty backlog always takes an event, however
+        many subscribers it has."""
+        assert self._router is not None
+        route = self._router.routes[worker]
+        region = self._regions[worker]
+        deadline = time.monotonic() + wait_s
+        while True:
+            route.consumed_seen = region.counter(self._i_consumed)
+            pending = route.pairs_queued - route.consumed_seen
+            if pending <= 0 or pending + fanout <= self._max_pending:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.0001)
+
     # -- control records -----------------------------------------------------------------
     def _on_change(self, change: Change) -> None:
         """Registry callback (under self.lock): tell the owning worker, in order."""
@@ -279,6 +340,7 @@ class Engine:
             if self._router is not None:  # before start(): replayed by start()
                 self._router.apply(change)
             self._refresh_expiry()
+        self._wake_all()  # a control record may be waiting for a sleeping worker
 
     def _replay_registry(self) -> None:
         for name, eid in self.registry.events():
@@ -307,9 +369,11 @@ class Engine:
             router = self._router
             if not self._accepting or router is None:
                 return
-            router.flush()
+            flushed = router.flush()
             for worker, ring in enumerate(router.rings):
                 router.fold(worker, ring.read_pos)
+        if flushed:
+            self._wake_all()
 
     # -- statistics --------------------------------------------------------------------------
     def statistics(self) -> EngineStatistics:
@@ -342,6 +406,8 @@ class Engine:
                         pairs_sent=values[lay.scalar("pairs_sent")],
                         pairs_failed=values[lay.scalar("pairs_failed")],
                         pairs_consumed=values[lay.scalar("pairs_consumed")],
+                        pairs_stale=values[lay.scalar("pairs_stale")],
+                        sleeps=ring.sleeps,
                         redelivered_pairs=values[lay.scalar("redelivered_pairs")],
                         subscribers=values[lay.scalar("subscribers")],
                         failures=failures,

@@ -48,6 +48,7 @@ class WorkerRoute:
     base: list[tuple[int, ControlPayload]] = field(default_factory=list)  # table at log[0]
     pending: deque[tuple[int, int, bytes]] = field(default_factory=deque)  # waiting for room
     pairs_queued: int = 0
+    consumed_seen: int = 0  # the worker's pairs_consumed, as last read (may lag)
     pairs_dropped: int = 0
     records_dropped: int = 0
     # Per-subscriber counter slots in this worker's region; never reused, so a
@@ -149,26 +150,32 @@ class Router:
         self._flush(worker)
         self._rebuild_targets(eid)
 
-    def flush(self) -> None:
-        """Move waiting control records into their rings where they fit now."""
+    def flush(self) -> bool:
+        """Move waiting control records into their rings where they fit now; True
+        when any record went in (its worker may need waking)."""
+        appended = False
         for worker in range(len(self.routes)):
-            self._flush(worker)
+            appended = self._flush(worker) or appended
+        return appended
 
-    def _flush(self, worker: int) -> None:
+    def _flush(self, worker: int) -> bool:
         route = self.routes[worker]
         if not route.pending:
-            return
+            return False
         ring = self.rings[worker]
+        appended = False
         # Log entries without a position are the pending ones, in the same order.
         unplaced = [i for i, entry in enumerate(route.log) if entry[0] < 0]
         while route.pending:
             kind, eid, payload = route.pending[0]
             if not ring.try_append(kind, eid, 0, time.monotonic_ns(), payload):
-                return
+                return appended
+            appended = True
             route.pending.popleft()
             i = unplaced.pop(0)
             _, k, e, control = route.log[i]
             route.log[i] = (ring.write_pos, k, e, control)
+        return appended
 
     def fold(self, worker: int, read_pos: int) -> None:
         """Fold the control records the worker has consumed into its base table."""

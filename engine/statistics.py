@@ -22,14 +22,17 @@ class WorkerStatistics:
     pairs_sent: int
     pairs_failed: int
     pairs_consumed: int  # pairs of the event records the worker has finished
+    pairs_stale: int  # pairs not sent: the event was older than engine.max_delay_ms
     redelivered_pairs: int  # pairs possibly sent twice (a worker died mid-batch)
     subscribers: int  # sockets the worker holds
     failures: dict[tuple[str, str], int]  # (transport, reason) -> failed pairs
     counters: tuple[int, ...]  # the raw counter area (see counters.CounterLayout)
 
+    sleeps: int  # times the worker went to sleep until woken (idle)
+
     @property
     def pairs_in_ring(self) -> int:
-        """Pairs queued but not yet handled: queued = sent + failed + in ring."""
+        """Pairs queued but not yet handled: queued = sent + failed + stale + in ring."""
         return self.pairs_queued - self.pairs_consumed
 
 
@@ -58,6 +61,18 @@ class EngineStatistics:
     @property
     def pairs_failed(self) -> int:
         return sum(w.pairs_failed for w in self.workers)
+
+    @property
+    def pairs_stale(self) -> int:
+        return sum(w.pairs_stale for w in self.workers)
+
+    def stale_by_event(self) -> dict[str, int]:
+        """Event -> pairs dropped as stale (older than engine.max_delay_ms)."""
+        layout = CounterLayout(self.max_events)
+        return {
+            name: sum(w.counters[layout.stale(eid)] for w in self.workers)
+            for eid, name in self.event_names.items()
+        }
 
     def sent_by_event(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(event, transport) -> (datagrams, bytes) over all workers."""
@@ -88,10 +103,10 @@ class EngineStatistics:
                 f"{self.drops} + queued {self.events_queued}"
             )
         for w in self.workers:
-            if w.pairs_consumed != w.pairs_sent + w.pairs_failed:
+            if w.pairs_consumed != w.pairs_sent + w.pairs_failed + w.pairs_stale:
                 errors.append(
                     f"worker {w.index}: pairs consumed {w.pairs_consumed} != sent "
-                    f"{w.pairs_sent} + failed {w.pairs_failed}"
+                    f"{w.pairs_sent} + failed {w.pairs_failed} + stale {w.pairs_stale}"
                 )
             if w.pairs_in_ring < 0 or (w.pairs_in_ring and not w.ring.used_bytes):
                 errors.append(

@@ -298,6 +298,8 @@ class Supervisor:
                 use_sendmmsg=opts.use_sendmmsg,
                 socket_limit=opts.socket_limit,
                 unix_wait_ms=opts.unix_wait_ms,
+                max_delay_ms=opts.max_delay_ms,
+                idle_poll_ms=opts.idle_poll_ms,
                 sndbuf=opts.sndbuf_bytes,
                 parent_pid=os.getpid(),
                 snapshot=snapshot,

@@ -37,8 +37,9 @@ from workers.table import FD_RESERVE, Subscriber, SubscriberTable, raise_fd_limi
 # event after a quiet 100 ms).
 IDLE_SPINS: Final = 200
 SHORT_SLEEP_S: Final = 50e-6
-LONG_SLEEP_S: Final = 1e-3
-BUSY_WINDOW_NS: Final = 100_000_000
+# Asleep, a worker still wakes this often (to see its parent gone); the producer
+# wakes it at once for a record.
+SLEEP_TIMEOUT_S: Final = 1.0
 
 UNIX: Final = TRANSPORTS.index("unix")
 PR_SET_PDEATHSIG: Final = 1
@@ -96,6 +97,7 @@ class Worker:
         self.i_failed = lay.scalar("pairs_failed")
         self.i_subscribers = lay.scalar("subscribers")
         self.i_consumed = lay.scalar("pairs_consumed")
+        self.i_stale = lay.scalar("pairs_stale")
         self._set(self.i_subscribers, len(self.table.by_key))
 
     def _add(self, index: int, delta: int) -> None:
@@ -123,12 +125,15 @@ class Worker:
         iov = self.sender.iov_words
         base = self.sender.data_address
         parent = self.spec.parent_pid
+        poll_ns = int(self.spec.idle_poll_ms * 1e6)
+        max_delay_ns = int(self.spec.max_delay_ms * 1e6)
         rpos = ring.read_pos
         idle = 0
         last_busy = time.monotonic_ns()
         eids: list[int] = []
         lengths: list[int] = []
         stamps: list[int] = []
+        stale: list[tuple[int, int]] = []
         while True:
             wpos = ring.write_pos
             if wpos == rpos:
@@ -137,16 +142,18 @@ class Worker:
                     continue
                 now = time.monotonic_ns()
                 beat(now)
-                if now - last_busy < BUSY_WINDOW_NS:
+                if now - last_busy < poll_ns:  # traffic is recent: poll
                     time.sleep(SHORT_SLEEP_S)
-                else:
-                    if parent and os.getppid() != parent:
-                        return
-                    time.sleep(LONG_SLEEP_S)
+                    continue
+                if parent and os.getppid() != parent:
+                    return
+                ring.sleep(rpos, SLEEP_TIMEOUT_S)  # until the producer wakes us
+                beat(time.monotonic_ns())
                 continue
             idle = 0
+            stale_before = time.monotonic_ns() - max_delay_ns if max_delay_ns else 0
             pos, records, consumed, n, control = read_batch(
-                rpos, wpos, batch_max, iov, base, eids, lengths, stamps
+                rpos, wpos, batch_max, iov, base, eids, lengths, stamps, stale_before, stale
             )
             if n:
                 region.mark_sending(pos)
@@ -154,7 +161,9 @@ class Worker:
                 self._send_batch(n, eids, lengths, stamps)
                 self._add(self.i_events, n)
                 self._add(self.i_batches, 1)
-                self._add(self.i_consumed, consumed)
+            if stale:
+                self._count_stale(stale)
+            self._add(self.i_consumed, consumed)
             stop = False
             if control is not None:
                 stop = self._apply_control(*control)
@@ -166,6 +175,15 @@ class Worker:
             beat(last_busy)
             if stop:
                 return
+
+    def _count_stale(self, stale: list[tuple[int, int]]) -> None:
+        """Events older than engine.max_delay_ms: dropped for all their subscribers."""
+        lay = self.layout
+        for eid, fanout in stale:
+            self._add(lay.stale(eid), fanout)
+            self._add(self.i_stale, fanout)
+        self._add(self.i_events, len(stale))
+        stale.clear()
 
     def _apply_control(self, kind: int, event_id: int, offset: int, length: int) -> bool:
         self._add(self.i_controls, 1)

@@ -1,6 +1,6 @@
 """The counter block: per-worker counters in shared memory, written once per batch.
 
-Layout, version 3 (u64 words, native little-endian):
+Layout, version 4 (u64 words, native little-endian):
 
     Block header, 64 bytes
       0   u64  magic          COUNTERS_MAGIC ("EDGCNTR" + 0x01)
@@ -48,7 +48,7 @@ from typing import Final
 from engine.shm.ring import Ring
 
 COUNTERS_MAGIC: Final = int.from_bytes(b"EDGCNTR\x01", "little")
-COUNTERS_VERSION: Final = 3
+COUNTERS_VERSION: Final = 4
 BLOCK_HEADER_WORDS: Final = 8
 REGION_HEADER_WORDS: Final = 8
 JOURNAL_MAX: Final = 4096
@@ -79,7 +79,8 @@ SCALARS: Final = (
     "pairs_failed",  # pairs whose send failed (any reason)
     "redelivered_pairs",  # pairs sent again after a worker died mid-batch
     "subscribers",  # sockets this worker holds now (a gauge)
-    "pairs_consumed",  # fan-out of the event records consumed (= sent + failed)
+    "pairs_consumed",  # fan-out of the event records consumed (= sent + failed + stale)
+    "pairs_stale",  # pairs not sent: the event was older than engine.max_delay_ms
 )
 
 
@@ -115,9 +116,17 @@ class CounterLayout:
         return self.failures_base + transport * len(REASONS) + reason
 
     @property
+    def stale_base(self) -> int:
+        return self.failures_base + len(TRANSPORTS) * len(REASONS)
+
+    def stale(self, event_id: int) -> int:
+        """Pairs of `event_id` dropped as stale (older than engine.max_delay_ms)."""
+        return self.stale_base + event_id
+
+    @property
     def batch_base(self) -> int:
         """len(BATCH_BUCKETS)+1 bucket counts (last = +Inf), then the sum."""
-        return self.failures_base + len(TRANSPORTS) * len(REASONS)
+        return self.stale_base + self.max_events
 
     @property
     def latency_base(self) -> int:

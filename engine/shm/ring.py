@@ -1,6 +1,6 @@
 """Single-producer / single-consumer ring of variable-length records in shared memory.
 
-Layout, version 1 (all integers native little-endian, x86-64):
+Layout, version 2 (all integers native little-endian, x86-64):
 
     Header, 256 bytes
       0   u64  magic             RING_MAGIC ("EDGRING" + 0x01)
@@ -16,7 +16,11 @@ Layout, version 1 (all integers native little-endian, x86-64):
       -- consumer cache line --
       128 u64  read position     ever-increasing byte count; written by the consumer only
       136 u64  records read      written by the consumer only
-      144 ..255                  reserved
+      144 ..191                  reserved
+      -- sleep cache line (written only when the consumer sleeps or wakes, so the
+         producer's read of it on every raise stays a cache hit) --
+      192 u64  sleep sequence    written by the consumer only: odd while it sleeps
+      200 ..255                  reserved
     Data, `capacity` bytes, starting at offset 256
 
     Record, at data offset (position % capacity), 8-byte aligned
@@ -39,10 +43,22 @@ them. Each position is one aligned 8-byte store/load through a native `'Q'`
 memoryview (a single `mov`; the `'<Q'` struct path would copy byte by byte).
 This relies on x86-64 ordering: stores are not reordered with other stores,
 loads not with other loads. `check_architecture()` refuses to run elsewhere.
+
+Sleeping and waking (no lost wake-up, no system call while the consumer is
+awake). An idle consumer makes the sleep sequence odd, then futex-waits on the
+low 32 bits of the write position, expecting the value it has read up to: the
+kernel checks that word after queueing the waiter (with a full barrier in
+between), so a record published before that check is never slept through. The
+producer, after publishing, crosses a full barrier (the engine releases its
+raise-path lock: a locked instruction), then reads the sleep sequence, and
+wakes only when it is odd and not already woken. Either the producer sees the
+odd sequence and wakes, or its write position was visible before the
+consumer's check: one of the two always holds, under x86-64 ordering.
 """
 
 from __future__ import annotations
 
+import ctypes
 import platform
 import struct
 import time
@@ -51,8 +67,10 @@ from typing import Final
 
 import msgspec
 
+from engine.shm import futex
+
 RING_MAGIC: Final = int.from_bytes(b"EDGRING\x01", "little")
-RING_VERSION: Final = 1
+RING_VERSION: Final = 2
 HEADER_SIZE: Final = 256
 RECORD_HEADER: Final = struct.Struct("<IHHIIQ")
 RECORD_HEADER_SIZE: Final = RECORD_HEADER.size  # 24
@@ -67,6 +85,8 @@ KIND_WRAP: Final = 0xFFFF
 _MAGIC, _VERSION_SIZE, _CAPACITY = 0, 1, 2
 _WRITE_POS, _RECORDS_WRITTEN, _DROPS = 8, 9, 10
 _READ_POS, _RECORDS_READ = 16, 17
+_SLEEP_SEQ: Final = 24
+_WRITE_POS_OFFSET: Final = 8 * _WRITE_POS  # the futex word: its low 32 bits
 
 
 class ControlPayload(msgspec.Struct, array_like=True, frozen=True):
@@ -134,6 +154,8 @@ class Ring:
         self._wpos = int(self.words[_WRITE_POS])
         self._rpos = int(self.words[_READ_POS])
         self._written = int(self.words[_RECORDS_WRITTEN])
+        self._woken = 0  # producer: the sleep sequence it last woke
+        self._anchor: ctypes.c_char | None = None  # pins the mapping for futex addresses
 
     @staticmethod
     def format(buf: memoryview, capacity: int) -> None:
@@ -149,8 +171,42 @@ class Ring:
 
     def release(self) -> None:
         """Drop every view into the segment so it can be closed."""
+        self._anchor = None
         self.data.release()
         self.words.release()
+
+    def _futex_word(self) -> int:
+        """This mapping's address of the write position (the futex word)."""
+        if self._anchor is None:
+            self._anchor = ctypes.c_char.from_buffer(self.buf)
+        return ctypes.addressof(self._anchor) + _WRITE_POS_OFFSET
+
+    # -- sleeping and waking (see the module docstring) -----------------------------
+    def sleep(self, read_pos: int, timeout_s: float) -> None:
+        """Consumer, with nothing left before `read_pos`: sleep until the producer
+        publishes more (or `timeout_s`)."""
+        words = self.words
+        words[_SLEEP_SEQ] += 1  # odd: asleep
+        try:
+            if words[_WRITE_POS] == read_pos:
+                futex.wait(self._futex_word(), read_pos, timeout_s)
+        finally:
+            words[_SLEEP_SEQ] += 1  # even: awake
+
+    @property
+    def sleeps(self) -> int:
+        """How many times the consumer has gone to sleep."""
+        return (int(self.words[_SLEEP_SEQ]) + 1) // 2
+
+    def wake_if_sleeping(self) -> bool:
+        """Producer, after a full barrier that follows its last append: wake the
+        consumer if it sleeps (one system call per sleep, none while it is awake)."""
+        seq = self.words[_SLEEP_SEQ]
+        if not seq & 1 or seq == self._woken:
+            return False
+        self._woken = seq
+        futex.wake(self._futex_word())
+        return True
 
     # -- positions ----------------------------------------------------------------
     @property
@@ -239,6 +295,8 @@ class Ring:
         eids: list[int],
         lengths: list[int],
         stamps: list[int],
+        stale_before_ns: int = 0,
+        stale: list[tuple[int, int]] | None = None,
     ) -> tuple[int, int, int, int, tuple[int, int, int, int] | None]:
         """The consumer's hot path: the next batch of records in [rpos, wpos).
 
@@ -249,11 +307,14 @@ class Ring:
         `lengths` and `stamps` (cleared first). A control record ends the batch:
         when it comes first it is the batch (consumed, returned as `control`);
         otherwise it is left for the next one, so it applies after the events
-        before it are sent.
+        before it are sent. An event record raised before `stale_before_ns`
+        (time.monotonic_ns(); 0 = none is stale) is consumed without being handed
+        out: its (event id, fan-out) goes to `stale` instead.
 
-        Returns (end position, records consumed, fan-out of the events, events,
-        control) where control is (kind, event id, payload offset, payload
-        length) or None; read it with `control_payload(offset, length)`.
+        Returns (end position, records consumed, fan-out of the events consumed
+        (stale ones included), events handed out, control) where control is
+        (kind, event id, payload offset, payload length) or None; read it with
+        `control_payload(offset, length)`.
         """
         data = self.data
         cap = self.capacity
@@ -264,7 +325,8 @@ class Ring:
         pos = rpos
         records = consumed = n = 0
         control: tuple[int, int, int, int] | None = None
-        while pos < wpos and n < batch_max:
+        # Stale records are skipped cheaply, but a round stays bounded all the same.
+        while pos < wpos and n < batch_max and records < 16 * batch_max:
             off = pos % cap
             tail = cap - off
             if tail < RECORD_HEADER_SIZE:
@@ -281,6 +343,12 @@ class Ring:
                     records += 1
                     pos = nxt
                 break
+            if ts < stale_before_ns and stale is not None:
+                stale.append((eid, fanout))
+                consumed += fanout
+                records += 1
+                pos = nxt
+                continue
             iov[2 * n] = base_address + off + RECORD_HEADER_SIZE
             iov[2 * n + 1] = length
             eids.append(eid)

@@ -13,9 +13,9 @@ def worker(**changes: object) -> WorkerStatistics:
         index=0, pid=1, alive=True, restarts=0,
         ring=RingStatistics(capacity=4096, used_bytes=48, records_written=3, records_read=2,
                             drops=0),
-        pairs_queued=6, pairs_dropped=0, records_dropped=0, pairs_sent=3, pairs_failed=1,
-        pairs_consumed=4, redelivered_pairs=0, subscribers=2,
-        failures={("udp", "econnrefused"): 1}, counters=(),
+        pairs_queued=7, pairs_dropped=0, records_dropped=0, pairs_sent=3, pairs_failed=1,
+        pairs_consumed=5, pairs_stale=1, redelivered_pairs=0, subscribers=2,
+        failures={("udp", "econnrefused"): 1}, counters=(), sleeps=0,
     )  # fmt: skip
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
@@ -36,8 +36,9 @@ def test_consistent_numbers_pass() -> None:
 
 def test_each_mismatch_is_reported() -> None:
     assert "events: raised 6" in stats(worker(), raised=6).identity_errors()[0]
-    assert "consumed 5 != sent 3 + failed 1" in stats(worker(pairs_consumed=5)).identity_errors()[0]
+    wrong = stats(worker(pairs_consumed=6)).identity_errors()[0]
+    assert "consumed 6 != sent 3 + failed 1 + stale 1" in wrong
     assert "by reason" in stats(worker(failures={})).identity_errors()[0]
     empty_ring = dataclasses.replace(worker().ring, used_bytes=0)
     assert "pairs in ring" in stats(worker(ring=empty_ring)).identity_errors()[0]
-    assert "pairs in ring" in stats(worker(pairs_queued=3)).identity_errors()[0]
+    assert "pairs in ring" in stats(worker(pairs_queued=4)).identity_errors()[0]
