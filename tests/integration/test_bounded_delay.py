@@ -53,7 +53,7 @@ def test_a_backlog_is_bounded_in_datagrams_with_1000_subscribers() -> None:
     try:
         with running_engine(max_pending_datagrams=20_000, heartbeat_timeout_s=0) as engine:
             for sink in sinks:
-                engine.subscribe("E_TEST", "udp:127.0.0.1:%d" % sink.getsockname()[1])
+                engine.subscribe("E_TEST", f"udp:127.0.0.1:{sink.getsockname()[1]}")
             settle(engine)
             pid = engine.statistics().workers[0].pid
             assert pid is not None
@@ -93,7 +93,7 @@ def test_no_wake_up_is_lost_when_a_raise_races_the_worker_going_to_sleep() -> No
     rng = random.Random(12)
     try:
         with running_engine(idle_poll_ms=0) as engine:
-            engine.subscribe("E_TEST", "udp:127.0.0.1:%d" % rx.getsockname()[1])
+            engine.subscribe("E_TEST", f"udp:127.0.0.1:{rx.getsockname()[1]}")
             worst = 0.0
             for seq in range(rounds):
                 pause_until = time.perf_counter() + rng.uniform(0, 300e-6)
@@ -104,7 +104,7 @@ def test_no_wake_up_is_lost_when_a_raise_races_the_worker_going_to_sleep() -> No
                 try:
                     data = rx.recv(1000)
                 except TimeoutError:
-                    raise AssertionError(f"event {seq} was not delivered: a lost wake-up")
+                    raise AssertionError(f"event {seq} was not delivered: a lost wake-up") from None
                 worst = max(worst, time.perf_counter() - start)
                 assert json.loads(data)["params"]["seq"] == seq
             stats = engine.statistics()
