@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine import state
-from engine.options import EngineOptions
-from engine.producer import Engine
-from tests.support import Receiver, udp_receiver, unique_instance
+from tests.support import Receiver, running_engine, udp_receiver
 
 SLOW_WRITE_S = 0.2  # each state-file fsync, once the subscriptions are in
 
@@ -41,76 +39,63 @@ def test_expiry_under_a_raise_loop_never_waits_on_the_state_file(
     tmp_path: Path, slow_fsync: threading.Event
 ) -> None:
     state_file = tmp_path / "state.json"
-    engine = Engine(
-        EngineOptions(instance=unique_instance("exp"), workers=1),
-        events=["E_TEST"],
-        state_file=str(state_file),
-    )
     keeper = udp_receiver()
     expiring: list[Receiver] = [udp_receiver() for _ in range(8)]
     try:
-        engine.start()
-        engine.subscribe("E_TEST", keeper.socket_text, 3600)
-        for rx in expiring:
-            engine.subscribe("E_TEST", rx.socket_text, 1)
-        expires_at = time.time() + 1
-        slow_fsync.set()
-        worst = 0.0
-        raised = 0
-        deadline = time.monotonic() + 3.0  # past the expiry and the slow rewrite
-        while time.monotonic() < deadline:
-            start = time.perf_counter()
-            engine.raise_event("E_TEST", {"seq": raised, "at": time.time()})
-            worst = max(worst, time.perf_counter() - start)
-            raised += 1
-            time.sleep(0.0005)
-        slow_fsync.clear()
-
-        # The expired subscribers were removed (and the file rewritten without them)
-        # while the loop ran, off its thread.
-        assert slow_fsync.count >= 1, "the state file was never rewritten during the loop"  # type: ignore[attr-defined]
-        saved = json.loads(state_file.read_text())
-        assert [e["socket"] for e in saved["subscriptions"]] == [keeper.socket_text]
-        # ...and the raise path never waited for it.
-        assert worst < SLOW_WRITE_S / 4, f"a raise took {worst * 1000:.1f} ms"
-
-        engine.stop()
-        stats = engine.statistics()
-        stats.check_identity()
+        with running_engine(state_file=str(state_file)) as engine:
+            engine.subscribe("E_TEST", keeper.socket_text, 3600)
+            for rx in expiring:
+                engine.subscribe("E_TEST", rx.socket_text, 1)
+            expires_at = time.time() + 1
+            slow_fsync.set()
+            worst = 0.0
+            raised = 0
+            deadline = time.monotonic() + 3.0  # past the expiry and the slow rewrite
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                engine.raise_event("E_TEST", {"seq": raised, "at": time.time()})
+                worst = max(worst, time.perf_counter() - start)
+                raised += 1
+                time.sleep(0.0005)
+            slow_fsync.clear()
+            # The expired subscribers were removed (and the file rewritten without
+            # them) while the loop ran, off its thread...
+            assert slow_fsync.count >= 1, "the state file was not rewritten during the loop"  # type: ignore[attr-defined]
+            saved = json.loads(state_file.read_text())
+            assert [e["socket"] for e in saved["subscriptions"]] == [keeper.socket_text]
+            # ...and the raise path never waited for it.
+            assert worst < SLOW_WRITE_S / 4, f"a raise took {worst * 1000:.1f} ms"
+        engine.statistics().check_identity()
         assert len(keeper.quiet(expect=raised)) == raised
         for rx in expiring:
             # Nothing raised after the expiry instant reached an expired subscriber.
             late = [d for d in rx.quiet() if json.loads(d)["params"]["at"] >= expires_at + 0.01]
             assert late == []
     finally:
-        engine.stop()
         keeper.close()
         for rx in expiring:
             rx.close()
 
 
 def test_a_refresh_moves_the_expiry_the_raise_path_acts_on() -> None:
-    engine = Engine(EngineOptions(instance=unique_instance("ref"), workers=1), events=["E_TEST"])
     refreshed, lapsed = udp_receiver(), udp_receiver()
     try:
-        engine.start()
-        engine.subscribe("E_TEST", refreshed.socket_text, 1)
-        engine.subscribe("E_TEST", lapsed.socket_text, 1)
-        time.sleep(0.5)
-        engine.subscribe("E_TEST", refreshed.socket_text, 3)  # refreshed before it expires
-        time.sleep(0.8)  # past the first expiry instant, before the refreshed one
-        engine.raise_event("E_TEST", {"seq": 1})
-        assert len(refreshed.wait_for(1)) == 1
-        assert lapsed.quiet() == []
-        # Expired and re-subscribed before any sweep: routed again, exactly once.
-        engine.subscribe("E_TEST", lapsed.socket_text, 3)
-        engine.raise_event("E_TEST", {"seq": 2})
-        assert len(lapsed.wait_for(1)) == 1
-        assert len(refreshed.wait_for(2)) == 2
-        engine.stop()
+        with running_engine() as engine:
+            engine.subscribe("E_TEST", refreshed.socket_text, 1)
+            engine.subscribe("E_TEST", lapsed.socket_text, 1)
+            time.sleep(0.5)
+            engine.subscribe("E_TEST", refreshed.socket_text, 3)  # refreshed before it expires
+            time.sleep(0.8)  # past the first expiry instant, before the refreshed one
+            engine.raise_event("E_TEST", {"seq": 1})
+            assert len(refreshed.wait_for(1)) == 1
+            assert lapsed.quiet() == []
+            # Expired and re-subscribed before any sweep: routed again, exactly once.
+            engine.subscribe("E_TEST", lapsed.socket_text, 3)
+            engine.raise_event("E_TEST", {"seq": 2})
+            assert len(lapsed.wait_for(1)) == 1
+            assert len(refreshed.wait_for(2)) == 2
         engine.statistics().check_identity()
         assert len(lapsed.quiet()) == 1 and len(refreshed.quiet()) == 2
     finally:
-        engine.stop()
         refreshed.close()
         lapsed.close()
