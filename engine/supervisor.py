@@ -41,9 +41,11 @@ from engine.shm.segment import (
     Segment,
     check_instance_name,
     list_segments,
+    lock_instance,
     segment_name,
     segment_owner,
     unlink_name,
+    unlock_instance,
 )
 from engine.shm.spec import WorkerSpec
 
@@ -144,6 +146,7 @@ class Supervisor:
         self._booted = threading.Event()
         self._boot_error: str | None = None
         self._saved_affinity: list[int] | None = None
+        self._lock_fd: int | None = None  # the instance lock, while the segments exist
         self.running = False
 
     # -- start ---------------------------------------------------------------------------------
@@ -151,7 +154,12 @@ class Supervisor:
         check_architecture()
         opts = self.options
         instance = check_instance_name(opts.instance)
-        self._reclaim(instance)
+        self._lock_fd = lock_instance(opts.resolved_runtime_dir(), instance)
+        try:
+            self._reclaim(instance)
+        except BaseException:
+            self._free_segments()  # releases the lock
+            raise
         workers, producer_cpu = self._plan_cpus()
         layout = CounterLayout(opts.max_events)
         try:
@@ -446,6 +454,7 @@ class Supervisor:
             self._saved_affinity = None
 
     def _free_segments(self) -> None:
+        """Unmap and unlink every segment, then release the instance lock."""
         for ring in self.rings:
             ring.release()
         if self.counters is not None:
@@ -457,6 +466,9 @@ class Supervisor:
         self._segments.clear()
         self.rings = []
         self.counters = None
+        if self._lock_fd is not None:
+            unlock_instance(self._lock_fd)
+            self._lock_fd = None
 
     # -- introspection -----------------------------------------------------------------------------
     def pid_of(self, k: int) -> int | None:

@@ -13,15 +13,24 @@ finds (by instance) and reclaims what a crashed engine of the same instance left
 behind, and the pid keeps two generations apart -- the resource tracker of a
 killed engine may unlink that engine's segments late, and must never hit the
 segments its successor has just created under the same instance name.
+
+Two engines must never share an instance name, even when they start at the same
+moment (their pids differ, so their segment names would not collide): each
+holds an exclusive `flock` on `<runtime dir>/<instance>.lock` while it runs,
+which the kernel releases however the process ends.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import mmap
 import os
 import re
 from multiprocessing import resource_tracker, shared_memory
 from typing import Final
+
+from engine.errors import EngineError
 
 SHM_DIR: Final = "/dev/shm"
 PREFIX: Final = "edg-"
@@ -33,6 +42,37 @@ def check_instance_name(instance: str) -> str:
     if not _INSTANCE_RE.match(instance):
         raise ValueError(f"instance name {instance!r}: use 1-48 letters, digits, '_' or '.'")
     return instance
+
+
+def lock_instance(runtime_dir: str, instance: str) -> int:
+    """Take the instance's lock; return its descriptor (close it to release).
+
+    Raises EngineError naming the instance (and the holder's pid) when another
+    engine holds it, or when the lock file cannot be made.
+    """
+    path = os.path.join(runtime_dir, f"{check_instance_name(instance)}.lock")
+    try:
+        os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise EngineError(f"cannot create the instance lock {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise EngineError(
+            f"instance {instance!r} is already running (pid {holder}, lock {path}); "
+            f"stop it or choose another instance name"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def unlock_instance(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def segment_name(instance: str, part: str, pid: int | None = None) -> str:
