@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
+
+RING_MIN: Final = 262_144
+RING_MAX: Final = 1 << 32
+MAX_WORKERS: Final = 256
+
+
+def _usable_cpus() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def _ranges(cpus: set[int]) -> str:
+    """{0, 1, 2, 5} -> "0-2, 5"."""
+    out: list[str] = []
+    for cpu in sorted(cpus):
+        if out and cpu - 1 == int(out[-1].rsplit("-", 1)[-1]):
+            out[-1] = f"{out[-1].split('-')[0]}-{cpu}"
+        else:
+            out.append(str(cpu))
+    return ", ".join(out)
 
 
 class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -59,16 +81,21 @@ class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Where the engine keeps its files; "" = $XDG_RUNTIME_DIR/event-datagram or /tmp."""
 
     def __post_init__(self) -> None:
+        usable = _usable_cpus()
         checks = (
-            (self.workers >= 0, "workers", "must be >= 0"),
-            (self.ring_bytes >= 65536 * 4, "ring_bytes", "must be >= 262144"),
+            (0 <= self.workers <= MAX_WORKERS, "workers", f"must be 0-{MAX_WORKERS}"),
+            (
+                RING_MIN <= self.ring_bytes <= RING_MAX,
+                "ring_bytes",
+                f"must be {RING_MIN}-{RING_MAX} (4 GiB)",
+            ),
             (self.ring_bytes % 8 == 0, "ring_bytes", "must be a multiple of 8"),
-            (self.full_ring_wait_ms >= 0, "full_ring_wait_ms", "must be >= 0"),
+            (0 <= self.full_ring_wait_ms <= 10_000, "full_ring_wait_ms", "must be 0-10000"),
             (1 <= self.batch_max <= 1024, "batch_max", "must be 1-1024"),
             (self.max_pending_datagrams >= 0, "max_pending_datagrams", "must be >= 0"),
             (0 <= self.max_delay_ms <= 86_400_000, "max_delay_ms", "must be 0-86400000"),
             (0 <= self.idle_poll_ms <= 10_000, "idle_poll_ms", "must be 0-10000"),
-            (self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0"),
+            (0 <= self.drain_timeout_s <= 3600, "drain_timeout_s", "must be 0-3600"),
             (1 <= self.max_events <= 65535, "max_events", "must be 1-65535"),
             (self.socket_limit >= 0, "socket_limit", "must be >= 0"),
             (self.sndbuf_bytes >= 0, "sndbuf_bytes", "must be >= 0"),
@@ -78,7 +105,11 @@ class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 "heartbeat_timeout_s",
                 "must be 0 (never) or 0.5-3600",
             ),
-            (all(c >= 0 for c in self.cpus), "cpus", "must be CPU numbers >= 0"),
+            (
+                all(c in usable for c in self.cpus),
+                "cpus",
+                f"must be CPUs this process may run on: {_ranges(usable)}",
+            ),
         )
         for ok, name, why in checks:
             if not ok:

@@ -40,6 +40,7 @@ from engine.shm.ring import ControlPayload, Ring, check_architecture, segment_si
 from engine.shm.segment import (
     Segment,
     check_instance_name,
+    check_shm_room,
     list_segments,
     lock_instance,
     segment_name,
@@ -163,6 +164,10 @@ class Supervisor:
         workers, producer_cpu = self._plan_cpus()
         layout = CounterLayout(opts.max_events)
         try:
+            check_shm_room(
+                block_size(workers, layout) + workers * segment_size(opts.ring_bytes),
+                f"{workers} worker(s) with {opts.ring_bytes}-byte rings",
+            )
             seg = Segment.create(segment_name(instance, "counters"), block_size(workers, layout))
             self._segments.append(seg)
             CounterBlock.format(seg.buf, workers, opts.max_events, os.getpid())

@@ -96,7 +96,19 @@ class Segment:
 
     @classmethod
     def create(cls, name: str, size: int) -> Segment:
+        """Create the segment with every page reserved (`posix_fallocate`), so a
+        /dev/shm too small is an EngineError now, not a SIGBUS when a page is
+        first touched."""
         shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        try:
+            os.posix_fallocate(shm._fd, 0, size)  # type: ignore[attr-defined]
+        except OSError as exc:
+            shm.close()
+            shm.unlink()
+            raise EngineError(
+                f"cannot reserve {_mib(size)} of shared memory for {name}: "
+                f"{exc.strerror} ({SHM_DIR} has {_mib(shm_free_bytes())} free)"
+            ) from None
         assert shm.buf is not None
         return cls(name, size, shm.buf, shm)
 
@@ -128,6 +140,27 @@ class Segment:
                 resource_tracker.unregister(owner._name, "shared_memory")  # type: ignore[attr-defined]
         else:
             unlink_name(self.name)
+
+
+def shm_free_bytes() -> int:
+    """Bytes an unprivileged process may still put in /dev/shm."""
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def check_shm_room(needed: int, what: str) -> None:
+    """Raise EngineError, naming both sizes, when /dev/shm cannot hold `needed`."""
+    free = shm_free_bytes()
+    if needed > free:
+        raise EngineError(
+            f"{what} need {_mib(needed)} of shared memory, but {SHM_DIR} has only "
+            f"{_mib(free)} free: lower engine.workers or engine.ring_bytes, or enlarge "
+            f"{SHM_DIR} (a container's default is 64 MiB: docker run --shm-size)"
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def unlink_name(name: str) -> bool:
