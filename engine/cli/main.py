@@ -228,7 +228,9 @@ def run(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    for s in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too: a closed terminal or a service manager's hang-up drains and
+    # stops like SIGTERM instead of killing the engine mid-batch.
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, on_signal)
     runner = Runner(cfg, args.config or "the default config")
     try:

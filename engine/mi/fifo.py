@@ -129,9 +129,10 @@ class FifoServer:
 
     def stop(self) -> None:
         self._stop.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wfd, b"\n")  # wake the reader up
-        self._thread.join(5)
+        if self._thread.ident is not None:  # started
+            with contextlib.suppress(OSError):
+                os.write(self._wfd, b"\n")  # wake the reader up
+            self._thread.join(5)
         os.close(self._rfd)
         os.close(self._wfd)
         with contextlib.suppress(OSError):

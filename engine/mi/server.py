@@ -265,9 +265,12 @@ class HTTPServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        """Stop serving and close the socket; also for a server never started
+        (shutdown() would wait forever for a serve_forever that never ran)."""
+        if self._thread.ident is not None:
+            self._server.shutdown()
+            self._thread.join(5)
         self._server.server_close()
-        self._thread.join(5)
 
     @property
     def url(self) -> str:
@@ -308,9 +311,10 @@ class DatagramServer:
 
     def stop(self) -> None:
         self._stop.set()
-        with contextlib.suppress(OSError):  # wake the receiver up
-            self._sock.sendto(b"", self._sock.getsockname())
-        self._thread.join(5)
+        if self._thread.ident is not None:  # started
+            with contextlib.suppress(OSError):  # wake the receiver up
+                self._sock.sendto(b"", self._sock.getsockname())
+            self._thread.join(5)
         self._sock.close()
 
     def _run(self) -> None:
