@@ -15,7 +15,7 @@ import os
 import re
 import tomllib
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -68,6 +68,9 @@ class StateConfig(_Section):
     """Persist subscriptions made over the MI, so they survive a restart."""
     file: str = ""
     """The state file; "" = <runtime_dir>/<instance>.state.json."""
+    unknown_events: Literal["error", "register", "drop"] = "error"
+    """Saved subscriptions to events the config does not name: refuse to start
+    ("error", naming them), "register" the events, or "drop" the subscriptions."""
 
 
 class StaticSubscription(_Section):

@@ -35,7 +35,7 @@ from engine.shm.ring import (
     ControlPayload,
 )
 from engine.statistics import EngineStatistics, WorkerStatistics
-from engine.subscriptions import DEFAULT_EXPIRE, AllowList, Change, Registry
+from engine.subscriptions import DEFAULT_EXPIRE, AllowList, Change, Registry, UnknownEvents
 from engine.supervisor import Supervisor
 from engine.wire import Params, encode_notification
 
@@ -76,6 +76,7 @@ class Engine:
         events: list[str] | None = None,
         allow: AllowList | None = None,
         state_file: str | None = None,
+        unknown_events: UnknownEvents = "error",
     ) -> None:
         self.options = options or EngineOptions()
         # Two locks, always taken in this order: `lock` guards the registry (the
@@ -91,7 +92,9 @@ class Engine:
             state_file=state_file,
             on_change=self._on_change,
             max_events=self.options.max_events,
+            unknown_events=unknown_events,
         )
+        self._clock = self.registry.clock  # expiry's clock: steady, in wall seconds
         for name in events or ():
             self.registry.register_event(name)
         self.supervisor = Supervisor(self.options, self)
@@ -119,17 +122,21 @@ class Engine:
     def start(self) -> Engine:
         self.supervisor.start()  # creates the segments and boots the workers (no lock:
         # the supervisor thread takes it to spawn them)
-        with self.lock:
-            with self._hot:
-                self._router = Router(self.supervisor.rings)
-                counters = self.supervisor.counters
-                assert counters is not None
-                self._regions = [counters.region(k) for k in range(len(self.supervisor.rings))]
-            self._replay_registry()  # subscriptions made before start()
-            self.registry.load()  # may rewrite the state file: `_hot` is not held
-            self._refresh_expiry()
-            with self._hot:
-                self._accepting = True
+        try:
+            with self.lock:
+                with self._hot:
+                    self._router = Router(self.supervisor.rings)
+                    counters = self.supervisor.counters
+                    assert counters is not None
+                    self._regions = [counters.region(k) for k in range(len(self.supervisor.rings))]
+                self._replay_registry()  # subscriptions made before start()
+                self.registry.load()  # may rewrite the state file: `_hot` is not held
+                self._refresh_expiry()
+                with self._hot:
+                    self._accepting = True
+        except BaseException:
+            self.stop(0.0)  # a state file that cannot be loaded: free everything
+            raise
         return self
 
     def stop(self, drain_timeout_s: float | None = None) -> None:
@@ -275,8 +282,8 @@ class Engine:
     def _queue(self, name: str, eid: int, payload: bytes) -> RaiseResult:
         self.raised[eid] += 1
         router = self._router
-        if router is not None and router.next_expiry <= time.time():
-            router.expire(time.time())  # an expired subscriber receives nothing more
+        if router is not None and router.next_expiry <= (now := self._clock()):
+            router.expire(now)  # an expired subscriber receives nothing more
         targets = router.targets.get(eid) if router is not None else None
         if not targets or router is None:
             self.drops["no_subscribers"] += 1
@@ -363,7 +370,7 @@ class Engine:
         """Periodic housekeeping (supervisor thread): expiry sweep, pending controls."""
         if not self._accepting:
             return
-        if self._next_expiry is not None and time.time() >= self._next_expiry:
+        if self._next_expiry is not None and self._clock() >= self._next_expiry:
             self.sweep()
         with self._hot:
             router = self._router

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+import msgspec
+
 from engine.address import AddressError, Destination, parse_destination
 from engine.errors import BadExpire, NotAllowed, StateFileError, SubscriptionError, UnknownEvent
 from engine.state import MAX_EXPIRE, StateEntry, StateStore
@@ -154,21 +156,43 @@ def _check_expire(expire: object) -> None:
         raise BadExpire(expire, MAX_EXPIRE)
 
 
+def steady_clock() -> Callable[[], float]:
+    """A wall clock that never jumps: the wall time of its creation plus monotonic
+    time since. Expiry follows it, so stepping the system clock back (or forward)
+    while the engine runs neither keeps a subscription alive nor ends it early;
+    the instants it gives are still wall-clock seconds, as the state file keeps."""
+    wall0, mono0 = time.time(), time.monotonic()
+    return lambda: wall0 + (time.monotonic() - mono0)
+
+
+UnknownEvents = Literal["error", "register", "drop"]
+
+
 class Registry:
-    """Not thread-safe: the engine serialises calls with its own lock."""
+    """Not thread-safe: the engine serialises calls with its own lock.
+
+    `unknown_events` says what `load()` does with saved subscriptions to events
+    that are not registered: "error" (refuse, naming them), "register" them, or
+    "drop" them (logged).
+    """
 
     def __init__(
         self,
         *,
         allow: AllowList | None = None,
         state_file: str | os.PathLike[str] | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         on_change: Callable[[Change], None] | None = None,
         max_events: int = 256,
+        unknown_events: UnknownEvents = "error",
     ) -> None:
         self._allow = AllowList.default() if allow is None else allow
         self._store = None if state_file is None else StateStore(os.fspath(state_file))
-        self._clock = clock
+        self.clock = self._clock = clock or steady_clock()
+        self._unknown_events = unknown_events
+        # Saved entries that could not be restored now (a destination that no longer
+        # resolves or is no longer allowed): kept in the file until they expire.
+        self._carried: list[StateEntry] = []
         self._on_change = on_change
         self._max_events = max_events
         self._ids: dict[str, int] = {}
@@ -287,23 +311,43 @@ class Registry:
     def load(self) -> int:
         """Restore the state file's live subscriptions; return how many were restored.
 
-        Raises StateFileError (and refuses to save from then on) for a corrupt file.
+        Nothing saved is lost silently: a subscription to an event that is not
+        registered follows `unknown_events`; one whose destination cannot be
+        restored now (no longer resolves, no longer allowed) is logged and kept in
+        the file until it expires; one saved with a `subscribed_at` in the future
+        (a clock that ran ahead) counts from now.
+
+        Raises StateFileError (and refuses to save from then on) for a corrupt
+        file; StateFileError naming the events for unknown ones with "error", or
+        naming engine.max_events when their events do not fit.
         """
         entries = None if self._store is None else self._store.read()
         if self._store is None or entries is None:
             return 0
-        now, changes = self._clock(), []
+        path, now = self._store.path, self._clock()
+        live, changes = [], []
         for entry in entries:
-            if now >= entry.subscribed_at + entry.expire:
-                continue
+            if entry.subscribed_at > now:
+                log.warning(
+                    "state file %s: %s %s was subscribed %.0f s in the future; counted from now",
+                    path, entry.event, entry.socket, entry.subscribed_at - now,
+                )  # fmt: skip
+                entry = msgspec.structs.replace(entry, subscribed_at=now)
+            if now < entry.subscribed_at + entry.expire:
+                live.append(entry)
+        live = self._known_events(path, live)
+        for entry in live:
             try:
                 dest = parse_destination(entry.socket)
                 self._allow.check(dest)
-                eid = self.register_event(entry.event)
             except (ValueError, OSError, SubscriptionError) as exc:
-                what = f"{entry.event} {entry.socket}"
-                log.warning("state file %s: dropped %s: %s", self._store.path, what, exc)
+                log.warning(
+                    "state file %s: cannot restore %s %s now (%s); kept in the file until "
+                    "it expires", path, entry.event, entry.socket, exc,
+                )  # fmt: skip
+                self._carried.append(entry)
                 continue
+            eid = self.register_event(entry.event)
             subs = self._subs[eid]
             old = subs.get(dest.key)
             subs[dest.key] = sub = Subscriber(dest, entry.expire, entry.subscribed_at)
@@ -315,6 +359,40 @@ class Registry:
         for change in changes:
             self._emit(change)
         return len(changes)
+
+    def _known_events(self, path: str, entries: list[StateEntry]) -> list[StateEntry]:
+        """Apply `unknown_events` to saved subscriptions of unregistered events, and
+        check that the events they need fit in max_events."""
+        counts: dict[str, int] = {}
+        for entry in entries:
+            if entry.event not in self._ids:
+                counts[entry.event] = counts.get(entry.event, 0) + 1
+        if not counts:
+            return entries
+        names = sorted(counts.items())
+        listed = ", ".join(f"{name} ({n})" for name, n in names[:10])
+        if len(names) > 10:
+            listed += f" and {len(names) - 10} more"
+        if self._unknown_events == "error":
+            raise StateFileError(
+                path,
+                f"holds subscriptions to events the config does not name: {listed}; add "
+                f'them to `events`, or set state.unknown_events = "register" (keep them) '
+                f'or "drop" (forget them)',
+            )
+        if self._unknown_events == "drop":
+            log.warning("state file %s: dropped subscriptions to unknown events: %s", path, listed)
+            return [e for e in entries if e.event in self._ids]
+        room = self._max_events - len(self._names)
+        if len(counts) > room:
+            raise StateFileError(
+                path,
+                f"needs {len(counts)} more event(s) ({listed}) but engine.max_events = "
+                f"{self._max_events} leaves room for {room}: raise engine.max_events to at "
+                f"least {len(self._names) + len(counts)}",
+            )
+        log.warning("state file %s: registered events it names: %s", path, listed)
+        return entries
 
     def save(self) -> None:
         """Write every expiring subscription to the state file, atomically."""
@@ -364,12 +442,14 @@ class Registry:
             self._heap_limit = max(64, 2 * len(self._heap))
 
     def _entries(self) -> list[StateEntry]:
+        now = self._clock()
+        self._carried = [c for c in self._carried if now < c.subscribed_at + c.expire]
         return [
             StateEntry(self._names[eid], key, s.expire, s.subscribed_at)
             for eid, subs in enumerate(self._subs)
             for key, s in subs.items()
             if s.expire is not None
-        ]
+        ] + self._carried
 
     def _save_quietly(self) -> None:
         if self._store is not None:

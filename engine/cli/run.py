@@ -48,7 +48,11 @@ class Runner:
             os.makedirs(os.path.dirname(os.path.abspath(state)), mode=0o700, exist_ok=True)
         try:
             self.engine = Engine(
-                cfg.engine, events=cfg.events, allow=cfg.allow_list(), state_file=state
+                cfg.engine,
+                events=cfg.events,
+                allow=cfg.allow_list(),
+                state_file=state,
+                unknown_events=cfg.state.unknown_events,
             )
         except (ValueError, SubscriptionError) as exc:
             raise ConfigError(f"config error in {self.source}: {exc}") from None

@@ -119,8 +119,8 @@ def test_state_path_and_allow_list_defaults(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ('[engine]\nworkers = "two"', "Expected `int`, got `str` - at `$.engine.workers`"),
-        ("[engine]\nworkers = -1", "must be >= 0 - at `$.engine.workers`"),
-        ("[engine]\nring_bytes = 1000", "must be >= 262144 - at `$.engine.ring_bytes`"),
+        ("[engine]\nworkers = -1", "must be 0-256 - at `$.engine.workers`"),
+        ("[engine]\nring_bytes = 1000", "must be 262144-4294967296 (4 GiB) - at `$.engine.ring_bytes`"),
         ('[engine]\nfull_ring_policy = "block"', "'block' - at `$.engine.full_ring_policy`"),
         ("[engine]\nthreads = 4", "Object contains unknown field `threads` - at `$.engine`"),
         ("worker = 4", "Object contains unknown field `worker`"),
@@ -172,7 +172,7 @@ def test_run_flags_override_the_config() -> None:
     assert cfg.events == ["E_X", "E_Y"] and cfg.allow == ["127.0.0.0/8"]
     assert cfg.engine == EngineOptions(instance="flags", workers=1)
     assert cfg.state_path() == "/tmp/s.json"
-    for bad, message in ((["--workers", "-2"], "must be >= 0"), (["--http", "x"], "HOST:PORT")):
+    for bad, message in ((["--workers", "-2"], "must be 0-256"), (["--http", "x"], "HOST:PORT")):
         args = build_parser(["run", *bad]).parse_args(["run", *bad])
         with pytest.raises(config.ConfigError, match=re.escape(message)):
             _apply_flags(config.Config(), args)

@@ -562,7 +562,12 @@ def test_round_trip_keeps_remaining_time_and_order(tmp_path: Path) -> None:
 
     later = Clock(T0 + 21.25)
     changes: list[Change] = []
-    new = Registry(state_file=tmp_path / "state.json", clock=later, on_change=changes.append)
+    new = Registry(
+        state_file=tmp_path / "state.json",
+        clock=later,
+        on_change=changes.append,
+        unknown_events="register",
+    )
     new.register_event("E_OTHER")
     assert new.load() == 3
     assert new.events() == [("E_OTHER", 0), ("E_A", 1), ("E_B", 2)]  # registered from the file
@@ -637,7 +642,7 @@ def test_load_without_a_file(tmp_path: Path) -> None:
     Registry().save()  # no state file: nothing to do
 
 
-def test_load_drops_what_no_longer_parses_or_is_no_longer_allowed(
+def test_load_keeps_what_cannot_be_restored_now_in_the_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "state.json"
@@ -649,14 +654,20 @@ def test_load_drops_what_no_longer_parses_or_is_no_longer_allowed(
         {"event": "E_A", "socket": "udp:127.0.0.1:9001", "expire": 5, "subscribed_at": T0},
     ]
     path.write_text(json.dumps({"version": 1, "subscriptions": entries}))
-    reg, _, changes = make(tmp_path, clock=Clock(T0 + 5))
+    reg, _, changes = make(tmp_path, clock=Clock(T0 + 5), unknown_events="register")
     with caplog.at_level(logging.WARNING, logger="engine.subscriptions"):
         assert reg.load() == 1
     assert keys(reg) == ["udp:127.0.0.1:9000"]
     assert [e for e, _ in reg.events()] == ["E_A", "E_B"]  # E_NEW only had a dropped entry
     for bad in ("udp:127.0.0.1:0", "udp:10.1.2.3:9", "unix:/etc/x.sock"):
         assert any(bad in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
-    assert [e.socket for e in read_state(str(path)) or []] == ["udp:127.0.0.1:9000"]
+    # Logged, not restored, and not lost: kept in the file until they expire.
+    assert [e.socket for e in read_state(str(path)) or []] == [
+        "udp:127.0.0.1:9000",
+        "udp:127.0.0.1:0",
+        "udp:10.1.2.3:9",
+        "/etc/x.sock",
+    ]
     assert len(changes) == 1
 
 
