@@ -3,7 +3,8 @@
 tests/unit holds in-process tests only; every test under tests/integration and
 tests/system (real processes) is marked `slow`, here, by where it lives.
 
-Engines come from tests.support.running_engine, and nowhere else:
+Engines come from tests.support.running_engine (only tests of Engine.start itself,
+and the scripts that tests run as child processes, build their own):
 
 - `with running_engine(events, **options) as engine:` where a test stops it itself;
 - the `make_engine` fixture: `engine = make_engine(events, **options)`, stopped
@@ -38,6 +39,8 @@ def _folder(item: pytest.Item) -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         folder = _folder(item)
+        if folder is None:
+            continue
         if folder in SLOW_FOLDERS:
             item.add_marker(pytest.mark.slow)
         elif folder != "unit":
