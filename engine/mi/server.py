@@ -170,7 +170,11 @@ class _MIHandler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding"):
             self._refuse(501, "chunked request bodies are not supported; send Content-Length")
             return
-        length_text = self.headers.get("Content-Length")
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(set(lengths)) > 1:  # which one frames the body? (request smuggling)
+            self._refuse(400, "conflicting Content-Length headers")
+            return
+        length_text = lengths[0] if lengths else None
         if length_text is None:
             self._refuse(411, "Content-Length is required")
             return

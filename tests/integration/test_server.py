@@ -100,6 +100,14 @@ def test_http_limits_and_errors(http_server: HTTPServer) -> None:
     assert bad_length.startswith(b"HTTP/1.1 400 ")
     huge_length = raw_http(http_server, b"POST /mi HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n")
     assert huge_length.startswith(b"HTTP/1.1 413 ")
+    two_lengths = raw_http(
+        http_server,
+        b"POST /mi HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 96\r\n\r\n" + REQUEST[:96],
+    )
+    assert two_lengths.startswith(b"HTTP/1.1 400 ") and b"conflicting Content-Length" in two_lengths
+    same_twice = b"Content-Length: %d\r\n" % len(REQUEST)
+    again = raw_http(http_server, b"POST /mi HTTP/1.1\r\n" + same_twice * 2 + b"\r\n" + REQUEST)
+    assert again.startswith(b"HTTP/1.1 200 ")  # the same value twice frames one body
     assert post(http_server, REQUEST, "/other")[0] == 404
     assert raw_http(http_server, b"GET /mi HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405 ")
     assert raw_http(http_server, b"GET /nope HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404 ")
