@@ -4,6 +4,7 @@ round measures (CPU snapshots, the per-round record)."""
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import threading
 import time
@@ -64,9 +65,14 @@ class Progress:
             sys.stderr.flush()
 
 
+PAIRS_IN_RING: Final = re.compile(rb"^event_datagram_pairs_in_ring\{[^}]*\} (\S+)$", re.MULTILINE)
+
+
 class Scraper:
     """Scrapes engine.metrics.exposition(engine) once per second during engine rounds,
-    as Prometheus would scrape `run` (skipped, and said so, where it does not exist)."""
+    as Prometheus would scrape `run` (skipped, and said so, where it does not exist).
+    Each scrape also gives the round's backlog: the datagrams waiting in the rings
+    (`event_datagram_pairs_in_ring`, all workers), whose peak the round reports."""
 
     def __init__(self) -> None:
         self.exposition: Callable[[Engine], tuple[bytes, str]] | None = None
@@ -84,6 +90,7 @@ class Scraper:
         self.bytes = 0
         self.errors: list[str] = []
         self.round_times: list[float] = []
+        self.round_peak_pending = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -92,6 +99,7 @@ class Scraper:
             return
         self._stop.clear()
         self.round_times = []
+        self.round_peak_pending = 0
         self._thread = threading.Thread(target=self._run, args=(engine,), daemon=True)
         self._thread.start()
 
@@ -109,6 +117,9 @@ class Scraper:
             self.seconds += elapsed
             self.scrapes += 1
             self.bytes = len(body)
+            with contextlib.suppress(ValueError):
+                pending = sum(float(v) for v in PAIRS_IN_RING.findall(body))
+                self.round_peak_pending = max(self.round_peak_pending, int(pending))
 
     def stop(self) -> None:
         self._stop.set()
@@ -137,6 +148,7 @@ class Scraper:
 
 
 IDLE_CORES: Final = 0.15
+DRAIN_STALL_S: Final = 10.0  # a ring whose read position stands still this long: stuck
 
 
 def wait_idle(max_wait_s: float, sample_s: float = 0.5) -> dict[str, Any]:
@@ -244,17 +256,36 @@ def round_record(
     }
 
 
-def wait_drained(engine: Engine, timeout_s: float) -> int:
-    """Wait until every worker has sent everything in its ring; return that time (ns)."""
+def wait_drained(engine: Engine, cap_s: float, stall_s: float = DRAIN_STALL_S) -> int:
+    """Wait until every worker has sent everything in its ring; return that time (ns).
+
+    However long the backlog (with 1,000 subscribers an event is 1,000 datagrams),
+    this waits while the workers make progress; it gives up when no ring's read
+    position moved for `stall_s`, or after `cap_s` in all."""
     rings = engine.supervisor.rings
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if all(r.read_pos == r.write_pos for r in rings):
+    start = time.monotonic()
+    last = [r.read_pos for r in rings]
+    moved = start
+    while True:
+        now = time.monotonic()
+        positions = [r.read_pos for r in rings]
+        if all(p == r.write_pos for p, r in zip(positions, rings, strict=True)):
             return time.monotonic_ns()
         if engine.failure:
             raise EngineError(engine.failure)
+        if positions != last:
+            last, moved = positions, now
+        left = sum(r.write_pos - p for p, r in zip(positions, rings, strict=True))
+        if now - moved >= stall_s:
+            raise EngineError(
+                f"workers did not drain their rings: no progress for {stall_s:.0f} s "
+                f"({left:,} bytes left)"
+            )
+        if now - start >= cap_s:
+            raise EngineError(
+                f"workers did not drain their rings within {cap_s:.0f} s ({left:,} bytes left)"
+            )
         time.sleep(0.002)
-    raise EngineError(f"workers did not drain their rings within {timeout_s:.0f} s")
 
 
 def stop_engine(engine: Engine, instance: str) -> None:

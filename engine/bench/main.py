@@ -13,7 +13,10 @@ One run, on loopback and UNIX sockets only:
 3. a **latency** phase: a fresh engine at a fixed rate (half the measured
    maximum, at most LATENCY_RATE_CAP events/s), every datagram's raise-to-receive
    time kept by the receivers;
-4. a table on stdout, the JSON document (`--json`), the PNG (`--plot`).
+4. an **idle** phase: a fresh engine with 4 subscribers left quiet (its workers
+   go to sleep), each worker's CPU measured over `--idle-cpu-duration` s, then
+   events at a low rate (`--idle-latency-rate`) with their latencies kept;
+5. a table on stdout, the JSON document (`--json`), the PNG (`--plot`).
 
 Nothing system-wide is changed: limits found (net.core.rmem_max,
 net.unix.max_dgram_qlen, ...) are reported with the setting that would lift them.
@@ -54,7 +57,7 @@ from engine.bench.report import (
     summarize,
     sysctl_info,
 )
-from engine.bench.run import LATENCY_RATE_CAP, Bench, Interrupted
+from engine.bench.run import LATENCY_RATE_CAP, RCVBUF_BUDGET, Bench, Interrupted
 from engine.errors import EngineError
 from engine.options import EngineOptions
 
@@ -100,6 +103,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help=f"events/s of the latency phase (default: half the measured maximum, "
         f"at most {LATENCY_RATE_CAP:,.0f})",
+    )
+    a(
+        "--idle-latency-rate",
+        type=float,
+        default=20.0,
+        help="events/s of the idle phase, raised after a quiet period (default 20)",
+    )
+    a(
+        "--idle-latency-duration",
+        type=float,
+        default=5.0,
+        help="seconds of raising in the idle phase; 0 skips it (default 5)",
+    )
+    a(
+        "--idle-cpu-duration",
+        type=float,
+        default=3.0,
+        help="seconds of the idle phase's quiet period over which each worker's CPU is "
+        "measured (after 1 s of quiet); 0 skips it (default 3)",
     )
     a("--json", metavar="PATH", help="write the results as JSON here")
     a("--plot", metavar="PATH", help="write a PNG here (needs the 'bench' extra: matplotlib)")
@@ -150,6 +172,9 @@ def _check(args: argparse.Namespace) -> None:
         (0 <= args.rate <= 10_000_000, "--rate must be 0-10000000 events/s"),
         (0 <= args.latency_duration <= 600, "--latency-duration must be 0-600 seconds"),
         (0 <= args.latency_rate <= 10_000_000, "--latency-rate must be 0-10000000"),
+        (0 < args.idle_latency_rate <= 1000, "--idle-latency-rate must be in (0, 1000]"),
+        (0 <= args.idle_latency_duration <= 600, "--idle-latency-duration must be 0-600 s"),
+        (0 <= args.idle_cpu_duration <= 600, "--idle-cpu-duration must be 0-600 seconds"),
         (1 <= args.receivers <= 64, "--receivers must be 1-64"),
         (4096 <= args.rcvbuf_bytes <= 1 << 30, "--rcvbuf-bytes must be 4096-1073741824"),
         (0 <= args.wait_idle <= 3600, "--wait-idle must be 0-3600 seconds"),
@@ -215,7 +240,7 @@ def _finish(
     if error:
         print(f"event-datagram bench: {error}", file=sys.stderr)
     sysctl, warnings = sysctl_info(
-        bench.kinds, args.rcvbuf_bytes, bench.pool.buffers if bench.pool else []
+        bench.kinds, bench.rcvbuf, bench.pool.buffers if bench.pool else []
     )
     foreign = median([r["system"]["foreign_cores"] for r in bench.rounds])
     if foreign is not None and foreign > FOREIGN_WARN_CORES:
@@ -223,11 +248,18 @@ def _finish(
             f"other processes used {foreign:.2f} CPU core(s) (median per round) while the "
             "bench ran: the numbers are lower and noisier than on an idle machine"
         )
-    lat_foreign = bench.latency["round"]["system"]["foreign_cores"] if bench.latency else 0.0
-    if lat_foreign > FOREIGN_WARN_LATENCY_CORES:
+    for name, phase in (("latency", bench.latency), ("idle", bench.idle)):
+        lat_foreign = phase["round"]["system"]["foreign_cores"] if phase else 0.0
+        if lat_foreign > FOREIGN_WARN_LATENCY_CORES:
+            warnings.append(
+                f"other processes used {lat_foreign:.2f} CPU core(s) during the {name} "
+                "phase: its tail (p99, p99.9) shows them more than the engine"
+            )
+    if bench.rcvbuf < args.rcvbuf_bytes:
         warnings.append(
-            f"other processes used {lat_foreign:.2f} CPU core(s) during the latency phase: "
-            "its tail (p99, p99.9) shows them more than the engine"
+            f"receive buffers: {bench.rcvbuf:,} bytes asked for per socket, not "
+            f"--rcvbuf-bytes {args.rcvbuf_bytes:,}: {len(bench.kinds)} sockets share a "
+            f"{RCVBUF_BUDGET:,}-byte budget"
         )
     drops = sum(r["system"].get("machine_backlog_drops", 0) for r in bench.rounds)
     if drops:
@@ -240,6 +272,7 @@ def _finish(
     result = summarize(
         bench.rounds,
         bench.latency,
+        bench.idle,
         rss,
         machine_info(),
         bench.settings(),
@@ -258,7 +291,7 @@ def _finish(
         except OSError as exc:
             print(f"event-datagram bench: cannot write {args.json}: {exc}", file=sys.stderr)
             json_failed = True
-    if bench.rounds or bench.latency:
+    if bench.rounds or bench.latency or bench.idle:
         print(format_table(result))
     if args.plot and (bench.rounds or bench.latency):
         try:

@@ -72,6 +72,15 @@ def write_plot(result: dict[str, Any], path: str) -> None:
         xs = [max(p[0], 1e-7) * 1e6 for p in lat["cdf"]]
         ys = [p[1] for p in lat["cdf"]]
         ax2.plot(xs, ys, drawstyle="steps-post", color=colors["engine"], label="engine")
+        idle = result.get("idle_latency_s") or {}
+        if idle.get("cdf"):
+            ax2.plot(
+                [max(p[0], 1e-7) * 1e6 for p in idle["cdf"]],
+                [p[1] for p in idle["cdf"]],
+                drawstyle="steps-post",
+                color="#2ca02c",
+                label=f"idle: {idle['rate_events_per_s']:g} events/s after quiet",
+            )
         ax2.set_xscale("log")
         for label, key, style in (
             ("p50", "p50", "-"),

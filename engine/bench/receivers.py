@@ -8,11 +8,20 @@ VLEN datagrams per call, woken by epoll. Every datagram is decoded with msgspec
 into the full E_BENCH shape (`bench_common.BenchPayload`) and its method and tag
 compared, so a truncated or corrupted datagram counts as invalid, never as
 received. Per socket a byte per sequence number finds duplicates; in the latency
-phase the receive time minus the raise time of every datagram is kept.
+phases the receive time minus the raise time of every datagram is kept (in the
+idle phase with its sequence number, so the bench can tell which events found a
+worker asleep).
+
+One process may hold any number of sockets (the bench's default is one process
+for all of them, 1,000 included): epoll says which sockets have datagrams, and
+each is read until it is empty or has had MAX_CALLS calls. A receiver that falls
+behind loses datagrams in the kernel (its sockets' buffers overflow): that is
+loss, counted as such, never an error of the bench.
 
 The parent drives them through a pipe, one command at a time:
   ("begin", RoundSpec)  start counting a round (datagrams raised before t0 are stale)
-  ("report",)           drain the sockets, reply with the round's counts (+ latencies)
+  ("report",)           drain the sockets, reply with the round's counts (+ latencies,
+                        + their sequence numbers in the idle phase)
   ("exit",)             close and unlink the sockets, leave
 A received-datagram total per socket is also published in a small shared file,
 for the live progress line. Every loop is bounded: epoll waits 0.2 s at most,
@@ -47,7 +56,9 @@ SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)
 MAX_CALLS: Final = 32  # recvmmsg calls per socket per wake-up
 BUFFER_BUDGET: Final = 8 << 20  # bytes of receive slots per process
 LATENCY_CAP: Final = 4_000_000  # latency samples kept per process per round
+SEEN_INITIAL: Final = 4096  # bytes of a socket's duplicate map at the start of a round
 KINDS: Final = ("udp", "udp6", "unix")
+LATENCY_MODES: Final = ("latency", "idle")
 
 _STRIDE: Final = ctypes.sizeof(MMsgHdr) // 4
 _LEN_WORD: Final = MMsgHdr.msg_len.offset // 4  # type: ignore[attr-defined]
@@ -63,7 +74,8 @@ def _load_recvmmsg() -> Callable[..., int]:
 
 
 class RoundSpec(msgspec.Struct, frozen=True):
-    mode: str  # "seq": count + duplicates; "latency": also keep latencies; "count": no seq
+    mode: str  # "seq": count + duplicates; "latency": also keep latencies; "idle": also
+    # their sequence numbers; "count": no seq
     t0_ns: int  # datagrams raised before this are stale (from an earlier round)
     tag: str
     method: str
@@ -89,7 +101,7 @@ class _Socket:
     last_ns: int = 0
 
     def reset(self) -> None:
-        self.seen = bytearray(1 << 16)
+        self.seen = bytearray(SEEN_INITIAL)  # grows with the sequence numbers seen
         self.received = self.unique = self.duplicates = self.invalid = 0
         self.truncated = self.stale = self.bytes = self.first_ns = self.last_ns = 0
 
@@ -169,6 +181,7 @@ class _Receiver:
         self.counters = memoryview(self.counters_map).cast("Q")
         self.spec = RoundSpec("count", 0, "", "", 0)
         self.latencies = array.array("q")
+        self.latency_seqs = array.array("q")
         self.errors: dict[str, int] = {}
         for s in self.sockets:
             s.reset()
@@ -201,6 +214,7 @@ class _Receiver:
         if msg[0] == "begin":
             self.spec = msg[1]
             self.latencies = array.array("q")
+            self.latency_seqs = array.array("q")
             self.errors = {}
             for s in self.sockets:
                 s.reset()
@@ -208,8 +222,10 @@ class _Receiver:
             for s in self.sockets:  # what is already queued belongs to this round
                 self._drain(s, 1 << 16)
             self.conn.send(self._report())
-            if self.spec.mode == "latency":
+            if self.spec.mode in LATENCY_MODES:
                 self.conn.send_bytes(self.latencies.tobytes())
+            if self.spec.mode == "idle":
+                self.conn.send_bytes(self.latency_seqs.tobytes())
         elif msg[0] == "exit":
             return False
         return True
@@ -245,7 +261,9 @@ class _Receiver:
         base = spec.seq_base
         mode = spec.mode
         track = mode != "count"
-        lat = self.latencies if mode == "latency" and len(self.latencies) < LATENCY_CAP else None
+        keep = mode in LATENCY_MODES and len(self.latencies) < LATENCY_CAP
+        lat = self.latencies if keep else None
+        seqs = self.latency_seqs if keep and mode == "idle" else None
         seen = s.seen
         ok = dup = invalid = trunc = stale = nbytes = 0
         for i in range(n):
@@ -286,6 +304,8 @@ class _Receiver:
                     seen[seq] = 1
                 if lat is not None:
                     lat.append(now - t)
+                    if seqs is not None:
+                        seqs.append(seq)
         if ok:
             if not s.first_ns:
                 s.first_ns = now
@@ -359,6 +379,8 @@ class RoundReport:
     sockets: list[dict[str, Any]]  # per subscriber, in subscriber order
     latencies_ns: array.array[int]
     errors: dict[str, int]
+    latency_seqs: array.array[int] = field(default_factory=lambda: array.array("q"))
+    """Idle phase: the sequence number (minus the base) of each latency sample."""
 
     def total(self, key: str) -> int:
         return sum(int(s[key]) for s in self.sockets)
@@ -456,6 +478,7 @@ class ReceiverPool:
             child.conn.send(("report",))
         sockets: list[dict[str, Any]] = [{} for _ in self.kinds]
         latencies = array.array("q")
+        seqs = array.array("q")
         errors: dict[str, int] = {}
         for child in self.children:
             rep = child.recv(30.0, "no report")
@@ -463,11 +486,14 @@ class ReceiverPool:
                 sockets[s["index"]] = s
             for k, v in rep["errors"].items():
                 errors[k] = errors.get(k, 0) + v
-            if self.mode == "latency":
+            targets = [latencies] if self.mode in LATENCY_MODES else []
+            if self.mode == "idle":
+                targets.append(seqs)
+            for target in targets:
                 if not child.conn.poll(30.0):
                     raise RuntimeError(f"{child.name}: no latencies within 30 s")
-                latencies.frombytes(child.conn.recv_bytes())
-        return RoundReport(sockets, latencies, errors)
+                target.frombytes(child.conn.recv_bytes())
+        return RoundReport(sockets, latencies, errors, seqs)
 
     def close(self) -> None:
         for child in self.children:

@@ -22,6 +22,8 @@ TARGET_RATIO: Final = 1.5
 TARGET_CEILING_FRACTION: Final = 0.9
 TARGET_OPENSIPS_FACTOR: Final = 5.0
 TARGET_P99_S: Final = 0.002
+TARGET_IDLE_CPU_PERCENT: Final = 0.1  # of one core, per worker
+TARGET_IDLE_P99_S: Final = 200e-6
 SYSCTLS: Final = (
     "net.core.rmem_max",
     "net.core.rmem_default",
@@ -196,6 +198,7 @@ def _side(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def summarize(
     rounds: list[dict[str, Any]],
     latency: dict[str, Any] | None,
+    idle: dict[str, Any] | None,
     rss: dict[str, Any],
     machine: dict[str, Any],
     settings: dict[str, Any],
@@ -227,6 +230,13 @@ def summarize(
     ]
     if lat_round:
         identity += [f"latency phase: {e}" for e in lat_round.get("identity_errors", [])]
+    idle_round = idle["round"] if idle else None
+    if idle_round:
+        identity += [f"idle phase: {e}" for e in idle_round.get("identity_errors", [])]
+    idle_cpu: dict[str, float] = dict(idle_round["idle_cpu"]["percent"]) if idle_round else {}
+    idle_lat: dict[str, Any] = idle["latency_s"] if idle else {}
+    worst_idle_cpu = max(idle_cpu.values()) if idle_cpu else None
+    idle_p99 = idle_lat.get("p99")
     eng_rx = engine.get("datagrams_received_per_s")
     ceil_rx = ceiling.get("datagrams_received_per_s")
     p99 = latency["latency_s"]["p99"] if latency else None
@@ -247,6 +257,8 @@ def summarize(
             "met": p99 is not None and p99 < TARGET_P99_S,
         },
         "latency_phase_loss": {"value": lat_loss, "target": 0, "met": lat_loss == 0},
+        "idle_cpu_percent": _target_below(worst_idle_cpu, TARGET_IDLE_CPU_PERCENT),
+        "idle_latency_p99_s": _target_below(idle_p99, TARGET_IDLE_P99_S),
     }
     engine_drops = _merge_counts([r["drops"] for r in by["engine"]])
     return {
@@ -261,6 +273,7 @@ def summarize(
             "baseline": baseline.get("loss"),
             "ceiling": ceiling.get("loss"),
             "latency_phase": lat_loss,
+            "idle_phase": idle_round["loss"] if idle_round else None,
         },
         "drops": {
             "engine": engine_drops,
@@ -269,16 +282,23 @@ def summarize(
             "ceiling_send_failures": ceiling.get("send_failures", {}),
             "latency_phase": lat_round["drops"] if lat_round else {},
             "latency_phase_send_failures": lat_round["send_failures"] if lat_round else {},
+            "idle_phase": idle_round["drops"] if idle_round else {},
         },
         "oversize": sum(r.get("oversize", 0) for r in by["engine"])
-        + (lat_round.get("oversize", 0) if lat_round else 0),
+        + (lat_round.get("oversize", 0) if lat_round else 0)
+        + (idle_round.get("oversize", 0) if idle_round else 0),
         "latency_s": latency["latency_s"] if latency else {},
         "latency": lat_round,
+        "idle_latency_s": idle_lat,
+        "idle_cpu_percent": idle_cpu,
+        "idle_latency": idle_round,
+        "backlog": _backlog(by["engine"]),
         "cpu_s": {
             "engine": engine.get("cpu_s", {}),
             "baseline": baseline.get("cpu_s", {}),
             "ceiling": ceiling.get("cpu_s", {}),
             "latency_phase": lat_round["cpu_s"] if lat_round else {},
+            "idle_phase": idle_round["cpu_s"] if idle_round else {},
         },
         "rss_bytes": rss,
         "identity_errors": identity,
@@ -295,6 +315,29 @@ def summarize(
 
 def _target(value: float | None, target: float) -> dict[str, Any]:
     return {"value": value, "target": target, "met": value is not None and value >= target}
+
+
+def _target_below(value: float | None, target: float) -> dict[str, Any]:
+    return {"value": value, "target": target, "met": value is not None and value < target}
+
+
+def _backlog(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The engine rounds' backlog: the bound, what waited when raising stopped (median
+    over rounds), the peak seen, the longest drain, the events the bound turned away."""
+    found = [r["backlog"] for r in rounds if "backlog" in r]
+    if not found:
+        return {}
+    return {
+        "max_pending_datagrams": found[0]["max_pending_datagrams"],
+        "pending_at_end_of_raising": median([b["pending_at_end_of_raising"] for b in found]),
+        "peak_pending_sampled": max(b["peak_pending_sampled"] for b in found),
+        "drain_s": max(b["drain_s"] for b in found),
+        "drain_datagrams_per_s": median(
+            [b["drain_datagrams_per_s"] for b in found if b["drain_datagrams_per_s"]]
+        ),
+        "ring_full": sum(b["ring_full"] for b in found),
+        "pairs_stale": sum(b["pairs_stale"] for b in found),
+    }
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -369,6 +412,39 @@ def format_table(result: dict[str, Any]) -> str:
             f"p99.9 {format_us(lat['p999'])}, max {format_us(lat['max'])}; "
             f"loss {result['loss']['latency_phase']}"
         )
+    backlog = result["backlog"]
+    if backlog:
+        lines.append(
+            f"backlog: bound {backlog['max_pending_datagrams']:,} datagrams per worker; "
+            f"{_n(backlog['pending_at_end_of_raising'])} waiting when raising stopped "
+            f"(peak seen {backlog['peak_pending_sampled']:,}), drained in "
+            f"{backlog['drain_s']:.2f} s; events turned away (ring_full) "
+            f"{backlog['ring_full']:,}; stale {backlog['pairs_stale']:,}"
+        )
+    idle = result["idle_latency"]
+    if idle:
+        cpu = result["idle_cpu_percent"]
+        window = idle["idle_cpu"]["window_s"]
+        if cpu:
+            lines.append(
+                f"idle: worker CPU over {window:.1f} s of quiet, % of one core: "
+                + ", ".join(f"worker {k} {cpu[k]:.3f}%" for k in sorted(cpu, key=int))
+                + "; sleeps "
+                + ", ".join(f"{n}" for _, n in sorted(idle["idle_cpu"]["sleeps"].items()))
+            )
+        ilat = result["idle_latency_s"]
+        if ilat:
+            woken = idle["latency_after_sleep_s"]
+            lines.append(
+                f"idle latency raise->receive at {ilat['rate_events_per_s']:,.0f} events/s "
+                f"for {ilat['duration_s']:g} s after quiet ({ilat['samples']:,} datagrams): "
+                f"p50 {format_us(ilat['p50'])}, p99 {format_us(ilat['p99'])}, "
+                f"max {format_us(ilat['max'])}; {idle['events_after_sleep']} of "
+                f"{idle['events']} events woke a sleeping worker (their p50 "
+                f"{format_us(woken['p50'])}, p99 {format_us(woken['p99'])}); workers "
+                f"{idle['workers_cpu_percent_while_raising']:.1f}% of a core meanwhile; "
+                f"loss {idle['loss']}"
+            )
     rss = result["rss_bytes"]
     mib = 1 << 20
     parts = [f"{k} {v / mib:.0f}" for k, v in rss.items() if isinstance(v, int)]
@@ -403,6 +479,8 @@ def format_table(result: dict[str, Any]) -> str:
                 "factor_vs_opensips",
                 "latency_p99_s",
                 "latency_phase_loss",
+                "idle_cpu_percent",
+                "idle_latency_p99_s",
             )
         )
     )

@@ -1,16 +1,29 @@
 """The bench run: receivers and the reference sender started once, then the
-interleaved rounds (engine, baseline, ceiling) and the latency phase.
+interleaved rounds (engine, baseline, ceiling), the latency phase and the idle
+phase.
 
 An engine round starts a fresh `Engine` (unique instance name, so its shared
 memory is easy to find and remove), subscribes every receiver socket, raises
 events through `Engine.raise_event` for `--duration` seconds (as fast as the
 rings take them, or paced at `--rate`), waits until the workers have sent
-everything in their rings, and stops the engine. Every wait is bounded.
+everything in their rings, and stops the engine. Every wait is bounded: the
+drain waits while the workers make progress (a backlog of 1,000-subscriber
+events takes a while), not past a stall.
+
+The idle phase is an engine round with a quiet period first: a fresh engine,
+the first IDLE_SUBSCRIBERS subscriber sockets, nothing raised for IDLE_SETTLE_S
+(the workers go to sleep engine.idle_poll_ms after their last record) and then
+for `--idle-cpu-duration` s, over which each worker's CPU time is measured; then
+events at `--idle-latency-rate` for `--idle-latency-duration` s, raise to receive
+time kept for each datagram. Before each raise the bench reads the workers'
+sleep counts: an event raised after a worker went to sleep (since the previous
+raise) is one that had to wake it, and its latencies are also summarised apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
 import os
 import shutil
@@ -28,6 +41,7 @@ from engine.bench.common import (
     available_cpus,
     make_tag,
     peak_rss,
+    process_cpu_ns,
 )
 from engine.bench.live import (
     Progress,
@@ -50,6 +64,11 @@ from engine.wire import PayloadTooLarge
 
 LATENCY_RATE_CAP: Final = 50_000.0  # events/s
 CHUNK: Final = 64  # raises between two looks at the clock
+IDLE_SUBSCRIBERS: Final = 4  # the idle phase's subscribers: the default bench's
+IDLE_SETTLE_S: Final = 1.0  # quiet before the idle CPU window (workers sleep after 100 ms)
+RCVBUF_BUDGET: Final = 1 << 30  # bytes of receive buffer asked for, all sockets together
+RCVBUF_FLOOR: Final = 256 << 10  # ... but at least this per socket (or --rcvbuf-bytes)
+DRAIN_FLOOR_DG_PER_S: Final = 20_000.0  # the slowest drain the time cap allows for
 
 
 class Interrupted(BaseException):
@@ -82,8 +101,14 @@ class Bench:
             self.sender_cpus: list[int] | None = [cpus[1]]
         else:
             self.receiver_cpus = self.sender_cpus = None
-        per_round = 3 * args.duration + 40
-        self.lifetime_s = args.rounds * per_round + args.latency_duration + 180
+        # Receive buffers: --rcvbuf-bytes per socket, within RCVBUF_BUDGET for all of
+        # them (1,000 sockets of 64 MiB could pin gigabytes of kernel memory).
+        per_socket = max(RCVBUF_FLOOR, RCVBUF_BUDGET // max(1, args.subscribers))
+        self.rcvbuf = min(args.rcvbuf_bytes, per_socket)
+        self.idle: dict[str, Any] | None = None
+        per_round = 3 * args.duration + 40 + args.subscribers / 10
+        idle_s = args.idle_latency_duration + args.idle_cpu_duration + IDLE_SETTLE_S + 40
+        self.lifetime_s = args.rounds * per_round + args.latency_duration + idle_s + 180
 
     @staticmethod
     def _kinds(transport: str, n: int) -> list[str]:
@@ -102,15 +127,17 @@ class Bench:
                 self.kinds,
                 args.receivers,
                 self.socket_dir,
-                args.rcvbuf_bytes,
+                self.rcvbuf,
                 slot,
                 self.receiver_cpus,
                 self.lifetime_s,
             )
             self.sender = SenderProcess(self.sender_cpus, self.lifetime_s)
             self.progress = Progress(not args.quiet, self.pool.received_total)
-            self.progress.total = args.rounds * (2 if args.no_ceiling else 3) + (
-                1 if args.latency_duration else 0
+            self.progress.total = (
+                args.rounds * (2 if args.no_ceiling else 3)
+                + (1 if args.latency_duration else 0)
+                + (1 if self._idle_wanted() else 0)
             )
             contenders = ["engine", "baseline"] + ([] if args.no_ceiling else ["ceiling"])
             for r in range(1, args.rounds + 1):
@@ -124,11 +151,16 @@ class Bench:
                     self._record(result)
             if args.latency_duration:
                 self._latency_phase()
+            if self._idle_wanted():
+                self._idle_phase()
         except Interrupted as exc:
             return str(exc) or "SIGTERM"
         except KeyboardInterrupt:
             return "SIGINT"
         return None
+
+    def _idle_wanted(self) -> bool:
+        return bool(self.args.idle_latency_duration or self.args.idle_cpu_duration)
 
     def _wait_idle(self) -> dict[str, Any] | None:
         """With --wait-idle: before a round, wait (bounded) for the machine to go quiet."""
@@ -175,12 +207,81 @@ class Bench:
                 f"p99 {lat['p99'] * 1e6:,.0f} us, loss {result['loss']:,}"
             )
 
+    def _idle_phase(self) -> None:
+        args = self.args
+        idle = self._wait_idle()
+        rate = args.idle_latency_rate
+        result = self._engine_round(0, rate, args.idle_latency_duration, "idle")
+        result["idle_wait"] = idle
+        samples = result.pop("_latencies")
+        seqs = result.pop("_latency_seqs")
+        woke = result.pop("_woke")
+        result["contender"] = "idle"
+        self.progress.done += 1
+        after_sleep: array.array[int] = array.array("q")
+        polling: array.array[int] = array.array("q")
+        for latency, seq in zip(samples, seqs, strict=True):
+            (after_sleep if 0 <= seq < len(woke) and woke[seq] else polling).append(latency)
+        duration = args.idle_latency_duration
+        result["events_after_sleep"] = sum(woke)
+        result["workers_cpu_percent_while_raising"] = (
+            100 * per(result["cpu_s"]["workers"], result["window_s"]) if duration else None
+        )
+        result["latency_after_sleep_s"] = latency_summary(after_sleep, rate, duration)
+        result["latency_while_polling_s"] = latency_summary(polling, rate, duration)
+        self.idle = {
+            "round": result,
+            "latency_s": latency_summary(samples, rate, duration) if duration else {},
+        }
+        cpu = ", ".join(f"worker {k} {v:.3f}%" for k, v in result["idle_cpu"]["percent"].items())
+        lat = self.idle["latency_s"]
+        if lat and lat["p99"] is not None:
+            cpu += (
+                f"; latency at {rate:,.0f} events/s: p50 {lat['p50'] * 1e6:,.0f} us, "
+                f"p99 {lat['p99'] * 1e6:,.0f} us, {result['events_after_sleep']} of "
+                f"{result['events']} events woke a sleeping worker"
+            )
+        self.progress.note(f"idle: CPU {cpu}")
+
+    def _quiet(self, engine: Engine, worker_pids: list[int]) -> dict[str, Any]:
+        """The idle phase's quiet period: nothing raised for IDLE_SETTLE_S, then for
+        --idle-cpu-duration s over which each worker's CPU time is measured."""
+        window = self.args.idle_cpu_duration
+        self.progress.phase = "idle phase: quiet"
+        rings = engine.supervisor.rings
+        sleeps_at_start = sum(r.sleeps for r in rings)
+        time.sleep(IDLE_SETTLE_S)
+        sleeps0 = [r.sleeps for r in rings]
+        cpu0 = [process_cpu_ns(pid) for pid in worker_pids]
+        t0 = time.monotonic_ns()
+        if window:
+            self.progress.phase = f"idle phase: measuring idle CPU for {window:g} s"
+            time.sleep(window)
+        t1 = time.monotonic_ns()
+        cpu1 = [process_cpu_ns(pid) for pid in worker_pids]
+        sleeps1 = [r.sleeps for r in rings]
+        cpu_s: dict[str, float | None] = {}
+        percent: dict[str, float] = {}
+        for k, (a, b) in enumerate(zip(cpu0, cpu1, strict=True)):
+            used = None if a is None or b is None else (b - a) / 1e9
+            cpu_s[str(k)] = used
+            if window and used is not None:
+                percent[str(k)] = 100.0 * used * 1e9 / (t1 - t0)
+        return {
+            "settle_s": IDLE_SETTLE_S,
+            "window_s": (t1 - t0) / 1e9 if window else 0.0,
+            "cpu_s": cpu_s,
+            "percent": percent,
+            "sleeps": {str(k): after - sleeps0[k] for k, after in enumerate(sleeps1)},
+            "_sleeps_at_start": sleeps_at_start,
+        }
+
     # -- one engine round ------------------------------------------------------------------------
     def _engine_round(self, number: int, rate: float, duration: float, mode: str) -> dict[str, Any]:
         args = self.args
         pool = self.pool
         assert pool is not None
-        instance = f"bench{os.getpid()}r{number}"
+        instance = f"bench{os.getpid()}" + ("i" if mode == "idle" else f"r{number}")
         self.instances.append(instance)
         options = EngineOptions(
             instance=instance,
@@ -190,11 +291,16 @@ class Bench:
         )
         engine = Engine(options, events=[EVENT])
         self.engine = engine
-        phase = "latency phase" if mode == "latency" else f"engine round {number}"
+        phase = {"latency": "latency phase", "idle": "idle phase"}.get(
+            mode, f"engine round {number}"
+        )
+        sockets = pool.sockets[:IDLE_SUBSCRIBERS] if mode == "idle" else pool.sockets
         self.progress.phase = f"{phase}: starting the engine"
+        quiet: dict[str, Any] | None = None
+        woke = bytearray()
         try:
             engine.start()
-            for text in pool.sockets:
+            for text in sockets:
                 engine.subscribe(EVENT, text)
             workers = engine.statistics().workers
             worker_pids = [w.pid or 0 for w in workers]
@@ -203,17 +309,28 @@ class Bench:
             pids = {"producer": [os.getpid()], "workers": worker_pids, "receivers": pool.pids}
             start_ns = time.monotonic_ns()
             pool.begin(RoundSpec(mode, start_ns, tag, EVENT, SEQ_BASE))
+            if mode == "idle":
+                quiet = self._quiet(engine, worker_pids)
             others = [p for p in (self.sender.pid if self.sender else 0,) if p]
             before = snapshot(pids, others)
             self.progress.phase = phase + (f" at {rate:,.0f} events/s" if rate else "")
             self.scraper.start(engine)
-            raised, oversize, t0, t_raised = self._raise(engine, tag, rate, duration)
-            t_drained = wait_drained(engine, max(30.0, 4 * duration))
+            if mode == "idle":
+                raised, oversize, t0, t_raised, woke = self._raise_idle(
+                    engine, tag, rate, duration, quiet.pop("_sleeps_at_start") if quiet else 0
+                )
+            else:
+                raised, oversize, t0, t_raised = self._raise(engine, tag, rate, duration)
+            pending = sum(w.pairs_in_ring for w in engine.statistics().workers)
+            self.progress.phase = f"{phase}: draining {pending:,} datagrams"
+            cap = max(60.0, 4 * duration + pending / DRAIN_FLOOR_DG_PER_S)
+            t_drained = wait_drained(engine, cap)
             self.scraper.stop()
             stats = engine.statistics()
             # The producer's peak so far: before the latency samples arrive (the bench's
             # own analysis is not the producer's memory).
             self.producer_rss = max(self.producer_rss, peak_rss(os.getpid()) or 0)
+            self.progress.phase = f"{phase}: collecting"
             pool.settle(stats.pairs_sent)
             report = pool.report()
             after = snapshot(pids, others)
@@ -245,6 +362,7 @@ class Bench:
         )
         cpu = result["cpu_s"]
         result["datagrams_per_sending_cpu_s"] = per(sent, cpu["producer"] + cpu["workers"])
+        drain_s = (t_drained - t_raised) / 1e9
         result.update(
             events=raised,
             events_raised=stats.raised,
@@ -253,12 +371,23 @@ class Bench:
             oversize=stats.oversize + oversize,
             identity_errors=stats.identity_errors(),
             pairs_queued=sum(w.pairs_queued for w in stats.workers),
+            pairs_stale=stats.pairs_stale,
+            subscribed=len(sockets),
             rate_target=rate or None,
             worker_pids=worker_pids,
-            drain_s=(t_drained - t_raised) / 1e9,
+            drain_s=drain_s,
+            backlog={
+                "max_pending_datagrams": options.max_pending_datagrams,
+                "pending_at_end_of_raising": pending,
+                "peak_pending_sampled": max(pending, self.scraper.round_peak_pending),
+                "drain_s": drain_s,
+                "drain_datagrams_per_s": per(pending, drain_s) if pending else None,
+                "ring_full": stats.drops.get("ring_full", 0),
+                "pairs_stale": stats.pairs_stale,
+            },
             metrics_scrapes=self.scraper.round_summary(),
         )
-        if mode == "latency":
+        if mode in ("latency", "idle"):
             counts, total_ns = stats.latency_buckets()
             result["engine_raise_to_send"] = {
                 "le_s": [*LATENCY_BUCKETS_S, "+Inf"],
@@ -266,6 +395,12 @@ class Bench:
                 "sum_s": total_ns / 1e9,
             }
             result["_latencies"] = report.latencies_ns
+        if mode == "idle":
+            assert quiet is not None
+            result["idle_cpu"] = quiet
+            result["worker_sleeps"] = [w.sleeps for w in stats.workers]
+            result["_latency_seqs"] = report.latency_seqs
+            result["_woke"] = woke
         return result
 
     def _raise(
@@ -300,6 +435,39 @@ class Bench:
                 seq += 1
             n += count
         return n, oversize, t0, clock()
+
+    def _raise_idle(
+        self, engine: Engine, tag: str, rate: float, duration: float, sleeps_at_quiet: int
+    ) -> tuple[int, int, int, int, bytearray]:
+        """The idle phase's raises: paced at `rate` (sleeping between events, never
+        spinning). Before each raise, the workers' sleep counts say whether one of them
+        went to sleep since the previous raise (for the first: since the quiet period
+        began), i.e. whether this event had to wake it. Returns (events raised,
+        oversize, t0, t_end, woke) with woke[i] = 1 for such an event."""
+        rings = engine.supervisor.rings
+        clock = time.monotonic_ns
+        woke = bytearray()
+        n = oversize = 0
+        t0 = clock()
+        end = t0 + int(duration * 1e9)
+        last = sleeps_at_quiet
+        while n < MAX_EVENTS_PER_ROUND and rate:
+            now = clock()
+            if now >= end:
+                break
+            due = t0 + int(n * 1e9 / rate)
+            if now < due:
+                time.sleep((due - now) / 1e9)
+                continue
+            sleeps = sum(r.sleeps for r in rings)
+            woke.append(1 if sleeps > last else 0)
+            last = sleeps
+            try:
+                engine.raise_event(EVENT, {"tag": tag, "seq": SEQ_BASE + n, "ip": IP, "t": clock()})
+            except PayloadTooLarge:
+                oversize += 1
+            n += 1
+        return n, oversize, t0, clock(), woke
 
     # -- one baseline or ceiling round ------------------------------------------------------------
     def _sender_round(self, number: int, contender: str) -> dict[str, Any]:
@@ -386,6 +554,13 @@ class Bench:
             duration_s=a.duration,
             workers_effective=len(self.worker_rss) or a.workers or max(1, len(self.cpus) - 1),
             receiver_vlen=self.pool.vlen if self.pool else None,
+            rcvbuf_bytes_per_socket=self.rcvbuf,
+            engine_options={
+                k: getattr(EngineOptions(), k)
+                for k in ("max_pending_datagrams", "max_delay_ms", "idle_poll_ms", "batch_max")
+            },
+            idle_subscribers=min(IDLE_SUBSCRIBERS, len(self.kinds)),
+            idle_settle_s=IDLE_SETTLE_S,
             sockets=self.pool.sockets if self.pool else [],
             instances=self.instances,
             processes={

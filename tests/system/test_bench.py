@@ -20,8 +20,13 @@ from engine.shm.segment import list_segments
 
 TINY = [
     "--duration", "1", "--rounds", "2", "--subscribers", "2", "--latency-duration", "1",
+    "--idle-latency-duration", "1", "--idle-cpu-duration", "1",
     "--ring-bytes", str(1 << 20), "--quiet",
 ]  # fmt: skip
+LATENCY_KEYS = {
+    "p50", "p90", "p99", "p999", "max", "mean", "samples", "rate_events_per_s", "duration_s",
+    "cdf",
+}  # fmt: skip
 
 STABLE_KEYS = [
     ("engine", "datagrams_received_per_s"),
@@ -34,6 +39,17 @@ STABLE_KEYS = [
     ("latency_s", "p50"),
     ("latency_s", "p99"),
     ("latency_s", "p999"),
+    ("idle_latency_s", "p50"),
+    ("idle_latency_s", "p99"),
+    ("idle_cpu_percent",),
+    ("idle_latency", "idle_cpu", "window_s"),
+    ("idle_latency", "events_after_sleep"),
+    ("idle_latency", "latency_after_sleep_s"),
+    ("backlog", "max_pending_datagrams"),
+    ("backlog", "pending_at_end_of_raising"),
+    ("backlog", "ring_full"),
+    ("targets", "idle_cpu_percent", "met"),
+    ("targets", "idle_latency_p99_s", "met"),
     ("cpu_s", "engine", "producer"),
     ("cpu_s", "engine", "workers"),
     ("cpu_s", "engine", "receivers"),
@@ -77,7 +93,7 @@ def check_result(doc: dict[str, Any], transport: str, subscribers: int) -> None:
     rounds = doc["rounds"]
     assert [r["contender"] for r in rounds] == ["engine", "baseline", "ceiling"] * 2
     assert [r["round"] for r in rounds] == [1, 1, 1, 2, 2, 2]
-    for r in [*rounds, doc["latency"]]:
+    for r in [*rounds, doc["latency"], doc["idle_latency"]]:
         for key in ROUND_KEYS:
             assert key in r, f"round {r['round']} {r['contender']}: no {key}"
         assert 0 <= r["datagrams_received"] <= r["datagrams_sent"], r
@@ -86,9 +102,11 @@ def check_result(doc: dict[str, Any], transport: str, subscribers: int) -> None:
         assert r["identity_errors"] == []
         assert len(r["subscribers"]) == subscribers
         assert sum(s["received"] for s in r["subscribers"]) == r["datagrams_received"]
-        if r["contender"] in ("engine", "latency"):
-            # The rings were drained: every queued pair was sent or failed.
-            assert r["pairs_queued"] == r["datagrams_sent"] + sum(r["send_failures"].values())
+        if r["contender"] in ("engine", "latency", "idle"):
+            # The rings were drained: every queued pair was sent, failed or stale.
+            handled = r["datagrams_sent"] + sum(r["send_failures"].values()) + r["pairs_stale"]
+            assert r["pairs_queued"] == handled
+            assert r["pairs_stale"] == 0  # engine.max_delay_ms is off by default
             drops = r["drops"]["ring_full"] + r["drops"]["no_subscribers"]
             assert r["events"] == r["events_raised"]
             assert r["events"] == drops + r["events_queued"] + r["oversize"]
@@ -99,10 +117,41 @@ def check_result(doc: dict[str, Any], transport: str, subscribers: int) -> None:
     assert lat["samples"] == doc["latency"]["datagrams_received"]
     if lat["samples"]:
         assert lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"]
+    check_idle(doc, subscribers)
     assert doc["settings"]["transport"] == transport
     if len(doc["machine"]["usable_cpus"]) > 1:  # the engine pins its workers
         assert all(cpus for cpus in doc["settings"]["cpu_plan"]["workers"])
     assert doc["machine"]["cores"] == os.cpu_count()
+
+
+def check_idle(doc: dict[str, Any], subscribers: int) -> None:
+    """The idle phase: shaped like the latency phase, a CPU figure per worker, and the
+    first event after the quiet period found a worker asleep."""
+    idle, lat = doc["idle_latency"], doc["idle_latency_s"]
+    assert set(lat) == LATENCY_KEYS == set(doc["latency_s"])
+    assert idle["contender"] == "idle" and idle["subscribed"] == min(4, subscribers)
+    assert lat["samples"] == idle["datagrams_received"] > 0
+    assert lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"]
+    assert lat["rate_events_per_s"] == 20.0 and lat["duration_s"] == 1.0
+    assert idle["events"] == idle["events_raised"] > 0
+    assert 1 <= idle["events_after_sleep"] <= idle["events"]
+    woken, polling = idle["latency_after_sleep_s"], idle["latency_while_polling_s"]
+    assert set(woken) == set(polling) == LATENCY_KEYS
+    assert woken["samples"] + polling["samples"] == lat["samples"]
+    workers = doc["settings"]["workers_effective"]
+    cpu = doc["idle_cpu_percent"]
+    assert sorted(cpu) == [str(k) for k in range(workers)]
+    assert all(isinstance(v, float) and 0 <= v < 100 for v in cpu.values()), cpu
+    assert idle["idle_cpu"]["window_s"] >= 1.0
+    assert all(n >= 0 for n in idle["idle_cpu"]["sleeps"].values())
+    targets = doc["targets"]
+    assert targets["idle_cpu_percent"]["value"] == max(cpu.values())
+    assert targets["idle_cpu_percent"]["target"] == 0.1
+    assert targets["idle_latency_p99_s"] == {
+        "value": lat["p99"],
+        "target": 200e-6,
+        "met": lat["p99"] < 200e-6,
+    }
 
 
 def check_clean(doc: dict[str, Any]) -> None:
@@ -148,6 +197,8 @@ def test_udp_run_through_the_cli_writes_complete_consistent_json(
     assert doc["loss"]["latency_phase"] is not None
     table = capsys.readouterr().out
     assert "datagrams/s received" in table and "engine / baseline" in table
+    assert "idle: worker CPU" in table and "idle latency raise->receive" in table
+    assert "idle_cpu_percent" in table and "idle_latency_p99_s" in table
     if plot is not None:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -196,3 +247,43 @@ def test_sigterm_stops_cleans_up_and_writes_partial_results(tmp_path: Path) -> N
     assert doc["interrupted"] == "SIGTERM"
     check_clean(doc)
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"edg-bench{proc.pid}r")]
+
+
+def test_a_thousand_subscribers_complete_with_the_default_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1,000 UDP subscribers: every round finishes (the engine's backlog bound keeps
+    the drain short), the identity holds, and every datagram received is checked."""
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench", "--subscribers", "1000", "--rounds", "1", "--duration", "1",
+        "--latency-duration", "0", "--idle-latency-duration", "0", "--idle-cpu-duration", "0",
+        "--quiet", "--json", str(out),
+    ]  # fmt: skip
+    started = time.monotonic()
+    assert cli.main(argv) == 0
+    assert time.monotonic() - started < 60
+    doc = json.loads(out.read_text())
+    assert doc["error"] is None and doc["interrupted"] is None
+    assert doc["identity_errors"] == []
+    assert [r["contender"] for r in doc["rounds"]] == ["engine", "baseline", "ceiling"]
+    for r in doc["rounds"]:
+        assert r["datagrams_received"] > 0, r["contender"]
+        assert r["loss"] == r["datagrams_sent"] - r["datagrams_received"] >= 0
+        assert r["duplicates"] == r["invalid"] == r["truncated"] == 0
+        assert len(r["subscribers"]) == 1000
+        assert sum(s["received"] for s in r["subscribers"]) == r["datagrams_received"]
+    engine = doc["rounds"][0]
+    assert engine["subscribed"] == 1000 and engine["identity_errors"] == []
+    handled = engine["datagrams_sent"] + sum(engine["send_failures"].values())
+    assert engine["pairs_queued"] == handled + engine["pairs_stale"]
+    backlog = doc["backlog"]
+    assert backlog["max_pending_datagrams"] == 1_000_000
+    ring_full = engine["drops"]["ring_full"]
+    assert backlog["ring_full"] == ring_full == doc["drops"]["engine"]["ring_full"]
+    assert 0 <= backlog["pending_at_end_of_raising"] <= backlog["peak_pending_sampled"]
+    assert backlog["peak_pending_sampled"] <= 1_000_000 * doc["settings"]["workers_effective"]
+    assert doc["idle_latency_s"] == {} and doc["idle_cpu_percent"] == {}
+    assert doc["idle_latency"] is None
+    check_clean(doc)
+    assert "backlog: bound 1,000,000" in capsys.readouterr().out

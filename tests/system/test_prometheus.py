@@ -314,6 +314,17 @@ def check_panels(url: str, log: Path) -> None:
     by_transport = query(url, concrete(panel_expr("Send rate by transport")))["data"]["result"]
     rates = {r["metric"]["transport"]: float(r["value"][1]) for r in by_transport}
     assert rates["udp"] > 0 and rates["unix"] > 0, rates
+    # The bounded-delay panels: a stale rate for every event (0: max_delay_ms is off)
+    # and a sleep rate for each of the two workers.
+    stale = query(url, concrete(panel_expr("Stale datagrams by event")))["data"]["result"]
+    assert {r["metric"]["event"]: float(r["value"][1]) for r in stale} == {
+        "E_LOAD": 0.0,
+        "E_OTHER": 0.0,
+        "E_IDLE": 0.0,
+    }
+    sleeps = query(url, concrete(panel_expr("Worker sleeps")))["data"]["result"]
+    assert sorted(r["metric"]["worker"] for r in sleeps) == ["0", "1"], sleeps
+    assert all(float(r["value"][1]) >= 0 for r in sleeps), sleeps
 
 
 def panel_expr(title: str) -> str:

@@ -39,3 +39,32 @@ def test_dashboard_is_provisionable_as_is() -> None:
         assert 'instance=~"$instance"' in expr, f"{title}: not filtered by $instance"
     for variable in board["templating"]["list"]:
         assert variable["datasource"]["uid"] == "event-datagram-prom"
+
+
+def test_dashboard_shows_stale_datagrams_by_event_and_worker_sleeps() -> None:
+    """The bounded-delay series (issue 12) have their panels, by the right labels."""
+    queries = dict(panel_queries())
+    stale = queries["Stale datagrams by event"]
+    assert re.fullmatch(
+        r"sum by \(event\) \(rate\(event_datagram_stale_datagrams_total\{[^}]*\}"
+        r"\[\$__rate_interval\]\)\)",
+        stale,
+    ), stale
+    sleeps = queries["Worker sleeps"]
+    assert re.fullmatch(
+        r"sum by \(worker\) \(rate\(event_datagram_worker_sleeps_total\{[^}]*\}"
+        r"\[\$__rate_interval\]\)\)",
+        sleeps,
+    ), sleeps
+
+
+def test_panels_do_not_overlap() -> None:
+    """Each panel has its own place on the 24-column grid (rows included)."""
+    cells: dict[tuple[int, int], str] = {}
+    for panel in dashboard()["panels"]:
+        g = panel["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, panel["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                other = cells.setdefault((x, y), panel["title"])
+                assert other == panel["title"], f"{panel['title']} overlaps {other}"
