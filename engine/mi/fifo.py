@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from engine.mi.commands import PARSE_ERROR
 from engine.mi.protocol import error_reply, handle
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ _WS: Final = b" \t\r\n"
 OPEN_RETRIES: Final = 4  # like OpenSIPS: 4 x 80 ms for the client to open its reply FIFO
 OPEN_WAIT_S: Final = 0.08
 WRITE_TIMEOUT_S: Final = 2.0
+MAX_REPLY_WRITERS: Final = 32  # replies being delivered at once; beyond, dropped (counted)
 
 
 ScanState = tuple[int, int, bool]  # (position, depth, inside a string)
@@ -123,6 +125,9 @@ class FifoServer:
         self._wfd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edg-mi-fifo", daemon=True)
+        self._writers = threading.BoundedSemaphore(MAX_REPLY_WRITERS)
+        self._dropped_lock = threading.Lock()
+        self.replies_dropped = 0  # replies no client opened or read in time
 
     def start(self) -> None:
         self._thread.start()
@@ -205,9 +210,16 @@ class FifoServer:
             name, body = bytes(buf[1:sep]), sep + 1
             while body < len(buf) and buf[body] in _WS:
                 body += 1
+            if body < len(buf) and buf[body] == 0x3A and b"\n" in buf[sep + 1 : body]:
+                # An empty request: the next line is the next client's, not its body.
+                del buf[:body]
+                self._scan = None
+                self._reply(name, error_reply(PARSE_ERROR, "Parse error", "empty request"))
+                continue
             if body >= len(buf):
                 if final:
                     self._reset()
+                    self._reply(name, error_reply(PARSE_ERROR, "Parse error", "empty request"))
                 return
             end: int | None
             if buf[body] in b"{[":
@@ -269,13 +281,34 @@ class FifoServer:
             log.warning("MI FIFO: refused reply FIFO name %r (must be a plain file name)", text)
             return
         path = os.path.join(self.reply_dir, text)
-        fd = _open_reply(path)
-        if fd is None:
+        # Delivered by a thread of its own: a client that never opens its reply FIFO
+        # (or never reads it) costs its own bounded wait, not everyone else's.
+        if not self._writers.acquire(blocking=False):
+            log.warning("MI FIFO: %d replies are waiting for their readers; reply to %s "
+                        "dropped", MAX_REPLY_WRITERS, path)  # fmt: skip
+            self._count_dropped()
             return
+        threading.Thread(
+            target=self._deliver, args=(path, reply), name="edg-mi-fifo-reply", daemon=True
+        ).start()
+
+    def _deliver(self, path: str, reply: bytes) -> None:
         try:
-            _write_all(fd, reply, path)
+            fd = _open_reply(path)
+            if fd is None:
+                self._count_dropped()
+                return
+            try:
+                if not _write_all(fd, reply, path):
+                    self._count_dropped()
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            self._writers.release()
+
+    def _count_dropped(self) -> None:
+        with self._dropped_lock:
+            self.replies_dropped += 1
 
 
 def _make_fifo(path: str) -> None:
@@ -309,7 +342,8 @@ def _open_reply(path: str) -> int | None:
     return None
 
 
-def _write_all(fd: int, data: bytes, path: str) -> None:
+def _write_all(fd: int, data: bytes, path: str) -> bool:
+    """Write all of `data` within WRITE_TIMEOUT_S; False (logged) when it could not."""
     deadline = time.monotonic() + WRITE_TIMEOUT_S
     view = memoryview(data)
     while view:
@@ -319,10 +353,11 @@ def _write_all(fd: int, data: bytes, path: str) -> None:
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning("MI FIFO: client at %s does not read its reply; dropped", path)
-                return
+                return False
             select.select([], [fd], [], min(left, 0.1))
             continue
         except OSError as exc:
             log.warning("MI FIFO: writing the reply to %s failed: %s", path, exc.strerror or exc)
-            return
+            return False
         view = view[written:]
+    return True

@@ -171,3 +171,72 @@ def test_fifo_file_life_cycle(engine: Engine, tmp_path: Path) -> None:
     assert path.is_fifo()
     server.stop()
     assert not path.exists()
+
+
+def test_an_empty_request_is_a_parse_error_to_its_own_sender(
+    fifo: FifoServer, tmp_path: Path
+) -> None:
+    first, second = ReplyFifo(tmp_path, "first"), ReplyFifo(tmp_path, "second")
+    write(fifo, b":first:\n")  # nothing after the prefix...
+    time.sleep(0.05)
+    write(fifo, b":second:" + REQUEST + b"\n")  # ...and the next line is another client's
+    got = json.loads(first.result() or b"null")
+    assert got["error"]["code"] == -32700 and got["error"]["data"] == "empty request"
+    assert second.result() == EVENTS_REPLY
+
+
+def test_many_concurrent_clients_each_get_their_own_replies(
+    fifo: FifoServer, tmp_path: Path
+) -> None:
+    clients, rounds = 16, 20
+    errors: list[str] = []
+
+    def client(c: int) -> None:
+        for r in range(rounds):
+            name = f"c{c}r{r}"
+            reply = ReplyFifo(tmp_path, name)
+            if r % 5 == 4:  # now and then an empty request
+                write(fifo, f":{name}:\n".encode())
+                want_error = True
+            else:
+                body = {"jsonrpc": "2.0", "method": "events_list", "id": name}
+                write(fifo, f":{name}:{json.dumps(body)}\n".encode())
+                want_error = False
+            data = reply.result(timeout=10)
+            os.unlink(reply.path)
+            if data is None:
+                errors.append(f"{name}: no reply")
+                continue
+            got = json.loads(data)
+            if want_error:
+                if got.get("error", {}).get("code") != -32700:
+                    errors.append(f"{name}: {got}")
+            elif got.get("id") != name or "result" not in got:
+                errors.append(f"{name}: reply for {got.get('id')!r}")
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert fifo.replies_dropped == 0
+
+
+def test_reply_fifos_nobody_opens_do_not_hold_up_other_clients(
+    fifo: FifoServer, tmp_path: Path
+) -> None:
+    for i in range(10):  # each would cost ~0.3 s of retries to open
+        os.mkfifo(tmp_path / f"deaf{i}")
+        write(fifo, f":deaf{i}:".encode() + REQUEST + b"\n")
+    reply = ReplyFifo(tmp_path, "patient")
+    start = time.monotonic()
+    write(fifo, b":patient:" + REQUEST + b"\n")
+    assert reply.result() == EVENTS_REPLY
+    took = time.monotonic() - start
+    # Served in parallel: well before the 10 x 0.32 s the deaf ones cost in a row.
+    assert took < 1.5, f"the reply took {took:.2f} s"
+    deadline = time.monotonic() + 10
+    while fifo.replies_dropped < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fifo.replies_dropped == 10
