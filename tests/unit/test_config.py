@@ -120,7 +120,7 @@ def test_state_path_and_allow_list_defaults(tmp_path: Path) -> None:
     [
         ('[engine]\nworkers = "two"', "Expected `int`, got `str` - at `$.engine.workers`"),
         ("[engine]\nworkers = -1", "must be 0-256 - at `$.engine.workers`"),
-        ("[engine]\nring_bytes = 1000", "must be 262144-4294967296 (4 GiB) - at `$.engine.ring_bytes`"),
+        ("[engine]\nring_bytes = 1000", "must be 262144-4294967296 (4 GiB) - at `$.engine.ring_bytes`"),  # noqa: E501
         ('[engine]\nfull_ring_policy = "block"', "'block' - at `$.engine.full_ring_policy`"),
         ("[engine]\nthreads = 4", "Object contains unknown field `threads` - at `$.engine`"),
         ("worker = 4", "Object contains unknown field `worker`"),
