@@ -51,6 +51,13 @@ def start_engine_process(
     return proc, json.loads(line)
 
 
+def kill_if_running(proc: subprocess.Popen[str]) -> None:
+    """A process that did not stop in time is killed, so a failure leaks nothing."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
 def process_gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -69,8 +76,11 @@ def test_sigterm_drains_the_rings_and_leaves_no_segment() -> None:
     rx = udp_receiver()
     try:
         proc, _pids = start_engine_process(instance, rx.socket_text, 5000)
-        proc.send_signal(signal.SIGTERM)  # right after the burst was queued
-        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+        try:
+            proc.send_signal(signal.SIGTERM)  # right after the burst was queued
+            assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+        finally:
+            kill_if_running(proc)
         got = rx.quiet(5000)
         assert sorted(json.loads(d)["params"]["seq"] for d in got) == list(range(5000))
         assert list_segments(instance) == []
@@ -83,8 +93,11 @@ def test_sigint_stops_cleanly_too() -> None:
     rx = udp_receiver()
     try:
         proc, pids = start_engine_process(instance, rx.socket_text, 10)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0
+        try:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+        finally:
+            kill_if_running(proc)
         assert all(process_gone(pid) for pid in pids)
         assert list_segments(instance) == []
         assert len(rx.quiet(10)) == 10
