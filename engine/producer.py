@@ -417,6 +417,7 @@ class Engine:
                         sleeps=ring.sleeps,
                         redelivered_pairs=values[lay.scalar("redelivered_pairs")],
                         subscribers=values[lay.scalar("subscribers")],
+                        shared_subscribers=values[lay.scalar("shared_subscribers")],
                         failures=failures,
                         counters=tuple(values),
                     )

@@ -24,7 +24,8 @@ class WorkerStatistics:
     pairs_consumed: int  # pairs of the event records the worker has finished
     pairs_stale: int  # pairs not sent: the event was older than engine.max_delay_ms
     redelivered_pairs: int  # pairs possibly sent twice (a worker died mid-batch)
-    subscribers: int  # sockets the worker holds
+    subscribers: int  # subscriber sockets the worker serves
+    shared_subscribers: int  # of those, on a shared unconnected socket (beyond socket_limit)
     failures: dict[tuple[str, str], int]  # (transport, reason) -> failed pairs
     counters: tuple[int, ...]  # the raw counter area (see counters.CounterLayout)
 

@@ -183,6 +183,7 @@ class Supervisor:
             self._free_segments()
             raise
         self._procs = [None] * workers
+        self._auto_socket_limit = auto_socket_limit(workers)
         self.restarts = [0] * workers
         self._boot_failures = [0] * workers
         self._crashes_at = [(-1, 0)] * workers  # (ring position, errors in a row there)
@@ -309,7 +310,7 @@ class Supervisor:
                 cpu=self.cpus[k],
                 batch_max=opts.batch_max,
                 use_sendmmsg=opts.use_sendmmsg,
-                socket_limit=opts.socket_limit,
+                socket_limit=opts.socket_limit or self._auto_socket_limit,
                 unix_wait_ms=opts.unix_wait_ms,
                 max_delay_ms=opts.max_delay_ms,
                 idle_poll_ms=opts.idle_poll_ms,
@@ -428,7 +429,13 @@ class Supervisor:
                 continue
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
-                log.warning("worker %d did not drain in %.1f s; terminating", k, drain_timeout_s)
+                ring = self.rings[k]
+                left = ring.pending_fanout()  # slow path: the worker is leaving anyway
+                log.warning(
+                    "worker %d did not drain in %.1f s: %d datagram(s) in %d byte(s) of its "
+                    "ring are not sent; terminating",
+                    k, drain_timeout_s, left, ring.write_pos - ring.read_pos,
+                )  # fmt: skip
                 proc.terminate()
                 proc.join(1.0)
             if proc.is_alive():
@@ -486,6 +493,23 @@ class Supervisor:
 
     def ready(self, k: int) -> bool:
         return self.counters is not None and self.counters.region(k).state == STATE_READY
+
+
+EPHEMERAL_SHARE: Final = 4  # connected UDP sockets may hold 1/4 of the ephemeral ports
+
+
+def auto_socket_limit(workers: int) -> int:
+    """Connected sockets per worker when engine.socket_limit is 0: together the
+    workers hold at most a quarter of the ephemeral port range (each connected UDP
+    socket binds one port), so the rest of the host keeps the others. The worker
+    lowers it further to what its open-files limit allows."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        ports = max(0, high - low + 1)
+    except (OSError, ValueError):
+        ports = 28_232  # Linux's default range, 32768-60999
+    return max(64, ports // EPHEMERAL_SHARE // max(1, workers))
 
 
 def _alive(pid: int) -> bool:

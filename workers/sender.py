@@ -16,15 +16,18 @@ from __future__ import annotations
 import ctypes
 import errno
 import math
+import os
 import select
 import socket
+import struct
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from engine.shm.counters import REASONS
 
 MSG_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0x40)
+UIO_MAXIOV: Final = 1024  # most messages one sendmmsg takes
 
 # Errors after which the rest of this subscriber's batch would fail the same way
 # right now: count them all at once instead of one system call each.
@@ -165,25 +168,6 @@ class BatchSender:
             start += 1
         return sent
 
-    def send_to(
-        self, sock: socket.socket, address: str | tuple[str | int, ...], start: int, count: int
-    ) -> int:
-        """Send entries on a shared unconnected socket, one sendto() each (the
-        path for subscribers beyond the open-files limit)."""
-        self.errors.clear()
-        sent = 0
-        words = self.iov_words
-        base = self.data_address
-        data = self.data
-        for i in range(start, start + count):
-            offset = words[2 * i] - base
-            try:
-                sock.sendto(data[offset : offset + words[2 * i + 1]], MSG_DONTWAIT, address)
-                sent += 1
-            except OSError as exc:
-                self.errors.append((i, exc.errno or errno.EIO))
-        return sent
-
     def _send_each(self, sock: socket.socket, start: int, end: int) -> int:
         """The portable path: one send() per datagram, same error rules."""
         sent = 0
@@ -205,4 +189,105 @@ class BatchSender:
                     break
                 self.errors.append((i, err))
             i += 1
+        return sent
+
+
+def sockaddr_bytes(family: int, address: str | tuple[str | int, ...]) -> bytes:
+    """The C `struct sockaddr_*` for `address` (as socket.connect() takes it)."""
+    if family == socket.AF_INET:
+        host, port = str(address[0]), int(address[1])
+        return struct.pack("=HH4s8x", family, socket.htons(port), socket.inet_pton(family, host))
+    if family == socket.AF_INET6:
+        host, port = str(address[0]), int(address[1])
+        flowinfo = int(address[2]) if len(address) > 2 else 0
+        scope = int(address[3]) if len(address) > 3 else 0
+        packed = socket.inet_pton(family, host)
+        return struct.pack("=HHI16sI", family, socket.htons(port), flowinfo, packed, scope)
+    path = os.fsencode(address if isinstance(address, str) else str(address[0]))
+    return struct.pack("=H", family) + path + b"\0"
+
+
+class SharedGroup:
+    """Subscribers of one event that share one unconnected socket (one family).
+
+    One event goes to all of them in one `sendmmsg`: every entry of the group's
+    mmsghdr table names one subscriber (msg_name) and points at the same iovec,
+    which is aimed at the event's payload before each call. So a subscriber
+    beyond the connected-socket limit costs no system call of its own.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.members: list[Any] = []  # table.Subscriber, newest first
+        self._iov = IoVec()
+        self._names: ctypes.Array[ctypes.c_char] | None = None
+        self._msgs: ctypes.Array[MMsgHdr] | None = None
+        self.errors: list[tuple[int, int]] = []  # (member index, errno) of the last send
+
+    def add(self, sub: Any) -> None:
+        self.members.insert(0, sub)
+        self._msgs = None  # rebuilt at the next send
+
+    def remove(self, sub: Any) -> None:
+        self.members.remove(sub)
+        self._msgs = None
+
+    def _build(self) -> ctypes.Array[MMsgHdr]:
+        names = [sockaddr_bytes(m.family, m.sockaddr) for m in self.members]
+        stride = max((len(n) for n in names), default=1)
+        self._names = buf = ctypes.create_string_buffer(stride * max(1, len(names)))
+        base = ctypes.addressof(buf)
+        msgs = (MMsgHdr * max(1, len(names)))()
+        iov = ctypes.addressof(self._iov)
+        for i, name in enumerate(names):
+            ctypes.memmove(base + i * stride, name, len(name))
+            hdr = msgs[i].msg_hdr
+            hdr.msg_name = base + i * stride
+            hdr.msg_namelen = len(name)
+            hdr.msg_iov = iov
+            hdr.msg_iovlen = 1
+        self._msgs = msgs
+        return msgs
+
+    def send(self, address: int, length: int) -> int:
+        """Send the payload at `address` (`length` bytes) to every member; return how
+        many went out. Failures land in `self.errors` as (member index, errno)."""
+        errors = self.errors
+        errors.clear()
+        msgs = self._msgs if self._msgs is not None else self._build()
+        count = len(self.members)
+        fn = _SENDMMSG
+        self._iov.iov_base = address
+        self._iov.iov_len = length
+        if fn is None:
+            return self._send_each(address, length)
+        fd = self.sock.fileno()
+        size = ctypes.sizeof(MMsgHdr)
+        first = ctypes.addressof(msgs)
+        start = sent = 0
+        while start < count:
+            n = fn(fd, first + start * size, min(count - start, UIO_MAXIOV), MSG_DONTWAIT)
+            if n > 0:
+                sent += n
+                start += n
+                continue
+            err = ctypes.get_errno() if n < 0 else errno.EIO
+            if err == errno.EINTR:
+                continue
+            if err in (errno.EAGAIN, errno.ENOBUFS):  # the shared socket's buffer is full
+                errors.extend((i, err) for i in range(start, count))
+                break
+            errors.append((start, err))  # this member's address; go on with the next
+            start += 1
+        return sent
+
+    def _send_each(self, address: int, length: int) -> int:
+        payload = ctypes.string_at(address, length)
+        sent = 0
+        for i, member in enumerate(self.members):
+            try:
+                self.sock.sendto(payload, MSG_DONTWAIT, member.sockaddr)
+                sent += 1
+            except OSError as exc:
+                self.errors.append((i, exc.errno or errno.EIO))
         return sent

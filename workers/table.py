@@ -16,6 +16,7 @@ from typing import Final
 
 from engine.shm.counters import TRANSPORTS
 from engine.shm.ring import ControlPayload
+from workers.sender import SharedGroup
 
 log = logging.getLogger("event_datagram.worker")
 
@@ -53,11 +54,21 @@ def raise_fd_limit() -> int:
 
 
 class SubscriberTable:
-    """Subscribers by key and by event id; owns their sockets."""
+    """Subscribers by key and by event id; owns their sockets.
+
+    Up to `socket_limit` subscribers get a connected socket of their own (one
+    `sendmmsg` per batch each). The rest share the worker's unconnected socket
+    of their family, grouped per event (`shared_by_event`): one `sendmmsg` per
+    event sends it to the whole group, each message naming its destination. A
+    connected UDP socket holds an ephemeral port, so the limit keeps the host's
+    port range for everyone else.
+    """
 
     def __init__(self, socket_limit: int, sndbuf: int = 0) -> None:
         self.by_key: dict[str, Subscriber] = {}
-        self.by_event: dict[int, list[Subscriber]] = {}
+        self.by_event: dict[int, list[Subscriber]] = {}  # own-socket subscribers only
+        self.shared_by_event: dict[int, dict[int, SharedGroup]] = {}  # event -> family -> group
+        self.shared_count = 0  # subscribers on shared sockets
         self.socket_limit = socket_limit
         self.sndbuf = sndbuf
         self.own_sockets = 0
@@ -75,20 +86,38 @@ class SubscriberTable:
             self.by_key[control.key] = sub
         if event_id not in sub.events:
             sub.events.add(event_id)
-            self.by_event.setdefault(event_id, []).insert(0, sub)  # newest first
+            if sub.shared:
+                groups = self.shared_by_event.setdefault(event_id, {})
+                group = groups.get(sub.family)
+                if group is None:
+                    group = groups[sub.family] = SharedGroup(sub.sock)
+                group.add(sub)
+            else:
+                self.by_event.setdefault(event_id, []).insert(0, sub)  # newest first
 
     def unsubscribe(self, event_id: int, key: str) -> None:
         sub = self.by_key.get(key)
         if sub is None or event_id not in sub.events:
             return
         sub.events.discard(event_id)
-        subs = self.by_event[event_id]
-        subs.remove(sub)
-        if not subs:
-            del self.by_event[event_id]
+        if sub.shared:
+            groups = self.shared_by_event[event_id]
+            group = groups[sub.family]
+            group.remove(sub)
+            if not group.members:
+                del groups[sub.family]
+                if not groups:
+                    del self.shared_by_event[event_id]
+        else:
+            subs = self.by_event[event_id]
+            subs.remove(sub)
+            if not subs:
+                del self.by_event[event_id]
         if not sub.events:
             del self.by_key[key]
-            if not sub.shared:
+            if sub.shared:
+                self.shared_count -= 1
+            else:
                 sub.sock.close()
                 self.own_sockets -= 1
 
@@ -106,6 +135,7 @@ class SubscriberTable:
                 control.key, transport, control.family, sockaddr, self._shared(control.family),
                 connected=False, shared=True,
             )  # fmt: skip
+            self.shared_count += 1
         else:
             sock.setblocking(False)
             if self.sndbuf:
@@ -149,3 +179,4 @@ class SubscriberTable:
             sock.close()
         self.by_key.clear()
         self.by_event.clear()
+        self.shared_by_event.clear()

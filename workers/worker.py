@@ -98,7 +98,9 @@ class Worker:
         self.i_subscribers = lay.scalar("subscribers")
         self.i_consumed = lay.scalar("pairs_consumed")
         self.i_stale = lay.scalar("pairs_stale")
+        self.i_shared = lay.scalar("shared_subscribers")
         self._set(self.i_subscribers, len(self.table.by_key))
+        self._set(self.i_shared, self.table.shared_count)
 
     def _add(self, index: int, delta: int) -> None:
         self.values[index] += delta
@@ -195,6 +197,7 @@ class Worker:
         elif kind == KIND_UNSUBSCRIBE:
             self.table.unsubscribe(event_id, control.key)
         self._set(self.i_subscribers, len(self.table.by_key))
+        self._set(self.i_shared, self.table.shared_count)
         return False
 
     def _send_batch(self, n: int, eids: list[int], lengths: list[int], stamps: list[int]) -> None:
@@ -208,7 +211,42 @@ class Worker:
             pairs = n * len(subs)
         else:
             pairs = self._send_mixed(n, eids, lengths)
+        if self.table.shared_by_event:
+            pairs += self._send_shared(n, eids, lengths)
         self._observe(pairs, stamps)
+
+    def _send_shared(self, n: int, eids: list[int], lengths: list[int]) -> int:
+        """Subscribers on shared sockets: each event to its whole group in one
+        sendmmsg (per family), in batch order. Returns the pairs handled."""
+        shared = self.table.shared_by_event
+        iov = self.sender.iov_words
+        lay = self.layout
+        region = self.region
+        pairs = 0
+        for i in range(n):
+            groups = shared.get(eids[i])
+            if not groups:
+                continue
+            eid, length = eids[i], lengths[i]
+            for group in groups.values():
+                region.beat(time.monotonic_ns())
+                members = group.members
+                sent = group.send(iov[2 * i], iov[2 * i + 1])
+                transport = members[0].transport
+                self._add(lay.sent(eid, transport), sent)
+                self._add(lay.sent_bytes(eid, transport), sent * length)
+                self._add(self.i_sent, sent)
+                failed = {index: err for index, err in group.errors}
+                for err in failed.values():
+                    self._add(lay.failure(transport, reason_index(err or errno.EIO)), 1)
+                if failed:
+                    self._add(self.i_failed, len(failed))
+                for index, sub in enumerate(members):
+                    if sub.slot >= 0:
+                        bad = index in failed
+                        region.count_subscriber(sub.slot, 0 if bad else 1, 1 if bad else 0)
+                pairs += len(members)
+        return pairs
 
     def _send_range(
         self, sub: Subscriber, n: int, eid: int, total: int, lengths: list[int]
@@ -264,34 +302,32 @@ class Worker:
         # the supervisor tells a busy worker from a stuck one.
         self.region.beat(time.monotonic_ns())
         sender = self.sender
-        if sub.shared:
-            sent = sender.send_to(sub.sock, sub.sockaddr, start, count)
-        else:
-            if not sub.connected:
-                now = time.monotonic()
-                if now < sub.retry_at or not self.table.connect(sub, now):
-                    sender.errors[:] = [(i, sub.last_errno) for i in range(start, start + count)]
-                    self._count_failures(sub, count)
-                    if sub.slot >= 0:
-                        self.region.count_subscriber(sub.slot, 0, count)
-                    return 0
-            # A UNIX receiver's queue is short (net.unix.max_dgram_qlen): wait for it to
-            # drain, within the batch's budget -- unless it made no progress last time.
-            wait = sub.transport == UNIX and not sub.stalled and self.unix_wait_s > 0
-            if wait and not self.batch_deadline:
-                self.batch_deadline = time.monotonic() + self.unix_wait_s
-            sent = sender.send(sub.sock, start, count, self.batch_deadline if wait else 0.0)
-            if sub.transport == UNIX:
-                if sender.errors and wait and not sender.sent_after_wait:
-                    sub.stalled = True  # waited in vain: do not hold up the batch for it again
-                elif sent:
-                    sub.stalled = False  # it reads again: it may be waited for
+        # Own connected socket (subscribers on shared sockets go by _send_shared).
+        if not sub.connected:
+            now = time.monotonic()
+            if now < sub.retry_at or not self.table.connect(sub, now):
+                sender.errors[:] = [(i, sub.last_errno) for i in range(start, start + count)]
+                self._count_failures(sub, count)
+                if sub.slot >= 0:
+                    self.region.count_subscriber(sub.slot, 0, count)
+                return 0
+        # A UNIX receiver's queue is short (net.unix.max_dgram_qlen): wait for it to
+        # drain, within the batch's budget -- unless it made no progress last time.
+        wait = sub.transport == UNIX and not sub.stalled and self.unix_wait_s > 0
+        if wait and not self.batch_deadline:
+            self.batch_deadline = time.monotonic() + self.unix_wait_s
+        sent = sender.send(sub.sock, start, count, self.batch_deadline if wait else 0.0)
+        if sub.transport == UNIX:
+            if sender.errors and wait and not sender.sent_after_wait:
+                sub.stalled = True  # waited in vain: do not hold up the batch for it again
+            elif sent:
+                sub.stalled = False  # it reads again: it may be waited for
         if sub.slot >= 0:
             self.region.count_subscriber(sub.slot, sent, len(sender.errors))
         if sender.errors:
             self._count_failures(sub, len(sender.errors))
             last = sender.errors[-1][1]
-            if sub.transport == UNIX and last in RECONNECT_ERRNOS and not sub.shared:
+            if sub.transport == UNIX and last in RECONNECT_ERRNOS:
                 sub.connected = False  # peer gone: connect again before the next send
                 sub.last_errno = last
                 sub.retry_at = 0.0

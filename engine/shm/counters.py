@@ -81,6 +81,7 @@ SCALARS: Final = (
     "subscribers",  # sockets this worker holds now (a gauge)
     "pairs_consumed",  # fan-out of the event records consumed (= sent + failed + stale)
     "pairs_stale",  # pairs not sent: the event was older than engine.max_delay_ms
+    "shared_subscribers",  # of `subscribers`, those on a shared unconnected socket (a gauge)
 )
 
 

@@ -14,7 +14,7 @@ def worker(**changes: object) -> WorkerStatistics:
         ring=RingStatistics(capacity=4096, used_bytes=48, records_written=3, records_read=2,
                             drops=0),
         pairs_queued=7, pairs_dropped=0, records_dropped=0, pairs_sent=3, pairs_failed=1,
-        pairs_consumed=5, pairs_stale=1, redelivered_pairs=0, subscribers=2,
+        pairs_consumed=5, pairs_stale=1, redelivered_pairs=0, subscribers=2, shared_subscribers=0,
         failures={("udp", "econnrefused"): 1}, counters=(), sleeps=0,
     )  # fmt: skip
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
