@@ -226,7 +226,9 @@ def test_a_reading_unix_receiver_gets_a_whole_burst_despite_its_short_queue(
     )
     try:
         assert reader.stdout is not None and reader.stdout.readline() == "ready\n"
-        with running_engine(["E_TEST"]) as engine:
+        # A generous wait budget: on a busy 2-core machine the reader may be off its
+        # CPU for more than the default 5 ms; the mechanism is the same.
+        with running_engine(["E_TEST"], unix_wait_ms=250) as engine:
             engine.subscribe("E_TEST", f"unix:{path}")
             for seq in range(2000):
                 engine.raise_event("E_TEST", {"seq": seq})
