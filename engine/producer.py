@@ -34,6 +34,7 @@ from engine.shm.ring import (
     KIND_STOP,
     ControlPayload,
 )
+from engine.signals import SignalCatcher
 from engine.statistics import EngineStatistics, WorkerStatistics
 from engine.subscriptions import DEFAULT_EXPIRE, AllowList, Change, Registry, UnknownEvents
 from engine.supervisor import Supervisor
@@ -168,16 +169,13 @@ class Engine:
         """Block the main thread until one of `signals` arrives or the engine fails,
         then stop (draining). `on_ready` runs once the handlers are in place.
         Returns 0 after a signal, 1 after a failure."""
-        stop = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
         try:
-            if on_ready is not None:
-                on_ready()
-            while not stop.wait(0.2) and self._failure is None:
-                pass
+            with SignalCatcher(signals) as caught:
+                if on_ready is not None:
+                    on_ready()
+                while not caught.wait(0.2) and self._failure is None:
+                    pass
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             self.stop()
         return 1 if self._failure is not None else 0
 

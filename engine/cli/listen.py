@@ -19,7 +19,6 @@ import socket
 import stat
 import sys
 import time
-from types import FrameType
 from typing import BinaryIO
 
 import msgspec
@@ -27,6 +26,7 @@ import msgspec
 from engine.address import format_listen, parse_listen
 from engine.errors import ListenError, MIClientError, MIReplyError
 from engine.mi.client import call
+from engine.signals import SignalCatcher
 
 
 def bind(text: str) -> tuple[socket.socket, str]:
@@ -94,12 +94,7 @@ def run_listener(
     sock.setblocking(False)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    stopping: list[int] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.append(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    caught = SignalCatcher((signal.SIGINT, signal.SIGTERM)).__enter__()  # left in finally
     subscribed: list[str] = []
     status = 0
     try:
@@ -113,7 +108,7 @@ def run_listener(
         )
         refresh_every = max(0.5, expire / 2)
         next_refresh = time.monotonic() + refresh_every
-        while not stopping:
+        while caught.received is None:
             wait = max(0.0, min(0.2, next_refresh - time.monotonic()))
             ready, _, _ = select.select([sock], [], [], wait)
             if ready:
@@ -128,8 +123,7 @@ def run_listener(
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        caught.__exit__(None, None, None)
         for event in subscribed:
             try:
                 call(target, "event_subscribe", [event, me, 0], timeout=timeout)

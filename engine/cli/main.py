@@ -15,9 +15,7 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 
 import msgspec
@@ -25,6 +23,7 @@ import msgspec
 from engine import config as config_mod
 from engine.errors import ListenError, MIClientError, MIReplyError, RunError
 from engine.mi.client import DEFAULT_TARGET, call
+from engine.signals import SignalCatcher
 
 log = logging.getLogger("event_datagram.cli")
 
@@ -223,34 +222,28 @@ def run(args: argparse.Namespace) -> int:
     except config_mod.ConfigError as exc:
         print(f"event-datagram: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
     # SIGHUP too: a closed terminal or a service manager's hang-up drains and
     # stops like SIGTERM instead of killing the engine mid-batch.
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, on_signal)
-    runner = Runner(cfg, args.config or "the default config")
-    try:
-        runner.start()
-    except config_mod.ConfigError as exc:
-        print(f"event-datagram: {exc}", file=sys.stderr)
-        return 2
-    except RunError as exc:
-        print(f"event-datagram: {exc}", file=sys.stderr)
-        return 1
-    print(f"event-datagram ready: {runner.describe()}", file=sys.stderr, flush=True)
-    while not stop.wait(0.25):
-        if runner.engine.failure:
-            break
-    failure = runner.engine.failure
-    runner.stop()
-    if failure:
-        print(f"event-datagram: engine failed: {failure}", file=sys.stderr)
-        return 1
-    return 0
+    with SignalCatcher((signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) as caught:
+        runner = Runner(cfg, args.config or "the default config")
+        try:
+            runner.start()
+        except config_mod.ConfigError as exc:
+            print(f"event-datagram: {exc}", file=sys.stderr)
+            return 2
+        except RunError as exc:
+            print(f"event-datagram: {exc}", file=sys.stderr)
+            return 1
+        print(f"event-datagram ready: {runner.describe()}", file=sys.stderr, flush=True)
+        while not caught.wait(0.25):
+            if runner.engine.failure:
+                break
+        failure = runner.engine.failure
+        runner.stop()
+        if failure:
+            print(f"event-datagram: engine failed: {failure}", file=sys.stderr)
+            return 1
+        return 0
 
 
 def _apply_flags(cfg: config_mod.Config, args: argparse.Namespace) -> None:
