@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -17,6 +18,7 @@ from engine.mi.server import DatagramServer, HTTPServer
 from engine.producer import Engine
 from tests.mi_support import EVENTS_REPLY, ONE_WORKER
 from tests.mi_support import EVENTS_REQUEST as REQUEST
+from tests.support import eventually
 
 # The module's shared `engine` (conftest.py): the transport tests' probe, EVENTS_REPLY.
 ENGINE = {"events": ["E_SAMPLE", "E_BENCH"], **ONE_WORKER}
@@ -123,7 +125,7 @@ def test_http_idle_and_slow_clients_are_cut_off(http_server: HTTPServer) -> None
         idle.settimeout(5)
         slow.settimeout(0.2)
         start = time.monotonic()
-        # The slow client trickles a request; it is cut off at its deadline (1 + 0.5 s).
+        # The slow client trickles a request head; it is cut off at its deadline (0.5 s).
         request = b"POST /mi HTTP/1.1\r\nContent-Length: 100\r\nX-Pad: " + b"a" * 200
         cut = False
         for byte in request:
@@ -146,29 +148,84 @@ def test_http_idle_and_slow_clients_are_cut_off(http_server: HTTPServer) -> None
         slow.close()
 
 
-def test_http_connection_limit(engine: Engine) -> None:
+def test_http_connection_limit(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     server = HTTPServer(engine, ("127.0.0.1", 0), timeout=30, max_connections=4)
     server.start()
     try:
-        held = [socket.create_connection(server.address) for _ in range(4)]
-        try:
-            time.sleep(0.1)
-            refused = raw_http(server, REQUEST)
-            assert refused.startswith(b"HTTP/1.1 503 ")
-        finally:
-            for sock in held:
-                sock.close()
-        deadline = time.monotonic() + 5
-        while True:  # slots come back as the held ones close
-            try:
-                if post(server, REQUEST)[0] == 200:
-                    break
-            except ConnectionError:
-                pass  # a 503 can close the connection before the request is all sent
-            assert time.monotonic() < deadline
+        # Full of connections waiting on their clients: the one waiting longest makes room.
+        held = []
+        for _ in range(4):
+            held.append(socket.create_connection(server.address, timeout=5))
             time.sleep(0.05)
+        eventually(lambda: server.counters()["open"] == 4, what="4 connections open")
+        assert post(server, REQUEST)[2] == EVENTS_REPLY
+        assert held[0].recv(100) == b""  # evicted, the oldest
+        for sock in held[1:]:
+            sock.settimeout(0.1)
+            with pytest.raises(TimeoutError):
+                sock.recv(100)
+        assert server.counters()["evicted"] == 1
+        for sock in held:
+            sock.close()
+        eventually(lambda: server.counters()["open"] == 0, what="the held ones closed")
+
+        # Full of requests being answered (the MI handler blocks): a 503, then all served.
+        release, entered = threading.Event(), []
+
+        def blocked(engine: Engine, body: bytes) -> bytes | None:
+            entered.append(body)
+            release.wait(10)
+            return handle(engine, body)
+
+        monkeypatch.setattr("engine.mi.server.handle", blocked)
+        framed = b"POST /mi HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(REQUEST) + REQUEST
+        busy = [socket.create_connection(server.address, timeout=5) for _ in range(4)]
+        try:
+            for sock in busy:
+                sock.sendall(framed)
+            eventually(lambda: len(entered) == 4, what="4 requests with the workers")
+            refused = raw_http(server, framed)
+            assert refused.startswith(b"HTTP/1.1 503 ") and server.counters()["refused"] == 1
+            release.set()
+            for sock in busy:
+                reply = sock.recv(65536)
+                assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(EVENTS_REPLY)
+        finally:
+            release.set()
+            for sock in busy:
+                sock.close()
+        assert post(server, REQUEST)[2] == EVENTS_REPLY
     finally:
         server.stop()
+
+
+def test_http_pipelining_http10_and_expect(http_server: HTTPServer) -> None:
+    framed = b"POST /mi HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(REQUEST) + REQUEST
+    closing = framed.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n")
+    # Two requests in one write: two replies, in order; the second closes the connection.
+    replies = raw_http(http_server, framed + closing)
+    assert replies.count(b"HTTP/1.1 200 ") == 2 and replies.count(EVENTS_REPLY) == 2
+    assert replies.endswith(EVENTS_REPLY) and replies.count(b"Connection: close") == 1
+    # HTTP/1.0 closes after its reply unless it asks for keep-alive.
+    http10 = framed.replace(b"HTTP/1.1", b"HTTP/1.0")
+    reply = raw_http(http_server, http10)
+    assert reply.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in reply
+    with socket.create_connection(http_server.address, timeout=5) as sock:
+        keep = http10.replace(b"HTTP/1.0\r\n", b"HTTP/1.0\r\nConnection: keep-alive\r\n")
+        for _ in range(2):
+            sock.sendall(keep)
+            reply = sock.recv(65536)
+            assert reply.endswith(EVENTS_REPLY) and b"Connection: close" not in reply
+    # Expect: 100-continue gets its interim reply before the body is sent.
+    with socket.create_connection(http_server.address, timeout=5) as sock:
+        head, _, body = framed.partition(b"\r\n\r\n")
+        sock.sendall(head + b"\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        assert sock.recv(65536).endswith(EVENTS_REPLY)
+    # HEAD /metrics: the headers of the page, without the page.
+    reply = raw_http(http_server, b"HEAD /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\n")
 
 
 def test_metrics_endpoint(http_server: HTTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
