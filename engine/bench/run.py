@@ -63,6 +63,7 @@ from engine.shm.segment import list_segments, unlink_name
 from engine.wire import PayloadTooLarge
 
 LATENCY_RATE_CAP: Final = 50_000.0  # events/s
+LATENCY_FLOOR_DG_PER_S: Final = 400.0  # the default latency rate's floor, in datagrams/s
 CHUNK: Final = 64  # raises between two looks at the clock
 IDLE_SUBSCRIBERS: Final = 4  # the idle phase's subscribers: the default bench's
 IDLE_SETTLE_S: Final = 1.0  # quiet before the idle CPU window (workers sleep after 100 ms)
@@ -189,7 +190,10 @@ class Bench:
                     for r in engine_rounds
                 ]
             )
-            rate = min(LATENCY_RATE_CAP, max(100.0, 0.5 * (best or 0.0)))
+            # The floor is in datagrams: 100 events/s to 4 subscribers, 0.4 to 1,000
+            # (100 events/s to 1,000 subscribers would be more than the workers send).
+            floor = LATENCY_FLOOR_DG_PER_S / len(self.kinds)
+            rate = min(LATENCY_RATE_CAP, max(floor, 0.5 * (best or 0.0)))
         idle = self._wait_idle()
         result = self._engine_round(0, rate, args.latency_duration, "latency")
         result["idle_wait"] = idle
