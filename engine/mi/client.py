@@ -147,8 +147,9 @@ def _read_reply(fd: int, path: str, timeout: float) -> bytes:
         left = deadline - time.monotonic()
         if left <= 0:
             raise MIClientError(f"no answer from the MI FIFO {path} in {timeout:g} s")
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
+        poller = select.poll()  # not select(): the fd may be past 1023 in a busy process
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(max(1, int(left * 1000))):
             continue
         try:
             chunk = os.read(fd, 65536)

@@ -150,7 +150,7 @@ class FifoServer:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._rfd], [], [], 0.25)
+            ready = _poll(self._rfd, select.POLLIN, 0.25)
             if ready:
                 try:
                     chunk = os.read(self._rfd, 65536)
@@ -311,6 +311,14 @@ class FifoServer:
             self.replies_dropped += 1
 
 
+def _poll(fd: int, events: int, timeout_s: float) -> bool:
+    """Wait for `events` on `fd` (poll, not select: descriptors may pass 1023
+    in a process that holds thousands of HTTP connections)."""
+    poller = select.poll()
+    poller.register(fd, events)
+    return bool(poller.poll(max(0, int(timeout_s * 1000))))
+
+
 def _make_fifo(path: str) -> None:
     try:
         st = os.lstat(path)
@@ -354,7 +362,7 @@ def _write_all(fd: int, data: bytes, path: str) -> bool:
             if left <= 0:
                 log.warning("MI FIFO: client at %s does not read its reply; dropped", path)
                 return False
-            select.select([], [fd], [], min(left, 0.1))
+            _poll(fd, select.POLLOUT, min(left, 0.1))
             continue
         except OSError as exc:
             log.warning("MI FIFO: writing the reply to %s failed: %s", path, exc.strerror or exc)
