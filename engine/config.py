@@ -23,6 +23,7 @@ from engine.address import parse_destination, parse_listen
 from engine.errors import BadEventName, ConfigError
 from engine.options import EngineOptions
 from engine.shm.segment import check_instance_name
+from engine.sources.ingest import parse_allow, parse_ingest_socket
 from engine.subscriptions import AllowList
 from engine.wire import check_event_name
 
@@ -78,6 +79,15 @@ class StaticSubscription(_Section):
     socket: str
 
 
+class IngestConfig(_Section):
+    listen: list[str] = msgspec.field(default_factory=list)
+    """Datagram sockets that take JSON-RPC notifications (udp:HOST:PORT, unix:/PATH)."""
+    allow: list[str] = msgspec.field(default_factory=list)
+    """UDP source networks that may send; [] = loopback only."""
+    unknown_events: Literal["reject", "register"] = "reject"
+    """A notification of an event not registered: reject it (counted) or register it."""
+
+
 class MetricsConfig(_Section):
     per_subscriber: bool = False
     """Add per-subscriber series (datagrams sent, failures, TTL) to /metrics."""
@@ -91,6 +101,7 @@ class Config(_Section):
     state: StateConfig = msgspec.field(default_factory=StateConfig)
     subscription: list[StaticSubscription] = msgspec.field(default_factory=list)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
 
     def state_path(self) -> str | None:
         """Where subscriptions are persisted, or None when persistence is off."""
@@ -123,6 +134,15 @@ class Config(_Section):
             self.allow_list()
         except ValueError as exc:
             raise ConfigError(f"{exc} - at `$.allow`") from None
+        for i, text in enumerate(self.ingest.listen):
+            try:
+                parse_ingest_socket(text)
+            except ValueError as exc:
+                raise ConfigError(f"{exc} - at `$.ingest.listen[{i}]`") from None
+        try:
+            parse_allow(self.ingest.allow)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} - at `$.ingest.allow`") from None
         for i, sub in enumerate(self.subscription):
             _check_event(sub.event, f"$.subscription[{i}].event")
             try:

@@ -112,6 +112,7 @@ class EngineCollector(Collector):
         yield from _event_families(stats)
         yield from _worker_families(stats)
         yield from _histograms(stats)
+        yield from _source_families(stats)
         yield from _subscriber_families(stats, subscribers, self.per_subscriber)
         if self.per_subscriber:
             yield from _subscriber_counters(subscribers, engine.subscriber_counts())
@@ -301,6 +302,59 @@ _WORKER_SERIES: Final[tuple[tuple[bool, str, str, Callable[[WorkerStatistics], i
     ),
     (True, "worker_subscribers", "Subscriber sockets the worker holds.", lambda w: w.subscribers),
 )
+
+
+def _source_families(stats: EngineStatistics) -> Iterator[Metric]:
+    """Datagram ingest per socket; upstreams per MI (SPEC section 8)."""
+    ingest = [s for s in stats.sources if s.kind == "ingest"]
+    received = CounterMetricFamily(
+        PREFIX + "ingest_datagrams_total",
+        "Datagrams read from an ingest socket.",
+        labels=["socket"],
+    )
+    raised = CounterMetricFamily(
+        PREFIX + "ingest_events_raised_total",
+        "Ingested notifications raised (with their own bytes) to the subscribers.",
+        labels=["socket"],
+    )
+    rejected = CounterMetricFamily(
+        PREFIX + "ingest_rejected_total",
+        "Ingested datagrams not forwarded, by reason (malformed, unknown_event, oversize, "
+        "source_not_allowed, engine_stopped).",
+        labels=["socket", "reason"],
+    )
+    drops = CounterMetricFamily(
+        PREFIX + "ingest_kernel_drops_total",
+        "Datagrams the kernel dropped at a full ingest socket (SO_RXQ_OVFL).",
+        labels=["socket"],
+    )
+    for s in ingest:
+        received.add_metric([s.name], s.received)
+        raised.add_metric([s.name], s.raised)
+        drops.add_metric([s.name], s.kernel_drops)
+        for reason, n in s.rejected.items():
+            rejected.add_metric([s.name, reason], n)
+    yield from (received, raised, rejected, drops)
+    upstreams = [s for s in stats.sources if s.kind == "upstream"]
+    up = GaugeMetricFamily(
+        PREFIX + "upstream_up", "1 while subscribed at the upstream MI, else 0.", labels=["mi"]
+    )
+    events = GaugeMetricFamily(
+        PREFIX + "upstream_subscribed_events",
+        "Events this engine is subscribed to at the upstream.",
+        labels=["mi"],
+    )
+    errors = CounterMetricFamily(
+        PREFIX + "upstream_errors_total",
+        "Failed upstream MI calls, by reason (unreachable, mi_error, bad_reply).",
+        labels=["mi", "reason"],
+    )
+    for s in upstreams:
+        up.add_metric([s.name], s.up or 0)
+        events.add_metric([s.name], s.events)
+        for reason, n in s.errors.items():
+            errors.add_metric([s.name, reason], n)
+    yield from (up, events, errors)
 
 
 def _worker_families(stats: EngineStatistics) -> Iterator[Metric]:

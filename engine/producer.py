@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from engine.address import Destination, parse_destination
 from engine.errors import EngineError, PayloadTooLarge
@@ -35,10 +35,10 @@ from engine.shm.ring import (
     ControlPayload,
 )
 from engine.signals import SignalCatcher
-from engine.statistics import EngineStatistics, WorkerStatistics
+from engine.statistics import EngineStatistics, SourceStatistics, WorkerStatistics
 from engine.subscriptions import DEFAULT_EXPIRE, AllowList, Change, Registry, UnknownEvents
 from engine.supervisor import Supervisor
-from engine.wire import Params, encode_notification
+from engine.wire import MAX_PAYLOAD, Params, encode_notification
 
 log = logging.getLogger("event_datagram.engine")
 
@@ -62,6 +62,13 @@ class RaiseResult(NamedTuple):
     @property
     def no_subscribers(self) -> bool:
         return self.workers_queued == 0 and self.workers_dropped == 0
+
+
+class Source(Protocol):
+    """What the engine asks of a source (sources/): its counters, for statistics()
+    and the metrics. A source feeds events through raise_event/raise_encoded."""
+
+    def statistics(self) -> list[SourceStatistics]: ...
 
 
 class Engine:
@@ -104,6 +111,7 @@ class Engine:
         self._accepting = False
         self._failure: str | None = None
         self.final_statistics: EngineStatistics | None = None
+        self._sources: list[Source] = []
         self.started_at = time.time()
         # Producer-side counters (main process only).
         self.raised: list[int] = [0] * self.options.max_events
@@ -232,6 +240,27 @@ class Engine:
                 self.raised[eid] += 1
                 self.oversize[eid] += 1
             raise
+        return self._raise(name, eid, payload)
+
+    def raise_encoded(self, name: str, payload: bytes) -> RaiseResult:
+        """Queue an event whose notification is already encoded (a source relays
+        the upstream's bytes, which check_notification validated): no re-encode,
+        the same size limit, counters and accounting as raise_event.
+
+        Raises UnknownEvent; PayloadTooLarge (counted as an oversize rejection);
+        EngineError when stopped.
+        """
+        eid = self._event_ids.get(name)
+        if eid is None:
+            eid = self._learn_event(name)  # raises UnknownEvent
+        if len(payload) > MAX_PAYLOAD:
+            with self._hot:
+                self.raised[eid] += 1
+                self.oversize[eid] += 1
+            raise PayloadTooLarge(name, len(payload), MAX_PAYLOAD)
+        return self._raise(name, eid, payload)
+
+    def _raise(self, name: str, eid: int, payload: bytes) -> RaiseResult:
         with self._hot:
             if not self._accepting:
                 raise EngineError(self._failure or "engine is not running")
@@ -429,6 +458,7 @@ class Engine:
                 workers=tuple(workers),
                 event_names=names,
                 max_events=self.options.max_events,
+                sources=tuple(s for source in self._sources for s in source.statistics()),
             )
 
     def subscriber_counts(self) -> dict[str, tuple[int, int]]:
@@ -445,6 +475,11 @@ class Engine:
                     if slot >= 0:
                         out[key] = region.subscriber_counts(slot)
             return out
+
+    def add_source(self, source: Source) -> None:
+        """Count `source` in statistics() (and so in /metrics and the identity)."""
+        with self.lock:
+            self._sources.append(source)
 
     def describe(self) -> dict[str, Any]:
         """Where the engine runs, for logs and the `run` command's ready line."""

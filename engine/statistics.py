@@ -3,7 +3,7 @@ the bench and the metrics collector."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.shm.counters import LATENCY_BUCKETS_S, TRANSPORTS, CounterLayout
 from engine.shm.ring import RingStatistics
@@ -38,6 +38,29 @@ class WorkerStatistics:
 
 
 @dataclass(frozen=True, slots=True)
+class SourceStatistics:
+    """One source's counters (an ingest socket, an upstream, a broker queue)."""
+
+    kind: str  # "ingest", "upstream", "amqp"
+    name: str  # its socket, MI target or queue
+    received: int = 0  # datagrams or messages read
+    raised: int = 0  # events handed to the raise path
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> received, not raised
+    kernel_drops: int = 0  # dropped by the kernel before we could read them
+    up: int | None = None  # connected / subscribed (1) or not (0); None: not applicable
+    events: int = 0  # events it takes (an upstream's subscribed events)
+    errors: dict[str, int] = field(default_factory=dict)  # reason -> failures of its own
+
+    def identity_errors(self) -> list[str]:
+        if self.received != self.raised + sum(self.rejected.values()):
+            return [
+                f"{self.kind} {self.name}: received {self.received} != raised {self.raised} "
+                f"+ rejected {self.rejected}"
+            ]
+        return []
+
+
+@dataclass(frozen=True, slots=True)
 class EngineStatistics:
     events_raised: dict[str, int]
     events_oversize: dict[str, int]
@@ -46,6 +69,7 @@ class EngineStatistics:
     workers: tuple[WorkerStatistics, ...]
     event_names: dict[int, str]
     max_events: int
+    sources: tuple[SourceStatistics, ...] = ()
 
     @property
     def raised(self) -> int:
@@ -117,6 +141,8 @@ class EngineStatistics:
                 )
             if sum(w.failures.values()) != w.pairs_failed:
                 errors.append(f"worker {w.index}: failures by reason do not add up")
+        for source in self.sources:
+            errors.extend(source.identity_errors())
         return errors
 
     def check_identity(self) -> None:

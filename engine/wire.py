@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -231,3 +231,58 @@ def _check_text(text: str, path: str, what: str) -> str | None:
         bad = text[exc.start]
         return f"{path}: {what} is not valid UTF-8 (lone surrogate {bad!r} at index {exc.start})"
     return None
+
+
+# -- received notifications (datagram ingest, the broker) ---------------------------------
+
+REJECT_REASONS: Final = ("malformed", "unknown_event", "oversize", "source_not_allowed")
+"""Why a received notification is not forwarded (SPEC section 8)."""
+
+
+class NotificationRejected(WireError):
+    """A received notification that is not forwarded; `reason` is one of
+    REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class _Received(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    # Validated, never built: `params` stays raw bytes (its JSON is still checked).
+    # `method` is not matched against the event-name rule here (a regex would
+    # double the cost): a known event passed it when it was registered.
+    jsonrpc: Literal["2.0"]
+    method: str
+    params: msgspec.Raw = msgspec.Raw(b"")
+
+
+_decode_received: Final = msgspec.json.Decoder(_Received).decode
+_OPENERS: Final = frozenset(b"{[")
+
+
+def check_notification(data: bytes, *, limit: int = MAX_PAYLOAD) -> str:
+    """Validate one received notification as SPEC section 8 says; return its method.
+
+    A JSON object with `"jsonrpc":"2.0"`, a string `method`, optional `params`
+    (an object or an array), no `id` and nothing else; valid UTF-8 throughout;
+    at most `limit` bytes. The bytes are forwarded as they are, so nothing is
+    re-encoded. Raises NotificationRejected ("oversize" or "malformed"). Whether
+    `method` names a known event is the caller's check (a name to register must
+    pass check_event_name first).
+    """
+    if len(data) > limit:
+        raise NotificationRejected("oversize", f"{len(data)} bytes, over the {limit}-byte limit")
+    try:
+        received = _decode_received(data)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise NotificationRejected("malformed", str(exc)) from None
+    raw = memoryview(received.params)
+    if raw and raw[0] not in _OPENERS:  # msgspec.Raw holds no leading whitespace
+        raise NotificationRejected("malformed", "params: expected an object or an array")
+    if not data.isascii():
+        try:
+            data.decode("utf-8")  # msgspec checks UTF-8 only in what it builds
+        except UnicodeDecodeError as exc:
+            raise NotificationRejected("malformed", f"invalid UTF-8 at byte {exc.start}") from None
+    return received.method

@@ -62,6 +62,12 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     run.add_argument("--state-file", metavar="PATH", help="where subscriptions are persisted")
     run.add_argument("--allow", action="append", metavar="DEST", help="allow-list item (repeat)")
     run.add_argument("--instance", metavar="NAME", help="instance name (shared memory)")
+    run.add_argument(
+        "--ingest",
+        action="append",
+        metavar="SOCKET",
+        help="take notifications on udp:HOST:PORT or unix:/PATH (repeat; replaces)",
+    )
 
     sub = verbs.add_parser("subscribe", parents=[client], help="subscribe a socket to an event")
     sub.add_argument("event")
@@ -261,6 +267,8 @@ def _apply_flags(cfg: config_mod.Config, args: argparse.Namespace) -> None:
         cfg.state.enabled = True
     if args.allow:
         cfg.allow = list(args.allow)
+    if args.ingest:
+        cfg.ingest.listen = list(args.ingest)
     engine: dict[str, Any] = msgspec.structs.asdict(cfg.engine)
     if args.workers is not None:
         engine["workers"] = args.workers

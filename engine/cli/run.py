@@ -1,9 +1,10 @@
 """What ``event-datagram run`` runs: the engine from a Config, and its MI listeners.
 
 Start order: the engine (with the config's events, static subscriptions and
-allow-list; the state file is loaded by ``Engine.start``), then the MI
-listeners. Stop order is the reverse: the MI stops taking requests, then the
-engine drains its rings and frees its shared memory.
+allow-list; the state file is loaded by ``Engine.start``), then the sources
+(datagram ingest), then the MI listeners. Stop order is the reverse: the MI
+stops taking requests, the sources stop reading, then the engine drains its
+rings and frees its shared memory.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from engine.errors import ConfigError, EngineError, RunError
 from engine.mi.fifo import FifoServer
 from engine.mi.server import DatagramServer, HTTPServer
 from engine.producer import Engine
+from engine.sources.ingest import Ingest
 from engine.subscriptions import StateFileError, SubscriptionError
 
 
@@ -38,6 +40,7 @@ class Runner:
         self.http: HTTPServer | None = None
         self.datagram: DatagramServer | None = None
         self.fifo: FifoServer | None = None
+        self.ingest: Ingest | None = None
 
     def start(self) -> None:
         """Start everything; on any failure stop what was started and raise
@@ -71,10 +74,24 @@ class Runner:
             self.engine.stop()
             raise RunError(str(exc)) from None
         try:
+            self._start_sources()
             self._start_listeners()
         except BaseException:
             self.stop()
             raise
+
+    def _start_sources(self) -> None:
+        cfg = self.config.ingest
+        if cfg.listen:
+            try:
+                self.ingest = Ingest(
+                    self.engine, cfg.listen, allow=cfg.allow, unknown_events=cfg.unknown_events
+                )
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                raise RunError(f"cannot listen for ingest on {cfg.listen}: {why}") from None
+            self.engine.add_source(self.ingest)
+            self.ingest.start()
 
     def _start_listeners(self) -> None:
         cfg = self.config.mi
@@ -108,6 +125,9 @@ class Runner:
             with contextlib.suppress(Exception):
                 listener.stop()
         self.http = self.datagram = self.fifo = None
+        if self.ingest is not None:
+            self.ingest.stop()
+            self.ingest = None
         if self.engine is not None:
             self.engine.stop()
 
@@ -122,6 +142,8 @@ class Runner:
             parts.append(f"mi fifo {self.fifo.path}")
         if self.http is not None:
             parts.append(f"metrics {self.http.url.removesuffix('/mi')}/metrics")
+        if self.ingest is not None:
+            parts.append(f"ingest {' '.join(self.ingest.names)}")
         info = self.engine.describe()
         parts.append(f"{info['workers']} worker(s)")
         with self.engine.lock:

@@ -1,0 +1,429 @@
+"""Datagram ingest: the engine as an event_datagram subscriber (SPEC section 8).
+
+An OpenSIPS (or anything that speaks event_datagram) sends each event as one
+JSON-RPC notification in one datagram to an ingest socket (`[ingest] listen`:
+UDP v4/v6 or UNIX); the engine validates it and raises it with the sender's own
+bytes, so subscribers receive exactly what the upstream sent.
+
+One thread of the main process reads every ingest socket, `recvmmsg` batches of
+up to BATCH datagrams per system call (the GIL is released while it waits or
+reads). Per datagram: the source check (UDP: `[ingest] allow`, loopback by
+default; cached per address), `wire.check_notification`, the event lookup, and
+`Engine.raise_encoded`. Each outcome is counted per socket; the kernel's drops
+at a full socket queue come with every datagram as SO_RXQ_OVFL and are counted
+too. Per socket, always:
+
+    datagrams received = rejected (by reason) + events raised
+
+An event raised is then the engine's to account (queued, or dropped for a full
+ring or no subscribers). Nothing is logged per datagram.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import ipaddress
+import logging
+import os
+import select
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, Literal
+
+from engine.address import AddressError, parse_destination, parse_listen
+from engine.errors import EngineError, SubscriptionError, UnknownEvent, WireError
+from engine.statistics import SourceStatistics
+from engine.wire import (
+    MAX_PAYLOAD,
+    REJECT_REASONS,
+    NotificationRejected,
+    check_event_name,
+    check_notification,
+)
+
+if TYPE_CHECKING:
+    from engine.producer import Engine
+
+log = logging.getLogger("event_datagram.ingest")
+
+BATCH: Final = 64  # datagrams per recvmmsg
+BUFFER: Final = 1 << 16  # bytes per datagram buffer: any UDP datagram fits
+RCVBUF: Final = 8 << 20  # socket receive buffer asked for (SO_RCVBUFFORCE as root)
+SO_RXQ_OVFL: Final = getattr(socket, "SO_RXQ_OVFL", 40)
+SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)
+MSG_TRUNC: Final = getattr(socket, "MSG_TRUNC", 0x20)
+NAME_SIZE: Final = 128  # sockaddr_storage
+CONTROL_SIZE: Final = 64
+LOOPBACK: Final = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+UnknownEvents = Literal["reject", "register"]
+# The validation's reasons, and datagrams read while the engine was stopping.
+SOURCE_REJECT_REASONS: Final = (*REJECT_REASONS, "engine_stopped")
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
+
+
+class _MsgHdr(ctypes.Structure):
+    _fields_ = (
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),
+        ("msg_iov", ctypes.c_void_p),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    )
+
+
+class _MMsgHdr(ctypes.Structure):
+    _fields_ = (("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint))
+
+
+# Word offsets (u32) inside one mmsghdr, for reading results without ctypes
+# attribute access per datagram.
+_STRIDE_WORDS: Final = ctypes.sizeof(_MMsgHdr) // 4
+_NAMELEN_WORD: Final = _MsgHdr.msg_namelen.offset // 4
+_CONTROLLEN_WORD: Final = _MsgHdr.msg_controllen.offset // 4
+_FLAGS_WORD: Final = _MsgHdr.msg_flags.offset // 4
+_LEN_WORD: Final = _MMsgHdr.msg_len.offset // 4
+_CMSG_HEADER: Final = struct.Struct("=Qii")  # cmsg_len, cmsg_level, cmsg_type
+
+
+def _load_recvmmsg() -> Callable[..., int]:
+    fn = ctypes.CDLL(None, use_errno=True).recvmmsg
+    fn.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p)
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_RECVMMSG: Final = _load_recvmmsg()
+
+
+def parse_allow(items: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """UDP source networks that may send; [] = loopback only. Raises AddressError."""
+    if not items:
+        return LOOPBACK
+    nets = []
+    for item in items:
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise AddressError(
+                f"ingest.allow {item!r}: expected a network, e.g. 10.0.0.0/8"
+            ) from None
+    return tuple(nets)
+
+
+def parse_ingest_socket(text: str) -> tuple[int, tuple[str, int] | str]:
+    """`udp:IP:PORT` (port 0 = any free one), `udp:[IPV6]:PORT`, `unix:/PATH` or
+    `/PATH` -> (family, address to bind). Raises AddressError naming it."""
+    if text.startswith("udp:"):
+        address = parse_listen(text[4:], "ingest socket")
+        if address is None:
+            raise AddressError(f"ingest socket {text!r}: expected udp:HOST:PORT")
+        return (socket.AF_INET6 if ":" in address[0] else socket.AF_INET), address
+    dest = parse_destination(text, resolve=False)
+    if dest.transport != "unix" or not isinstance(dest.sockaddr, str):
+        raise AddressError(f"ingest socket {text!r}: expected udp:HOST:PORT or unix:/PATH")
+    return socket.AF_UNIX, dest.sockaddr
+
+
+class IngestSocket:
+    """One bound ingest socket, its recvmmsg tables and its counters."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.path: str | None = None
+        family, address = parse_ingest_socket(text)
+        if isinstance(address, tuple):
+            self.sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                self.sock.bind(address)
+            except OSError:
+                self.sock.close()
+                raise
+            host, port = self.sock.getsockname()[:2]
+            self.name = (
+                f"udp:[{host}]:{port}" if family == socket.AF_INET6 else f"udp:{host}:{port}"
+            )
+        else:
+            self.path = address
+            _remove_stale(self.path)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                self.sock.bind(self.path)
+                os.chmod(self.path, 0o660)
+            except OSError:
+                self.sock.close()
+                raise
+            self.name = f"unix:{self.path}"
+        self.sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except OSError:  # not root: as much as net.core.rmem_max allows
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        self.udp = self.path is None
+        # recvmmsg tables: BATCH buffers, source addresses and control buffers.
+        self._data = ctypes.create_string_buffer(BATCH * BUFFER)
+        self._names = ctypes.create_string_buffer(BATCH * NAME_SIZE)
+        self._control = ctypes.create_string_buffer(BATCH * CONTROL_SIZE)
+        self._iov = (_IoVec * BATCH)()
+        self._msgs = (_MMsgHdr * BATCH)()
+        data, names, control = (
+            ctypes.addressof(b) for b in (self._data, self._names, self._control)
+        )
+        for i in range(BATCH):
+            self._iov[i].iov_base = data + i * BUFFER
+            self._iov[i].iov_len = BUFFER
+            hdr = self._msgs[i].msg_hdr
+            hdr.msg_name = names + i * NAME_SIZE
+            hdr.msg_iov = ctypes.addressof(self._iov) + i * ctypes.sizeof(_IoVec)
+            hdr.msg_iovlen = 1
+            hdr.msg_control = control + i * CONTROL_SIZE
+        self._words = memoryview(self._msgs).cast("B").cast("I")
+        self._data_view = memoryview(self._data).cast("B")
+        self._names_view = memoryview(self._names).cast("B")
+        self._control_view = memoryview(self._control).cast("B")
+        self._msgs_address = ctypes.addressof(self._msgs)
+        # Counters: written by the ingest thread a batch at a time under `lock`, so a
+        # snapshot never sees a datagram received but not yet accounted for.
+        self.lock = threading.Lock()
+        self.received = 0
+        self.raised = 0
+        self.rejected = dict.fromkeys(SOURCE_REJECT_REASONS, 0)
+        self.kernel_drops = 0
+
+    def receive(self) -> int:
+        """One recvmmsg: up to BATCH datagrams into the tables; returns how many."""
+        words = self._words
+        for i in range(BATCH):  # the kernel shrinks these to what it wrote
+            base = i * _STRIDE_WORDS
+            words[base + _NAMELEN_WORD] = NAME_SIZE
+            words[base + _CONTROLLEN_WORD] = CONTROL_SIZE
+            words[base + _CONTROLLEN_WORD + 1] = 0
+        n = _RECVMMSG(self.sock.fileno(), self._msgs_address, BATCH, socket.MSG_DONTWAIT, None)
+        if n < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EAGAIN, errno.EINTR):
+                return 0
+            raise OSError(err, os.strerror(err))
+        return int(n)
+
+    def datagram(self, i: int) -> tuple[bytes, bool]:
+        """Datagram i of the last receive, and whether it was truncated."""
+        base = i * _STRIDE_WORDS
+        length = self._words[base + _LEN_WORD]
+        truncated = bool(self._words[base + _FLAGS_WORD] & MSG_TRUNC)
+        start = i * BUFFER
+        return bytes(self._data_view[start : start + length]), truncated
+
+    def source(self, i: int) -> bytes:
+        """The raw source IP of datagram i (4 or 16 bytes); b"" when not UDP."""
+        off = i * NAME_SIZE
+        family = int.from_bytes(self._names_view[off : off + 2], "little")
+        if family == socket.AF_INET:
+            return bytes(self._names_view[off + 4 : off + 8])
+        if family == socket.AF_INET6:
+            return bytes(self._names_view[off + 8 : off + 24])
+        return b""
+
+    def note_kernel_drops(self, i: int) -> None:
+        """Read SO_RXQ_OVFL (the socket's drop count so far) off datagram i, if there."""
+        base = i * _STRIDE_WORDS
+        controllen = self._words[base + _CONTROLLEN_WORD]
+        off = i * CONTROL_SIZE
+        view = self._control_view
+        pos = 0
+        while pos + _CMSG_HEADER.size <= controllen:
+            length, level, kind = _CMSG_HEADER.unpack_from(view, off + pos)
+            if length < _CMSG_HEADER.size:
+                return
+            if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL:
+                start = off + pos + _CMSG_HEADER.size
+                self.kernel_drops = int.from_bytes(view[start : start + 4], "little")
+                return
+            pos += (length + 7) & ~7
+
+    def statistics(self) -> SourceStatistics:
+        with self.lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> SourceStatistics:
+        return SourceStatistics(
+            kind="ingest",
+            name=self.name,
+            received=self.received,
+            raised=self.raised,
+            rejected=dict(self.rejected),
+            kernel_drops=self.kernel_drops,
+        )
+
+    def close(self) -> None:
+        for view in (self._words, self._data_view, self._names_view, self._control_view):
+            view.release()
+        self.sock.close()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(self.path)
+                if stat.S_ISSOCK(st.st_mode):
+                    os.unlink(self.path)
+
+
+def _remove_stale(path: str) -> None:
+    """A socket file left by a crashed run is replaced; a live one (someone
+    answers on it) or any other file is an error naming it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody reads it: stale
+        return
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by a running program")
+
+
+class Ingest:
+    """The ingest sockets and the thread that reads them into an Engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        listen: list[str],
+        *,
+        allow: list[str] | None = None,
+        unknown_events: UnknownEvents = "reject",
+    ) -> None:
+        self.engine = engine
+        self.allow = parse_allow(allow or [])
+        self.unknown_events = unknown_events
+        self.sockets: list[IngestSocket] = []
+        self._allowed: dict[bytes, bool] = {}
+        try:
+            for text in listen:
+                self.sockets.append(IngestSocket(text))
+        except BaseException:
+            self.close()
+            raise
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edg-ingest", daemon=True)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sockets]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop reading (what the kernel still holds is not read), close the sockets."""
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(5)
+        self.close()
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
+    def statistics(self) -> list[SourceStatistics]:
+        return [s.statistics() for s in self.sockets]
+
+    def _run(self) -> None:
+        poller = select.poll()
+        by_fd = {s.sock.fileno(): s for s in self.sockets}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        while not self._stop.is_set():
+            for fd, _ in poller.poll(200):
+                sock = by_fd[fd]
+                try:
+                    while (n := sock.receive()) and not self._stop.is_set():
+                        with sock.lock:
+                            self._handle(sock, n)
+                        if n < BATCH:
+                            break
+                except OSError as exc:  # never seen in practice; do not spin on it
+                    log.warning("ingest %s: receive failed: %s", sock.name, exc)
+                    self._stop.wait(0.1)
+
+    def _handle(self, sock: IngestSocket, n: int) -> None:
+        engine = self.engine
+        rejected = sock.rejected
+        for i in range(n):
+            sock.received += 1
+            sock.note_kernel_drops(i)
+            if sock.udp and not self._source_allowed(sock.source(i)):
+                rejected["source_not_allowed"] += 1
+                continue
+            data, truncated = sock.datagram(i)
+            if truncated:
+                rejected["oversize"] += 1
+                continue
+            try:
+                method = check_notification(data, limit=MAX_PAYLOAD)
+                engine.raise_encoded(method, data)
+            except NotificationRejected as exc:
+                rejected[exc.reason] += 1
+                continue
+            except UnknownEvent:
+                reason = self._register(data, method)
+                if reason:
+                    rejected[reason] += 1
+                    continue
+            except EngineError:  # the engine has stopped: counted, never raised
+                rejected["engine_stopped"] += 1
+                continue
+            sock.raised += 1
+
+    def _register(self, data: bytes, method: str) -> str | None:
+        """An unknown event: with unknown_events = "register", learn it and raise the
+        datagram (None); else the reason it is rejected."""
+        if self.unknown_events != "register":
+            return "unknown_event"
+        try:
+            check_event_name(method)
+        except WireError:
+            return "malformed"
+        try:
+            self.engine.register_event(method)
+            self.engine.raise_encoded(method, data)
+        except SubscriptionError:  # no event slot left (engine.max_events)
+            return "unknown_event"
+        except EngineError:
+            return "engine_stopped"
+        return None
+
+    def _source_allowed(self, raw: bytes) -> bool:
+        allowed = self._allowed.get(raw)
+        if allowed is None:
+            try:
+                ip = ipaddress.ip_address(raw)
+            except ValueError:
+                return False
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            allowed = any(ip in net for net in self.allow)
+            if len(self._allowed) < 65536:  # bounded: a flood of sources cannot grow it
+                self._allowed[raw] = allowed
+        return allowed
