@@ -111,7 +111,16 @@ def write_plot(result: dict[str, Any], path: str) -> None:
     title = f"event-datagram bench - {m['cores']} CPU(s), Linux {m['kernel']}, Python {m['python']}"
     busy = [w for w in result["warnings"] if w.startswith("other processes used")]
     if busy:
-        title += "\n" + "; ".join(w.split(":")[0] for w in busy) + ": see the JSON"
+        cores = [w.split(" CPU core")[0].rsplit(" ", 1)[-1] for w in busy]
+        where = [
+            w.split("during the ", 1)[1].split(":")[0] if "during the " in w else "rounds"
+            for w in busy
+        ]
+        title += (
+            "\nother processes used CPU core(s): "
+            + ", ".join(f"{c} ({p})" for c, p in zip(cores, where, strict=True))
+            + ": see the JSON"
+        )
     fig.suptitle(title, fontsize=10, color="#b00" if busy else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
