@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.wire import MAX_PAYLOAD, PayloadTooLarge, WireError, encode_notification
+from tests.captures import ALL_CAPTURES, WIRE, Capture
 from tests.support import VECTORS
 
-WIRE_JSON = VECTORS / "wire.json"
 WIRE_TXT = VECTORS / "wire_samples.txt"
 MISSING = f"OpenSIPS test vectors not found at {VECTORS} (they are part of the repository)"
 
@@ -34,51 +34,6 @@ KNOWN_BUGS = {
 }
 
 
-class Capture(NamedTuple):
-    name: str
-    payload: bytes
-
-
-def _load_wire() -> dict[str, Any] | None:
-    if not WIRE_JSON.is_file():
-        return None
-    data: dict[str, Any] = json.loads(WIRE_JSON.read_text(encoding="utf-8"))
-    return data
-
-
-WIRE = _load_wire()
-
-
-def _one_payload(name: str, datagrams: list[dict[str, Any]]) -> bytes:
-    """The bytes of one sample: every transport got the same, and repr/hex/len agree."""
-    payloads = set()
-    for dgram in datagrams:
-        payload = ast.literal_eval(dgram["repr"])
-        assert isinstance(payload, bytes), name
-        assert payload == bytes.fromhex(dgram["hex"]), name
-        assert len(payload) == dgram["len"], name
-        payloads.add(payload)
-    assert len(payloads) == 1, f"{name}: transports disagree"
-    return payloads.pop()
-
-
-def _all_captures() -> list[Capture]:
-    """Every captured datagram (except the size-limit ones, which carry only head/tail)."""
-    if WIRE is None:
-        return []
-    captures = []
-    for key, sample in WIRE["script_samples"].items():
-        if sample["datagrams"]:
-            name = f"script {key}: {sample['what']}"
-            captures.append(Capture(name, _one_payload(name, sample["datagrams"])))
-    for sample in WIRE["mi_raise"]:
-        if sample["datagrams"]:
-            name = f"mi_raise: {sample['what']}"
-            captures.append(Capture(name, _one_payload(name, sample["datagrams"])))
-    return captures
-
-
-ALL_CAPTURES = _all_captures()
 EXPRESSIBLE = [c for c in ALL_CAPTURES if c.name not in KNOWN_BUGS]
 BIG = [] if WIRE is None else WIRE["big"]
 
