@@ -15,10 +15,13 @@ The core, flat (the main process, or an application embedding the engine):
   statistics.py     frozen snapshots of every counter, the accounting identity
   metrics.py        the Prometheus collector and exposition() for GET /metrics
   config.py         the TOML config as msgspec structs (default.toml)
+  signals.py        one way to catch the signals that stop a process
 The folders:
   shm/              what both sides of shared memory share, each layout defined once:
-                    segment.py, ring.py (reader and writer), counters.py, spec.py
-  sources/          where events come from besides the API (empty for now)
+                    segment.py, ring.py (reader and writer), counters.py, spec.py,
+                    futex.py (sleep and wake), mmsg.py (the sendmmsg/recvmmsg structs)
+  sources/          where events come from besides the API: ingest.py (datagram
+                    sockets), upstream.py (subscribing at an OpenSIPS MI)
   mi/               the OpenSIPS control interface: protocol.py, commands.py,
                     server.py (HTTP + datagram), fifo.py, client.py
   cli/              the `event-datagram` command: main.py (verbs), run.py, listen.py

@@ -21,10 +21,10 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable
 from typing import Any, Final
 
 from engine.shm.counters import REASONS
+from engine.shm.mmsg import SENDMMSG, IoVec, MMsgHdr
 
 MSG_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0x40)
 UIO_MAXIOV: Final = 1024  # most messages one sendmmsg takes
@@ -59,40 +59,6 @@ def reason_index(err: int) -> int:
     return _REASON_OF_ERRNO.get(err, REASON_OTHER)
 
 
-class IoVec(ctypes.Structure):
-    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
-
-
-class MsgHdr(ctypes.Structure):
-    _fields_ = (
-        ("msg_name", ctypes.c_void_p),
-        ("msg_namelen", ctypes.c_uint32),
-        ("msg_iov", ctypes.c_void_p),
-        ("msg_iovlen", ctypes.c_size_t),
-        ("msg_control", ctypes.c_void_p),
-        ("msg_controllen", ctypes.c_size_t),
-        ("msg_flags", ctypes.c_int),
-    )
-
-
-class MMsgHdr(ctypes.Structure):
-    _fields_ = (("msg_hdr", MsgHdr), ("msg_len", ctypes.c_uint))
-
-
-def _load_sendmmsg() -> Callable[..., int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sendmmsg
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
-    fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
-
-
-_SENDMMSG: Final = _load_sendmmsg()
-
-
 class BatchSender:
     """The iovec/mmsghdr tables of one worker, and the send loop over them.
 
@@ -118,7 +84,7 @@ class BatchSender:
         # The iovec table as u64 words: entry i is words 2i (base) and 2i+1 (length).
         self.iov_words = memoryview(self.iov).cast("B").cast("Q")
         self.msgs_address = ctypes.addressof(self.msgs)
-        self.sendmmsg = _SENDMMSG if use_sendmmsg else None
+        self.sendmmsg = SENDMMSG if use_sendmmsg else None
         self.errors: list[tuple[int, int]] = []  # (entry index, errno) of the last send
         self.sent_after_wait = 0  # of the last send: datagrams that went out after a wait
 
@@ -256,7 +222,7 @@ class SharedGroup:
         errors.clear()
         msgs = self._msgs if self._msgs is not None else self._build()
         count = len(self.members)
-        fn = _SENDMMSG
+        fn = SENDMMSG
         self._iov.iov_base = address
         self._iov.iov_len = length
         if fn is None:

@@ -48,7 +48,7 @@ from typing import Any, Final
 import msgspec
 
 from engine.bench.common import BenchPayload, Child, prepare_child, read_sysctl
-from workers.sender import IoVec, MMsgHdr, MsgHdr
+from engine.shm.mmsg import IoVec, MMsgHdr, MsgHdr
 
 MSG_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0x40)
 MSG_TRUNC: Final = getattr(socket, "MSG_TRUNC", 0x20)

@@ -1,3 +1,7 @@
 """Where events come from, besides the Python API and the MI: adapters in front of
-the one raise path (Engine), which never touch rings, routing or counters.
-Empty for now: datagram ingest, upstream subscription and AMQP come next."""
+the one raise path (Engine.raise_encoded), which never touch rings, routing or
+counters themselves.
+
+ingest.py    datagram sockets that take JSON-RPC notifications (event_datagram's)
+upstream.py  subscribing those sockets at an OpenSIPS MI, and keeping them there
+"""

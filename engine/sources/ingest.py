@@ -32,11 +32,11 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Literal
 
 from engine.address import AddressError, parse_destination, parse_listen
 from engine.errors import EngineError, SubscriptionError, UnknownEvent, WireError
+from engine.shm.mmsg import RECVMMSG, IoVec, MMsgHdr, MsgHdr
 from engine.statistics import SourceStatistics
 from engine.wire import (
     MAX_PAYLOAD,
@@ -66,44 +66,14 @@ UnknownEvents = Literal["reject", "register"]
 SOURCE_REJECT_REASONS: Final = (*REJECT_REASONS, "engine_stopped")
 
 
-class _IoVec(ctypes.Structure):
-    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
-
-
-class _MsgHdr(ctypes.Structure):
-    _fields_ = (
-        ("msg_name", ctypes.c_void_p),
-        ("msg_namelen", ctypes.c_uint32),
-        ("msg_iov", ctypes.c_void_p),
-        ("msg_iovlen", ctypes.c_size_t),
-        ("msg_control", ctypes.c_void_p),
-        ("msg_controllen", ctypes.c_size_t),
-        ("msg_flags", ctypes.c_int),
-    )
-
-
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = (("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint))
-
-
 # Word offsets (u32) inside one mmsghdr, for reading results without ctypes
 # attribute access per datagram.
-_STRIDE_WORDS: Final = ctypes.sizeof(_MMsgHdr) // 4
-_NAMELEN_WORD: Final = _MsgHdr.msg_namelen.offset // 4
-_CONTROLLEN_WORD: Final = _MsgHdr.msg_controllen.offset // 4
-_FLAGS_WORD: Final = _MsgHdr.msg_flags.offset // 4
-_LEN_WORD: Final = _MMsgHdr.msg_len.offset // 4
+_STRIDE_WORDS: Final = ctypes.sizeof(MMsgHdr) // 4
+_NAMELEN_WORD: Final = MsgHdr.msg_namelen.offset // 4
+_CONTROLLEN_WORD: Final = MsgHdr.msg_controllen.offset // 4
+_FLAGS_WORD: Final = MsgHdr.msg_flags.offset // 4
+_LEN_WORD: Final = MMsgHdr.msg_len.offset // 4
 _CMSG_HEADER: Final = struct.Struct("=Qii")  # cmsg_len, cmsg_level, cmsg_type
-
-
-def _load_recvmmsg() -> Callable[..., int]:
-    fn = ctypes.CDLL(None, use_errno=True).recvmmsg
-    fn.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p)
-    fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
-
-
-_RECVMMSG: Final = _load_recvmmsg()
 
 
 def parse_allow(items: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -177,8 +147,8 @@ class IngestSocket:
         self._data = ctypes.create_string_buffer(BATCH * BUFFER)
         self._names = ctypes.create_string_buffer(BATCH * NAME_SIZE)
         self._control = ctypes.create_string_buffer(BATCH * CONTROL_SIZE)
-        self._iov = (_IoVec * BATCH)()
-        self._msgs = (_MMsgHdr * BATCH)()
+        self._iov = (IoVec * BATCH)()
+        self._msgs = (MMsgHdr * BATCH)()
         data, names, control = (
             ctypes.addressof(b) for b in (self._data, self._names, self._control)
         )
@@ -187,7 +157,7 @@ class IngestSocket:
             self._iov[i].iov_len = BUFFER
             hdr = self._msgs[i].msg_hdr
             hdr.msg_name = names + i * NAME_SIZE
-            hdr.msg_iov = ctypes.addressof(self._iov) + i * ctypes.sizeof(_IoVec)
+            hdr.msg_iov = ctypes.addressof(self._iov) + i * ctypes.sizeof(IoVec)
             hdr.msg_iovlen = 1
             hdr.msg_control = control + i * CONTROL_SIZE
         self._words = memoryview(self._msgs).cast("B").cast("I")
@@ -211,7 +181,8 @@ class IngestSocket:
             words[base + _NAMELEN_WORD] = NAME_SIZE
             words[base + _CONTROLLEN_WORD] = CONTROL_SIZE
             words[base + _CONTROLLEN_WORD + 1] = 0
-        n = _RECVMMSG(self.sock.fileno(), self._msgs_address, BATCH, socket.MSG_DONTWAIT, None)
+        assert RECVMMSG is not None  # Linux has had it since 2.6.33
+        n = RECVMMSG(self.sock.fileno(), self._msgs_address, BATCH, socket.MSG_DONTWAIT, None)
         if n < 0:
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, errno.EINTR):
