@@ -35,6 +35,7 @@ __all__ = [
     "MetricsConfig",
     "StateConfig",
     "StaticSubscription",
+    "UpstreamConfig",
     "default_text",
     "load",
     "loads",
@@ -88,6 +89,21 @@ class IngestConfig(_Section):
     """A notification of an event not registered: reject it (counted) or register it."""
 
 
+class UpstreamConfig(_Section):
+    mi: str
+    """An OpenSIPS MI, as the CLI's --mi takes it: udp:HOST:PORT, http://HOST:PORT/mi
+    or fifo:PATH."""
+    events: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    """Events to take from it; ["*"] = every event its events_list shows."""
+    socket: str = ""
+    """What the upstream sends to; "" = the first ingest.listen socket, as bound."""
+    expire: int = 120
+    """Seconds the subscription lasts at the upstream; refreshed every expire/3."""
+
+
+UPSTREAM_MIN_EXPIRE = 6  # refreshed every expire/3: not more often than the 2 s checks
+
+
 class MetricsConfig(_Section):
     per_subscriber: bool = False
     """Add per-subscriber series (datagrams sent, failures, TTL) to /metrics."""
@@ -102,6 +118,7 @@ class Config(_Section):
     subscription: list[StaticSubscription] = msgspec.field(default_factory=list)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    upstream: list[UpstreamConfig] = msgspec.field(default_factory=list)
 
     def state_path(self) -> str | None:
         """Where subscriptions are persisted, or None when persistence is off."""
@@ -149,6 +166,68 @@ class Config(_Section):
                 parse_destination(sub.socket, resolve=False)
             except ValueError as exc:
                 raise ConfigError(f"{exc} - at `$.subscription[{i}].socket`") from None
+        self._validate_upstreams()
+
+    def _validate_upstreams(self) -> None:
+        seen: set[str] = set()
+        for i, up in enumerate(self.upstream):
+            where = f"$.upstream[{i}]"
+            if not self.ingest.listen:
+                raise ConfigError(
+                    "an upstream sends to an ingest socket, and ingest.listen is empty"
+                    f" - at `{where}`"
+                )
+            why = _mi_target_problem(up.mi)
+            if why:
+                raise ConfigError(f"upstream MI {up.mi!r}: {why} - at `{where}.mi`")
+            if up.mi in seen:
+                raise ConfigError(f"upstream MI {up.mi!r} is named twice - at `{where}.mi`")
+            seen.add(up.mi)
+            if not up.events:
+                raise ConfigError(f'no events (["*"] = all of them) - at `{where}.events`')
+            if "*" in up.events and len(up.events) > 1:
+                raise ConfigError(f'"*" takes every event: name none with it - at `{where}.events`')
+            for j, name in enumerate(up.events):
+                if name != "*":
+                    _check_event(name, f"{where}.events[{j}]")
+            if up.socket:
+                try:
+                    parse_destination(up.socket, resolve=False)
+                except ValueError as exc:
+                    raise ConfigError(f"{exc} - at `{where}.socket`") from None
+            elif _is_wildcard(self.ingest.listen[0]):
+                raise ConfigError(
+                    f"the first ingest socket {self.ingest.listen[0]!r} is a wildcard address,"
+                    " which an upstream cannot send to: name the address it sends to"
+                    f" - at `{where}.socket`"
+                )
+            if up.expire < UPSTREAM_MIN_EXPIRE or up.expire > 2**31 - 1:
+                raise ConfigError(
+                    f"expire {up.expire}: expected {UPSTREAM_MIN_EXPIRE} to 2147483647 seconds"
+                    f" - at `{where}.expire`"
+                )
+
+
+def _mi_target_problem(text: str) -> str | None:
+    """Why `text` is not an MI target the client can call, or None."""
+    if text.startswith(("http://", "https://")):
+        return None if len(text.split("://", 1)[1]) else "no host"
+    if text.startswith("fifo:"):
+        return None if text[5:] else "no path"
+    if text.startswith("udp:"):
+        try:
+            address = parse_listen(text[4:], "MI datagram address")
+        except ValueError as exc:
+            return str(exc)
+        if address is None or address[1] == 0:
+            return "expected udp:IP:PORT with a port"
+        return None
+    return "expected udp:IP:PORT, http://HOST:PORT/mi or fifo:PATH"
+
+
+def _is_wildcard(ingest_socket: str) -> bool:
+    _family, address = parse_ingest_socket(ingest_socket)
+    return isinstance(address, tuple) and address[0] in ("0.0.0.0", "::")
 
 
 def _check_event(name: str, where: str) -> None:

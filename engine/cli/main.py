@@ -68,6 +68,13 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         metavar="SOCKET",
         help="take notifications on udp:HOST:PORT or unix:/PATH (repeat; replaces)",
     )
+    run.add_argument(
+        "--upstream",
+        action="append",
+        metavar="MI",
+        help="subscribe the first ingest socket to every event of the OpenSIPS MI at "
+        "udp:HOST:PORT, http://HOST:PORT/mi or fifo:PATH (repeat; adds to [[upstream]])",
+    )
 
     sub = verbs.add_parser("subscribe", parents=[client], help="subscribe a socket to an event")
     sub.add_argument("event")
@@ -269,6 +276,8 @@ def _apply_flags(cfg: config_mod.Config, args: argparse.Namespace) -> None:
         cfg.allow = list(args.allow)
     if args.ingest:
         cfg.ingest.listen = list(args.ingest)
+    for mi in args.upstream or []:
+        cfg.upstream.append(config_mod.UpstreamConfig(mi=mi, events=["*"]))
     engine: dict[str, Any] = msgspec.structs.asdict(cfg.engine)
     if args.workers is not None:
         engine["workers"] = args.workers

@@ -2,9 +2,12 @@
 
 Start order: the engine (with the config's events, static subscriptions and
 allow-list; the state file is loaded by ``Engine.start``), then the sources
-(datagram ingest), then the MI listeners. Stop order is the reverse: the MI
-stops taking requests, the sources stop reading, then the engine drains its
-rings and frees its shared memory.
+(datagram ingest, then the upstreams, which subscribe the ingest socket at
+their OpenSIPS MI in threads of their own, never holding up the start), then
+the MI listeners. Stop order is the reverse: the MI stops taking requests, the
+upstreams unsubscribe (about a second at most, for MIs that do not answer),
+the ingest stops reading, then the engine drains its rings and frees its
+shared memory.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from engine.mi.fifo import FifoServer
 from engine.mi.server import DatagramServer, HTTPServer
 from engine.producer import Engine
 from engine.sources.ingest import Ingest
+from engine.sources.upstream import Upstream, stop_all
 from engine.subscriptions import StateFileError, SubscriptionError
 
 
@@ -41,6 +45,7 @@ class Runner:
         self.datagram: DatagramServer | None = None
         self.fifo: FifoServer | None = None
         self.ingest: Ingest | None = None
+        self.upstreams: list[Upstream] = []
 
     def start(self) -> None:
         """Start everything; on any failure stop what was started and raise
@@ -92,6 +97,19 @@ class Runner:
                 raise RunError(f"cannot listen for ingest on {cfg.listen}: {why}") from None
             self.engine.add_source(self.ingest)
             self.ingest.start()
+        self._start_upstreams()
+
+    def _start_upstreams(self) -> None:
+        """Each [[upstream]] subscribes `socket` ("" = the first ingest socket, as
+        bound: port 0 is its real port) in a thread of its own."""
+        for up in self.config.upstream:
+            if self.ingest is None:  # Config.validate refuses this
+                raise RunError(f"upstream {up.mi}: no ingest socket to subscribe")
+            socket = up.socket or self.ingest.names[0]
+            upstream = Upstream(self.engine, up.mi, up.events, socket, up.expire)
+            self.upstreams.append(upstream)
+            self.engine.add_source(upstream)
+            upstream.start()
 
     def _start_listeners(self) -> None:
         cfg = self.config.mi
@@ -125,6 +143,8 @@ class Runner:
             with contextlib.suppress(Exception):
                 listener.stop()
         self.http = self.datagram = self.fifo = None
+        stop_all(self.upstreams)  # unsubscribe while the ingest still reads
+        self.upstreams = []
         if self.ingest is not None:
             self.ingest.stop()
             self.ingest = None
@@ -144,6 +164,8 @@ class Runner:
             parts.append(f"metrics {self.http.url.removesuffix('/mi')}/metrics")
         if self.ingest is not None:
             parts.append(f"ingest {' '.join(self.ingest.names)}")
+        if self.upstreams:
+            parts.append(f"upstream {' '.join(u.mi for u in self.upstreams)}")
         info = self.engine.describe()
         parts.append(f"{info['workers']} worker(s)")
         with self.engine.lock:

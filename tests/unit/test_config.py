@@ -41,9 +41,10 @@ def struct_keys(struct: type[msgspec.Struct], prefix: str = "") -> list[str]:
 def test_default_toml_is_the_struct_defaults() -> None:
     assert config.load(None) == config.Config()
     shipped = tomllib.loads(config.default_text())
-    # default.toml spells out every key except the (commented) static subscriptions.
+    # default.toml spells out every key except the (commented) static subscriptions
+    # and upstreams.
     assert sorted(keys(shipped)) == sorted(
-        k for k in struct_keys(config.Config) if k != "subscription"
+        k for k in struct_keys(config.Config) if k not in ("subscription", "upstream")
     )
     assert config.Config().events[0] == "E_PIKE_BLOCKED"
     assert config.Config().mi.http == "127.0.0.1:8888"
@@ -55,6 +56,7 @@ def test_every_key_is_documented_in_the_readme() -> None:
     section = text[text.index("## Configuration") :]
     section = section[: section.index("\n## ", 3)]
     sub_keys = [f"subscription.{f.name}" for f in msgspec.structs.fields(config.StaticSubscription)]
+    sub_keys += [f"upstream.{f.name}" for f in msgspec.structs.fields(config.UpstreamConfig)]
     for key in [*struct_keys(config.Config), *sub_keys]:
         assert f"`{key}`" in section, f"README does not document `{key}`"
 
