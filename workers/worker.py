@@ -40,6 +40,9 @@ SHORT_SLEEP_S: Final = 50e-6
 # Asleep, a worker still wakes this often (to see its parent gone); the producer
 # wakes it at once for a record.
 SLEEP_TIMEOUT_S: Final = 1.0
+# Most datagrams one batch may carry: with thousands of subscribers a batch ends
+# (and commits the progress the producer's backlog bound reads) every ~0.1 s.
+BATCH_MAX_PAIRS: Final = 32_768
 
 UNIX: Final = TRANSPORTS.index("unix")
 PR_SET_PDEATHSIG: Final = 1
@@ -155,8 +158,9 @@ class Worker:
             idle = 0
             stale_before = time.monotonic_ns() - max_delay_ns if max_delay_ns else 0
             pos, records, consumed, n, control = read_batch(
-                rpos, wpos, batch_max, iov, base, eids, lengths, stamps, stale_before, stale
-            )
+                rpos, wpos, batch_max, iov, base, eids, lengths, stamps, stale_before, stale,
+                BATCH_MAX_PAIRS,
+            )  # fmt: skip
             if n:
                 region.mark_sending(pos)
                 self.batch_deadline = 0.0  # the UNIX wait budget starts at the first wait

@@ -297,10 +297,13 @@ class Ring:
         stamps: list[int],
         stale_before_ns: int = 0,
         stale: list[tuple[int, int]] | None = None,
+        max_pairs: int = 1 << 62,
     ) -> tuple[int, int, int, int, tuple[int, int, int, int] | None]:
         """The consumer's hot path: the next batch of records in [rpos, wpos).
 
-        Reads up to `batch_max` event records. For event record i it points iovec
+        Reads up to `batch_max` event records, fewer once their fan-out reaches
+        `max_pairs` (so a batch to thousands of subscribers still ends, and
+        commits its progress, every so many datagrams). For event record i it points iovec
         i (`iov`: u64 (address, length) pairs; `base_address`: the address of this
         ring's data area in the reader's mapping) at the payload inside the ring,
         and appends its event id, payload length and raise timestamp to `eids`,
@@ -326,7 +329,7 @@ class Ring:
         records = consumed = n = 0
         control: tuple[int, int, int, int] | None = None
         # Stale records are skipped cheaply, but a round stays bounded all the same.
-        while pos < wpos and n < batch_max and records < 16 * batch_max:
+        while pos < wpos and n < batch_max and records < 16 * batch_max and consumed < max_pairs:
             off = pos % cap
             tail = cap - off
             if tail < RECORD_HEADER_SIZE:

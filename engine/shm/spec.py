@@ -26,7 +26,7 @@ class WorkerSpec:
     unix_wait_ms: float = 5.0  # per batch: how long full UNIX receivers may be waited for
     sndbuf: int = 0
     max_delay_ms: float = 0.0  # an event older than this is dropped as stale; 0 = never
-    idle_poll_ms: float = 100.0  # after traffic, poll this long before sleeping until woken
+    idle_poll_ms: float = 2.0  # after traffic, poll this long before sleeping until woken
     parent_pid: int = 0
     # The worker's subscriber table as of its ring's read position, oldest first.
     snapshot: list[tuple[int, ControlPayload]] = field(default_factory=list)

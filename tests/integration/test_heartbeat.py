@@ -60,9 +60,9 @@ def test_a_stopped_idle_worker_is_left_alone() -> None:
 
 
 def test_a_busy_worker_with_many_subscribers_is_not_mistaken_for_a_stuck_one() -> None:
-    # 300 subscribers x 1024 events per batch: a batch takes about a second here
-    # (~3 us per datagram), longer than the timeout; the worker beats per
-    # subscriber, so it is never taken for a stuck one.
+    # 300 subscribers and long batches (up to the worker's 32,768 datagrams each,
+    # ~0.1-0.3 s here) under a 0.5 s timeout: the worker beats per subscriber and
+    # per batch, so a busy worker is never taken for a stuck one.
     receivers = [udp_receiver() for _ in range(300)]
     try:
         with running_engine(["E_TEST"], heartbeat_timeout_s=0.5, batch_max=1024) as engine:
