@@ -45,8 +45,11 @@ class WorkerRoute:
     keys: dict[str, int] = field(default_factory=dict)  # subscriber key -> its events here
     # (end position, kind, event id, payload); position -1 while still pending
     log: deque[tuple[int, int, int, ControlPayload]] = field(default_factory=deque)
-    base: list[tuple[int, ControlPayload]] = field(default_factory=list)  # table at log[0]
-    pending: deque[tuple[int, int, bytes]] = field(default_factory=deque)  # waiting for room
+    # The table at log[0], oldest first: (event id, key) -> control (a dict, so that
+    # folding an unsubscribe is O(1)).
+    base: dict[tuple[int, str], ControlPayload] = field(default_factory=dict)
+    # Waiting for room, in order: always the last len(pending) entries of `log`.
+    pending: deque[tuple[int, int, bytes]] = field(default_factory=deque)
     pairs_queued: int = 0
     consumed_seen: int = 0  # the worker's pairs_consumed, as last read (may lag)
     pairs_dropped: int = 0
@@ -164,17 +167,19 @@ class Router:
             return False
         ring = self.rings[worker]
         appended = False
-        # Log entries without a position are the pending ones, in the same order.
-        unplaced = [i for i, entry in enumerate(route.log) if entry[0] < 0]
+        # The log entries without a position are its last ones, pending's, in the same
+        # order (positions are given in order, and fold() stops at the first without):
+        # indexing a deque near its end is O(1).
+        i = len(route.log) - len(route.pending)
         while route.pending:
             kind, eid, payload = route.pending[0]
             if not ring.try_append(kind, eid, 0, time.monotonic_ns(), payload):
                 return appended
             appended = True
             route.pending.popleft()
-            i = unplaced.pop(0)
             _, k, e, control = route.log[i]
             route.log[i] = (ring.write_pos, k, e, control)
+            i += 1
         return appended
 
     def fold(self, worker: int, read_pos: int) -> None:
@@ -183,16 +188,14 @@ class Router:
         while route.log and 0 <= route.log[0][0] <= read_pos:
             _, kind, eid, control = route.log.popleft()
             if kind == KIND_SUBSCRIBE:
-                route.base.append((eid, control))
+                route.base[(eid, control.key)] = control
             else:
-                route.base = [
-                    (e, c) for e, c in route.base if not (e == eid and c.key == control.key)
-                ]
+                route.base.pop((eid, control.key), None)
 
     def snapshot(self, worker: int, read_pos: int) -> list[tuple[int, ControlPayload]]:
         """The worker's table as of ring position `read_pos` (oldest first)."""
         self.fold(worker, read_pos)
-        return list(self.routes[worker].base)
+        return [(eid, control) for (eid, _), control in self.routes[worker].base.items()]
 
     def _rebuild_targets(self, eid: int) -> None:
         targets = [

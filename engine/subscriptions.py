@@ -9,15 +9,21 @@ The OpenSIPS Event Interface semantics (SPEC section 3; MEASUREMENTS 5 and 6):
   Subscribing the same socket again (same printed key) refreshes its time and
   expire in place: no duplicate, same list position. Lists are newest first.
 - ``ttl = expire - whole seconds elapsed``; a subscriber is expired once
-  ``now >= subscribed_at + expire`` and is removed lazily (when its event is
-  listed, subscribed to or searched) and by ``sweep()``. ``next_expiry()`` lets
-  a hot path skip sweeping with one float compare.
+  ``now >= subscribed_at + expire`` and is removed by ``sweep()``, which
+  subscribing, unsubscribing, listing and searching run first. Expiry instants
+  are kept in a heap, so a sweep costs nothing when nothing is due and
+  O(log n) per expired subscriber otherwise; ``next_expiry()`` lets a hot path
+  skip sweeping with one float compare.
 - Beyond OpenSIPS: an allow-list checked at subscribe time, and expiring
-  subscriptions persisted atomically to a state file (see engine/state.py).
+  subscriptions persisted to a state file (see engine/state.py): each change is
+  one fsynced journal line before it is answered, so subscribing, refreshing
+  and unsubscribing cost O(1) amortised (plus the heap's O(log n)) however
+  many subscribers there are; only listing is O(n), in what it returns.
 
 Every added/removed/refreshed subscriber is reported, in order, to ``on_change``
 (the engine turns these into control records for its workers); it must not
-raise. A method that raises leaves the registry unchanged.
+raise. A method that raises leaves the live subscriptions unchanged (the sweep
+it ran first may have removed expired ones).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import msgspec
 
 from engine.address import AddressError, Destination, parse_destination
 from engine.errors import BadExpire, NotAllowed, StateFileError, SubscriptionError, UnknownEvent
-from engine.state import MAX_EXPIRE, StateEntry, StateStore
+from engine.state import MAX_EXPIRE, DelRecord, Record, SetRecord, StateEntry, StateStore
 from engine.wire import check_event_name
 
 __all__ = [
@@ -191,8 +197,9 @@ class Registry:
         self.clock = self._clock = clock or steady_clock()
         self._unknown_events = unknown_events
         # Saved entries that could not be restored now (a destination that no longer
-        # resolves or is no longer allowed): kept in the file until they expire.
-        self._carried: list[StateEntry] = []
+        # resolves or is no longer allowed): kept in the file until they expire, or
+        # until the same event and socket is subscribed again. By (event, socket).
+        self._carried: dict[tuple[str, str], StateEntry] = {}
         self._on_change = on_change
         self._max_events = max_events
         self._ids: dict[str, int] = {}
@@ -200,6 +207,7 @@ class Registry:
         self._subs: list[_Subs] = []  # per event id
         self._heap: list[tuple[float, int, str]] = []  # (expiry instant, event id, key), lazy
         self._heap_limit = 64
+        self._expiring = 0  # subscribers with an expiry: the ones in the state file
 
     def register_event(self, name: str) -> int:
         """Return the event's id, registering it first if needed."""
@@ -233,7 +241,10 @@ class Registry:
     def subscribe(
         self, event: str, socket: str | Destination, expire: int | None = DEFAULT_EXPIRE
     ) -> Change | None:
-        """Add or refresh a subscriber; expire 0 unsubscribes, None never expires."""
+        """Add or refresh a subscriber; expire 0 unsubscribes, None never expires.
+
+        O(1) amortised (the expiry heap: O(log n)); with a state file, the change is
+        durable (fsynced) before this returns, or it raises and is not made."""
         _check_expire(expire)
         eid = self.event_id(event)
         if expire == 0:
@@ -241,37 +252,59 @@ class Registry:
         dest = socket if isinstance(socket, Destination) else parse_destination(_text(socket))
         self._allow.check(dest)
         now = self._clock()
-        subs = self._subs[eid]
-        before = dict(subs)
-        changes = self._sweep_event(eid, now)
-        old = subs.get(dest.key)
-        subs[dest.key] = new = Subscriber(dest, expire, now)
-        change = Change("added" if old is None else "refreshed", self._names[eid], eid, new)
-        if expire is not None:  # a stale heap entry is harmless if the commit fails
-            self._push(now + expire, eid, dest.key)
-        persist = expire is not None or (old is not None and old.expire is not None)
-        self._commit(eid, before, [*changes, change], persist)
+        self._sweep(now)  # an expired subscriber of this socket is gone: this one is new
+        subs, name, key = self._subs[eid], self._names[eid], dest.key
+        old = subs.get(key)
+        subs[key] = new = Subscriber(dest, expire, now)
+        was_saved = old is not None and old.expire is not None
+        if expire is not None or was_saved:
+            carried = self._carried.pop((name, key), None)
+            self._expiring += (expire is not None) - was_saved
+            record: Record = (
+                DelRecord(name, key) if expire is None else SetRecord(name, key, expire, now)
+            )
+            try:
+                # A static subscriber that becomes expiring keeps its place in the list,
+                # which an appended line cannot say: a snapshot says it (rare: config
+                # subscriptions are static, and the MI cannot make one static again).
+                self._persist([record], compact=old is not None and old.expire is None)
+            except BaseException:
+                self._expiring -= (expire is not None) - was_saved
+                if old is None:
+                    del subs[key]
+                else:
+                    subs[key] = old  # in place: the list keeps its order
+                if carried is not None:
+                    self._carried[(name, key)] = carried
+                raise
+        if expire is not None:
+            self._push(now + expire, eid, key)
+        change = Change("added" if old is None else "refreshed", name, eid, new)
+        self._emit(change)
         return change
 
     def unsubscribe(self, event: str, socket: str | Destination) -> Change | None:
-        """Remove a subscriber; None when it was not subscribed."""
+        """Remove a subscriber; None when it was not subscribed. O(1) amortised;
+        durable before it returns, like subscribe()."""
         eid = self.event_id(event)
         key = _key(socket)
-        subs = self._subs[eid]
-        before = dict(subs)
-        changes = self._sweep_event(eid, self._clock())
-        old = subs.pop(key, None)
+        self._sweep(self._clock())
+        subs, name = self._subs[eid], self._names[eid]
+        old = subs.get(key)
         if old is None:
-            self._commit(eid, before, changes, persist=False)
             return None
-        change = Change("removed", self._names[eid], eid, old)
-        self._commit(eid, before, [*changes, change], persist=old.expire is not None)
+        if old.expire is not None:  # written first: a failure leaves the list as it was
+            self._persist([DelRecord(name, key)], removing=(eid, key))
+            self._expiring -= 1
+        del subs[key]
+        change = Change("removed", name, eid, old)
+        self._emit(change)
         return change
 
     def subscribers(self, event: str) -> list[Subscriber]:
         """The event's live subscribers, newest first (expired ones are removed first)."""
         eid = self.event_id(event)
-        self._finish_sweep(self._sweep_event(eid, self._clock()))
+        self.sweep()
         return list(reversed(self._subs[eid].values()))
 
     def find(self, event: str, socket: str | Destination) -> Subscriber | None:
@@ -281,20 +314,31 @@ class Registry:
             key = _key(socket)
         except ValueError:
             return None
-        self._finish_sweep(self._sweep_event(eid, self._clock()))
+        self.sweep()
         return self._subs[eid].get(key)
 
     def sweep(self) -> list[Change]:
         """Remove every expired subscriber; return (and report) the removals."""
-        now = self._clock()
-        heap, changes = self._heap, []
+        return self._sweep(self._clock())
+
+    def _sweep(self, now: float) -> list[Change]:
+        heap = self._heap
+        if not heap or heap[0][0] > now:
+            return []
+        changes = []
         while heap and heap[0][0] <= now:
             _, eid, key = heapq.heappop(heap)
             sub = self._subs[eid].get(key)
             if sub is not None and sub.expired(now):
                 del self._subs[eid][key]
                 changes.append(Change("removed", self._names[eid], eid, sub))
-        self._finish_sweep(changes)
+        if changes:
+            self._expiring -= len(changes)
+            if self._store is not None:  # best effort: a reload drops expired ones anyway
+                records = [DelRecord(c.event, c.subscriber.dest.key) for c in changes]
+                self._store.commit_quietly(records, self._entries, self._live())
+            for change in changes:
+                self._emit(change)
         return changes
 
     def next_expiry(self) -> float | None:
@@ -321,9 +365,10 @@ class Registry:
         file; StateFileError naming the events for unknown ones with "error", or
         naming engine.max_events when their events do not fit.
         """
-        entries = None if self._store is None else self._store.read()
-        if self._store is None or entries is None:
+        state = None if self._store is None else self._store.read()
+        if self._store is None or state is None:
             return 0
+        entries = state.entries
         path, now = self._store.path, self._clock()
         live, changes = [], []
         for entry in entries:
@@ -345,7 +390,7 @@ class Registry:
                     "state file %s: cannot restore %s %s now (%s); kept in the file until "
                     "it expires", path, entry.event, entry.socket, exc,
                 )  # fmt: skip
-                self._carried.append(entry)
+                self._carried[(entry.event, entry.socket)] = entry
                 continue
             eid = self.register_event(entry.event)
             subs = self._subs[eid]
@@ -354,7 +399,8 @@ class Registry:
             self._push(entry.subscribed_at + entry.expire, eid, dest.key)
             kind: Literal["added", "refreshed"] = "added" if old is None else "refreshed"
             changes.append(Change(kind, entry.event, eid, sub))
-        if self._entries() != entries:
+        self._expiring = sum(s.expire is not None for subs in self._subs for s in subs.values())
+        if not state.compact or self._entries() != entries:  # compacted, tidied
             self._store.write_quietly(self._entries())
         for change in changes:
             self._emit(change)
@@ -395,35 +441,27 @@ class Registry:
         return entries
 
     def save(self) -> None:
-        """Write every expiring subscription to the state file, atomically."""
+        """Write every expiring subscription to the state file, atomically (a snapshot:
+        the journal starts empty)."""
         if self._store is not None:
             self._store.write(self._entries())
 
-    def _sweep_event(self, eid: int, now: float) -> list[Change]:
-        subs, name = self._subs[eid], self._names[eid]
-        gone = [(k, s) for k, s in subs.items() if s.expired(now)]
-        for key, _ in gone:
-            del subs[key]
-        return [Change("removed", name, eid, s) for _, s in gone]
+    def _persist(
+        self,
+        records: list[Record],
+        *,
+        removing: tuple[int, str] | None = None,
+        compact: bool = False,
+    ) -> None:
+        """Make `records` durable (the registry already shows them, except the
+        subscriber `removing`, still in its list). Raises StateFileError."""
+        if self._store is not None:
+            live = self._live() - (removing is not None)
+            self._store.commit(records, lambda: self._entries(removing), live, compact=compact)
 
-    def _finish_sweep(self, changes: list[Change]) -> None:
-        if changes:
-            self._save_quietly()
-        for change in changes:
-            self._emit(change)
-
-    def _commit(self, eid: int, undo: _Subs, changes: list[Change], persist: bool) -> None:
-        """Persist (putting ``undo`` back if that fails), then report the changes."""
-        if persist:
-            try:
-                self.save()
-            except BaseException:
-                self._subs[eid] = undo
-                raise
-        elif any(c.subscriber.expire is not None for c in changes):
-            self._save_quietly()  # only expired ones were swept
-        for change in changes:
-            self._emit(change)
+    def _live(self) -> int:
+        """How many entries a snapshot would hold (carried ones may have expired)."""
+        return self._expiring + len(self._carried)
 
     def _emit(self, change: Change) -> None:
         if self._on_change is not None:
@@ -441,19 +479,17 @@ class Registry:
             heapq.heapify(self._heap)
             self._heap_limit = max(64, 2 * len(self._heap))
 
-    def _entries(self) -> list[StateEntry]:
+    def _entries(self, without: tuple[int, str] | None = None) -> list[StateEntry]:
+        """The state file's entries: every expiring subscriber (but `without`), in
+        list order per event, then the carried ones. O(n): for snapshots only."""
         now = self._clock()
-        self._carried = [c for c in self._carried if now < c.subscribed_at + c.expire]
+        self._carried = {k: c for k, c in self._carried.items() if now < c.subscribed_at + c.expire}
         return [
             StateEntry(self._names[eid], key, s.expire, s.subscribed_at)
             for eid, subs in enumerate(self._subs)
             for key, s in subs.items()
-            if s.expire is not None
-        ] + self._carried
-
-    def _save_quietly(self) -> None:
-        if self._store is not None:
-            self._store.write_quietly(self._entries())
+            if s.expire is not None and (eid, key) != without
+        ] + list(self._carried.values())
 
 
 def _text(socket: object) -> str:
