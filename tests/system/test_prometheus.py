@@ -1,7 +1,9 @@
 """The Grafana dashboard against a real Prometheus that scrapes a running engine:
 `event-datagram run` (its own config) under a steady load of events raised over
-its MI, Prometheus scraping its `GET /metrics` every second, then every panel
-query of the dashboard evaluated through Prometheus's HTTP API.
+its MI and of notifications (valid and not) sent to its ingest socket, with an
+`[[upstream]]` that is the engine's own MI (so the upstream series exist, up 1),
+Prometheus scraping its `GET /metrics` every second, then every panel query of
+the dashboard evaluated through Prometheus's HTTP API.
 
 Prometheus comes from the Debian package `prometheus` (`.ci/run` installs it).
 Where it is missing the test FAILS with the command to install it; set
@@ -11,6 +13,7 @@ EVENT_DATAGRAM_SKIP_PROMETHEUS=1 to skip it knowingly (never honoured in CI).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import json
 import os
@@ -132,9 +135,25 @@ class MI:
             self.conn = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Running:
+    address: str
+    """The HTTP host:port of `POST /mi` and `GET /metrics`."""
+    ingest: tuple[str, int]
+    """The ingest socket as bound (named by the ready line)."""
+
+    @property
+    def ingest_text(self) -> str:
+        return f"udp:{self.ingest[0]}:{self.ingest[1]}"
+
+
+READY_INGEST = re.compile(rb"ready: .*\bingest udp:(127\.0\.0\.1):(\d+)")
+
+
 @contextlib.contextmanager
-def engine_process(workdir: Path) -> Iterator[str]:
-    """`event-datagram run` with its own config; yields its HTTP host:port."""
+def engine_process(workdir: Path) -> Iterator[Running]:
+    """`event-datagram run` with its own config: an ingest socket, and its own MI as its
+    upstream for E_IDLE (never raised, so nothing loops back); yields where it listens."""
     address = f"127.0.0.1:{free_port()}"
     config = workdir / "engine.toml"
     config.write_text(
@@ -151,6 +170,12 @@ def engine_process(workdir: Path) -> Iterator[str]:
         "enabled = false\n"
         "[metrics]\n"
         "per_subscriber = true\n"
+        "[ingest]\n"
+        'listen = ["udp:127.0.0.1:0"]\n'
+        "[[upstream]]\n"
+        f'mi = "http://{address}/mi"\n'
+        'events = ["E_IDLE"]\n'
+        "expire = 60\n"
     )
     log = workdir / "engine.log"
     script = Path(sys.executable).with_name("event-datagram")  # the console command
@@ -176,20 +201,30 @@ def engine_process(workdir: Path) -> Iterator[str]:
             what="`event-datagram run` to answer on /mi",
             log=log,
         )
-        yield address
+        found = READY_INGEST.search(log.read_bytes())
+        assert found, "the ready line names no ingest socket:\n" + log.read_text()[-3000:]
+        yield Running(address, (found.group(1).decode(), int(found.group(2))))
     finally:
         mi.close()
         end_process(proc, grace=15)  # SIGTERM: the engine drains and exits
 
 
+def notification(method: str, params: Any) -> bytes:
+    """What OpenSIPS's event_datagram sends a subscriber."""
+    return json.dumps({"jsonrpc": "2.0", "method": method, "params": params}).encode()
+
+
 @contextlib.contextmanager
-def load(address: str, seconds: float = 60.0) -> Iterator[None]:
-    """Raise events over the MI in the background until the block ends (at most `seconds`)."""
+def load(engine: Running, seconds: float = 60.0) -> Iterator[None]:
+    """Raise events over the MI and send notifications to the ingest socket (a few of
+    them malformed or of an unknown event) in the background until the block ends (at
+    most `seconds`)."""
     stop = threading.Event()
     raised = [0]
 
     def produce() -> None:
-        mi = MI(address)
+        mi = MI(engine.address)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         deadline = time.monotonic() + seconds
         try:
             while not stop.is_set() and time.monotonic() < deadline:
@@ -198,10 +233,15 @@ def load(address: str, seconds: float = 60.0) -> Iterator[None]:
                     "raise_event", ["E_LOAD", json.dumps({"seq": seq, "pad": "x" * (seq % 300)})]
                 )
                 mi.call("raise_event", ["E_OTHER", [str(seq)]])
+                sender.sendto(notification("E_OTHER", {"ingested": seq}), engine.ingest)
+                if seq % 10 == 0:
+                    sender.sendto(b"{not json", engine.ingest)  # malformed
+                    sender.sendto(notification("E_NOPE", [seq]), engine.ingest)  # unknown_event
                 raised[0] += 1
                 time.sleep(0.001)  # a steady stream, not a CPU hog on a shared machine
         finally:
             mi.close()
+            sender.close()
 
     thread = threading.Thread(target=produce, name="load", daemon=True)
     thread.start()
@@ -267,19 +307,22 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path: Pat
     binary = prometheus_binary()
     rx_udp, rx_unix = udp_receiver(), unix_receiver(tmp_path)
     try:
-        with engine_process(tmp_path) as address:
-            mi = MI(address)
+        with engine_process(tmp_path) as engine:
+            mi = MI(engine.address)
             mi.call("event_subscribe", ["E_LOAD", rx_udp.socket_text])
             mi.call("event_subscribe", ["E_OTHER", rx_udp.socket_text])
             mi.call("event_subscribe", ["E_OTHER", rx_unix.socket_text])
             mi.close()
-            with load(address), prometheus(binary, address, tmp_path) as url:
+            with load(engine), prometheus(binary, engine.address, tmp_path) as url:
                 check_panels(url, tmp_path / "prometheus.log")
-                # [metrics] per_subscriber = true reached the exposition.
+                check_sources(url, engine)
+                # [metrics] per_subscriber = true reached the exposition (the upstream
+                # subscribed the ingest socket to E_IDLE, with its expire as TTL).
                 ttl = query(url, "event_datagram_subscriber_ttl_seconds")["data"]["result"]
                 sockets = {r["metric"]["socket"] for r in ttl}
-                assert sockets == {rx_udp.socket_text, rx_unix.socket_text}
+                assert sockets == {rx_udp.socket_text, rx_unix.socket_text, engine.ingest_text}
         assert rx_udp.datagrams and rx_unix.datagrams
+        assert any(b'"ingested"' in d for d in rx_udp.datagrams), "no ingested event relayed"
     finally:
         rx_udp.close()
         rx_unix.close()
@@ -292,6 +335,15 @@ def check_panels(url: str, log: Path) -> None:
         lambda: float(query(url, samples)["data"]["result"][0]["value"][1]) >= 5,
         timeout=40,
         what="five scrapes of the engine",
+        log=log,
+    )
+    # The upstream (the engine's own MI) subscribed: it may have missed the MI at start
+    # (it retries every 2 s), and its rate panel needs two samples of it as up.
+    up_for = 'min_over_time(event_datagram_upstream_up{job="event-datagram"}[3s])'
+    wait_until(
+        lambda: query(url, up_for)["data"]["result"][0]["value"][1] == "1",
+        timeout=30,
+        what="the upstream to be up for two scrapes",
         log=log,
     )
     up = query(url, 'up{job="event-datagram"}')["data"]["result"]
@@ -325,6 +377,33 @@ def check_panels(url: str, log: Path) -> None:
     sleeps = query(url, concrete(panel_expr("Worker sleeps")))["data"]["result"]
     assert sorted(r["metric"]["worker"] for r in sleeps) == ["0", "1"], sleeps
     assert all(float(r["value"][1]) >= 0 for r in sleeps), sleeps
+
+
+def check_sources(url: str, engine: Running) -> None:
+    """The ingest and upstream panels show this engine's socket and MI, with the load."""
+
+    def result(title: str) -> list[dict[str, Any]]:
+        reply: list[dict[str, Any]] = query(url, concrete(panel_expr(title)))["data"]["result"]
+        return reply
+
+    def by(title: str, *labels: str) -> dict[tuple[str, ...], float]:
+        rows = result(title)
+        return {tuple(r["metric"][k] for k in labels): float(r["value"][1]) for r in rows}
+
+    sock = engine.ingest_text
+    received = by("Ingest datagrams / s by socket", "socket")
+    raised = by("Ingest events raised / s by socket", "socket")
+    assert set(received) == set(raised) == {(sock,)}, (received, raised)
+    assert received[(sock,)] > raised[(sock,)] > 0, (received, raised)
+    rejected = by("Ingest rejections by reason", "socket", "reason")
+    assert rejected.get((sock, "malformed"), 0) > 0, rejected
+    assert rejected.get((sock, "unknown_event"), 0) > 0, rejected
+    assert by("Ingest kernel drops by socket", "socket") == {(sock,): 0.0}
+    mi = f"http://{engine.address}/mi"
+    assert by("Upstream up", "mi") == {(mi,): 1.0}
+    assert by("Upstream subscribed events", "mi") == {(mi,): 1.0}
+    errors = by("Upstream errors by reason", "mi", "reason")
+    assert {reason for _mi, reason in errors} >= {"unreachable", "mi_error", "bad_reply"}, errors
 
 
 def panel_expr(title: str) -> str:

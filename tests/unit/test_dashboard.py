@@ -68,3 +68,29 @@ def test_panels_do_not_overlap() -> None:
             for y in range(g["y"], g["y"] + g["h"]):
                 other = cells.setdefault((x, y), panel["title"])
                 assert other == panel["title"], f"{panel['title']} overlaps {other}"
+
+
+def test_dashboard_shows_ingest_sockets_and_upstreams() -> None:
+    """The source series (issue 11 item 3) have their panels, by socket, reason and MI."""
+    queries = dict(panel_queries())
+
+    def rate_by(labels: str, metric: str) -> str:
+        return (
+            rf"sum by \({labels}\) \(rate\(event_datagram_{metric}"
+            r"\{instance=~\"\$instance\"\}\[\$__rate_interval\]\)\)"
+        )
+
+    expected = {
+        "Ingest datagrams / s by socket": rate_by("socket", "ingest_datagrams_total"),
+        "Ingest events raised / s by socket": rate_by("socket", "ingest_events_raised_total"),
+        "Ingest rejections by reason": rate_by("socket, reason", "ingest_rejected_total"),
+        "Ingest kernel drops by socket": rate_by("socket", "ingest_kernel_drops_total"),
+        "Upstream up": r"max by \(mi\) \(event_datagram_upstream_up\{[^}]*\}\)",
+        "Upstream subscribed events": (
+            r"sum by \(mi\) \(event_datagram_upstream_subscribed_events\{[^}]*\}\)"
+        ),
+        "Upstream errors by reason": rate_by("mi, reason", "upstream_errors_total"),
+    }
+    for title, pattern in expected.items():
+        assert title in queries, f"no panel {title!r}"
+        assert re.fullmatch(pattern, queries[title]), (title, queries[title])
