@@ -184,22 +184,24 @@ class SharedGroup:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.members: list[Any] = []  # table.Subscriber, newest first
+        self.members: dict[str, Any] = {}  # table.Subscriber by key (O(1) add, remove)
+        self.order: list[Any] = []  # the members as the table was built: errors index it
         self._iov = IoVec()
         self._names: ctypes.Array[ctypes.c_char] | None = None
         self._msgs: ctypes.Array[MMsgHdr] | None = None
         self.errors: list[tuple[int, int]] = []  # (member index, errno) of the last send
 
     def add(self, sub: Any) -> None:
-        self.members.insert(0, sub)
+        self.members[sub.key] = sub
         self._msgs = None  # rebuilt at the next send
 
     def remove(self, sub: Any) -> None:
-        self.members.remove(sub)
+        del self.members[sub.key]
         self._msgs = None
 
     def _build(self) -> ctypes.Array[MMsgHdr]:
-        names = [sockaddr_bytes(m.family, m.sockaddr) for m in self.members]
+        self.order = list(self.members.values())
+        names = [sockaddr_bytes(m.family, m.sockaddr) for m in self.order]
         stride = max((len(n) for n in names), default=1)
         self._names = buf = ctypes.create_string_buffer(stride * max(1, len(names)))
         base = ctypes.addressof(buf)
@@ -221,7 +223,7 @@ class SharedGroup:
         errors = self.errors
         errors.clear()
         msgs = self._msgs if self._msgs is not None else self._build()
-        count = len(self.members)
+        count = len(self.order)
         fn = SENDMMSG
         self._iov.iov_base = address
         self._iov.iov_len = length
@@ -250,7 +252,7 @@ class SharedGroup:
     def _send_each(self, address: int, length: int) -> int:
         payload = ctypes.string_at(address, length)
         sent = 0
-        for i, member in enumerate(self.members):
+        for i, member in enumerate(self.order):
             try:
                 self.sock.sendto(payload, MSG_DONTWAIT, member.sockaddr)
                 sent += 1

@@ -66,7 +66,8 @@ class SubscriberTable:
 
     def __init__(self, socket_limit: int, sndbuf: int = 0) -> None:
         self.by_key: dict[str, Subscriber] = {}
-        self.by_event: dict[int, list[Subscriber]] = {}  # own-socket subscribers only
+        # Own-socket subscribers only, by event then key (dicts: O(1) add and remove).
+        self.by_event: dict[int, dict[str, Subscriber]] = {}
         self.shared_by_event: dict[int, dict[int, SharedGroup]] = {}  # event -> family -> group
         self.shared_count = 0  # subscribers on shared sockets
         self.socket_limit = socket_limit
@@ -93,7 +94,7 @@ class SubscriberTable:
                     group = groups[sub.family] = SharedGroup(sub.sock)
                 group.add(sub)
             else:
-                self.by_event.setdefault(event_id, []).insert(0, sub)  # newest first
+                self.by_event.setdefault(event_id, {})[sub.key] = sub
 
     def unsubscribe(self, event_id: int, key: str) -> None:
         sub = self.by_key.get(key)
@@ -110,7 +111,7 @@ class SubscriberTable:
                     del self.shared_by_event[event_id]
         else:
             subs = self.by_event[event_id]
-            subs.remove(sub)
+            del subs[sub.key]
             if not subs:
                 del self.by_event[event_id]
         if not sub.events:

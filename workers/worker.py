@@ -208,9 +208,9 @@ class Worker:
         by_event = self.table.by_event
         first = eids[0]
         if eids.count(first) == n:
-            subs = by_event.get(first, ())
+            subs = by_event.get(first, {})
             total = sum(lengths)
-            for sub in subs:
+            for sub in subs.values():
                 self._send_range(sub, n, first, total, lengths)
             pairs = n * len(subs)
         else:
@@ -234,8 +234,8 @@ class Worker:
             eid, length = eids[i], lengths[i]
             for group in groups.values():
                 region.beat(time.monotonic_ns())
-                members = group.members
                 sent = group.send(iov[2 * i], iov[2 * i + 1])
+                members = group.order  # as sent: the errors index it
                 transport = members[0].transport
                 self._add(lay.sent(eid, transport), sent)
                 self._add(lay.sent_bytes(eid, transport), sent * length)
@@ -274,7 +274,7 @@ class Worker:
         by_event = self.table.by_event
         wanted: dict[int, Subscriber] = {}
         for eid in set(eids):
-            for sub in by_event.get(eid, ()):
+            for sub in by_event.get(eid, {}).values():
                 wanted[id(sub)] = sub
         lay = self.layout
         sender = self.sender
