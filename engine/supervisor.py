@@ -421,26 +421,34 @@ class Supervisor:
         self._stopping.set()
 
     def join_workers(self, drain_timeout_s: float) -> None:
-        """Wait for workers to drain and exit; terminate those past the deadline."""
+        """Wait for workers to drain and exit; terminate those past the deadline.
+
+        Bounded whatever the number of workers: one deadline for the drain, then
+        every late worker is terminated at once and given one more second in all,
+        then killed."""
         deadline = time.monotonic() + drain_timeout_s
         self._stopping.set()
-        for k, proc in enumerate(self._procs):
-            if proc is None:
-                continue
+        procs = [(k, p) for k, p in enumerate(self._procs) if p is not None]
+        for _, proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                ring = self.rings[k]
-                left = ring.pending_fanout()  # slow path: the worker is leaving anyway
-                log.warning(
-                    "worker %d did not drain in %.1f s: %d datagram(s) in %d byte(s) of its "
-                    "ring are not sent; terminating",
-                    k, drain_timeout_s, left, ring.write_pos - ring.read_pos,
-                )  # fmt: skip
-                proc.terminate()
-                proc.join(1.0)
+        late = [(k, p) for k, p in procs if p.is_alive()]
+        for k, proc in late:
+            ring = self.rings[k]
+            left = ring.pending_fanout()  # slow path: the worker is leaving anyway
+            log.warning(
+                "worker %d did not drain in %.1f s: %d datagram(s) in %d byte(s) of its "
+                "ring are not sent; terminating",
+                k, drain_timeout_s, left, ring.write_pos - ring.read_pos,
+            )  # fmt: skip
+            proc.terminate()
+        grace = time.monotonic() + 1.0
+        for _, proc in late:
+            proc.join(max(0.0, grace - time.monotonic()))
+        for _, proc in late:
             if proc.is_alive():
                 proc.kill()
                 proc.join(1.0)
+        for k, proc in procs:
             if proc.exitcode:
                 log.error(
                     "worker %d (pid %s) %s while draining",

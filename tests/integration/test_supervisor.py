@@ -184,3 +184,30 @@ def test_a_worker_that_keeps_failing_on_a_record_stops_the_engine_clearly() -> N
         assert engine.supervisor.restarts[0] == 2  # restarted twice, then given up on
         with pytest.raises(EngineError, match="failed 3 times"):
             engine.raise_event("E_TEST", {"seq": 0})
+
+
+def test_stop_is_bounded_with_many_stuck_workers() -> None:
+    # 12 workers that cannot drain (stopped, records waiting): each is terminated
+    # and killed together with the others, not one after the other.
+    rx = udp_receiver()
+    try:
+        engine_cm = running_engine(
+            ["E_TEST"], workers=12, pin=False, drain_timeout_s=1.0, heartbeat_timeout_s=0
+        )
+        with engine_cm as engine:
+            for _ in range(12):  # one subscriber per worker (the router spreads them)
+                other = udp_receiver()
+                engine.subscribe("E_TEST", other.socket_text)
+                other.close()
+            pids = [w.pid for w in engine.statistics().workers]
+            for pid in pids:
+                assert pid is not None
+                os.kill(pid, signal.SIGSTOP)
+            for seq in range(50):
+                engine.raise_event("E_TEST", {"seq": seq})
+            start = time.monotonic()
+            engine.stop()
+            took = time.monotonic() - start
+        assert took < 8.0, f"stop took {took:.1f} s"  # a second in a row each: 13 s
+    finally:
+        rx.close()
