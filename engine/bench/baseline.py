@@ -12,8 +12,15 @@
   (`workers.sender.BatchSender`, the engine's own send path, minus the ring, the
   accounting and everything else). Receivers check these datagrams too, but do
   not count sequence numbers (the same 256 are sent again and again).
+* **ingest**: not a reference but the ingest contender's emitter: what an
+  OpenSIPS with one event_datagram subscriber (the engine's ingest socket) sends.
+  The E_BENCH notification is encoded once; per datagram only its `seq` and `t`
+  digits are rewritten in place (same width, so the same bytes the API contender
+  would encode), and batches of up to 256 go out with one `sendmmsg(2)` on a
+  connected non-blocking socket, as fast as possible or paced at the rate.
 
-The parent sends ("naive" | "ceiling", RunSpec) and gets a result dict back;
+The parent sends ("naive" | "ceiling", RunSpec) or ("ingest", IngestSpec) and gets
+a result dict back;
 ("exit",) ends the process. Every loop is bounded by the round's duration and
 MAX_EVENTS_PER_ROUND.
 """
@@ -47,6 +54,7 @@ from workers.sender import BatchSender
 
 CHECK_EVERY: Final = 64  # events between two looks at the clock
 CEILING_BATCH: Final = 256
+INGEST_BATCH: Final = 256
 
 
 class RunSpec(msgspec.Struct, frozen=True):
@@ -55,6 +63,13 @@ class RunSpec(msgspec.Struct, frozen=True):
     rate: float  # events/s; 0 = as fast as possible (naive only)
     tag: str
     encode_once: bool = False
+
+
+class IngestSpec(msgspec.Struct, frozen=True):
+    address: tuple[str, int]  # the engine's ingest socket (UDP), as bound
+    duration_s: float
+    rate: float  # events/s; 0 = as fast as possible
+    tag: str
 
 
 def _targets(sockets: list[str], connect: bool) -> list[tuple[socket.socket, Any]]:
@@ -174,6 +189,70 @@ def run_ceiling(spec: RunSpec) -> dict[str, Any]:
     return {"events": events, "sent": sent, "failures": failures, "t0_ns": t0, "t_end_ns": t_end}
 
 
+def run_ingest(spec: IngestSpec) -> dict[str, Any]:
+    """Emit E_BENCH notifications to the ingest socket for `duration_s`: one encoded
+    template, `seq` (10 digits from SEQ_BASE) and `t` (monotonic ns, just before the
+    batch is sent) rewritten in place per datagram, sendmmsg in batches."""
+    t0 = time.monotonic_ns()
+    template = encode_notification(EVENT, bench_params(spec.tag, SEQ_BASE, t0))
+    t_digits = b"%d" % t0
+    seq_at = template.index(b'"seq":%d,' % SEQ_BASE) + len(b'"seq":')
+    t_at = template.index(b'"t":' + t_digits + b"}") + len(b'"t":')
+    seq_width, t_width = len(b"%d" % SEQ_BASE), len(t_digits)
+    size = len(template)
+    data = bytearray(template * INGEST_BATCH)
+    view = memoryview(data)
+    sender = BatchSender(view, INGEST_BATCH)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    failures: dict[str, int] = {}
+    sent = events = 0
+    seq = SEQ_BASE
+    rate = spec.rate
+    clock = time.monotonic_ns
+    end = t0 + int(spec.duration_s * 1e9)
+    try:
+        sock.setblocking(False)
+        sock.connect(spec.address)
+        for i in range(INGEST_BATCH):
+            sender.point(i, i * size, size)
+        stop = False
+        while not stop and events < MAX_EVENTS_PER_ROUND:
+            now = clock()
+            if now >= end:
+                break
+            if rate:
+                due = int((now - t0) * rate / 1e9) + 1 - events
+                if due <= 0:
+                    wait = (t0 + events * 1e9 / rate - now) / 1e9
+                    time.sleep(max(wait, PACE_TICK_S))  # never spin: CPUs are shared
+                    continue
+                count = min(due, INGEST_BATCH)
+            else:
+                count = INGEST_BATCH
+            count = min(count, MAX_EVENTS_PER_ROUND - events)
+            t_text = b"%d" % clock()
+            if len(t_text) != t_width:  # the clock gained a digit: the size would change
+                break
+            for i in range(count):
+                off = i * size
+                view[off + seq_at : off + seq_at + seq_width] = b"%d" % seq
+                view[off + t_at : off + t_at + t_width] = t_text
+                seq += 1
+            sent += sender.send(sock, 0, count)
+            for _i, err in sender.errors:
+                name = errno.errorcode.get(err, "other").lower()
+                failures[name] = failures.get(name, 0) + 1
+            events += count
+        t_end = time.monotonic_ns()
+    finally:
+        sock.close()
+        sender.iov_words.release()
+        del sender
+        with contextlib.suppress(BufferError):
+            view.release()
+    return {"events": events, "sent": sent, "failures": failures, "t0_ns": t0, "t_end_ns": t_end}
+
+
 def sender_main(conn: Connection, cpus: list[int] | None, lifetime_s: float) -> None:
     """Process entry point (a `bench_common.Child`)."""
     prepare_child(cpus)
@@ -190,7 +269,10 @@ def sender_main(conn: Connection, cpus: list[int] | None, lifetime_s: float) -> 
         if msg[0] == "exit":
             return
         try:
-            result = run_naive(msg[1]) if msg[0] == "naive" else run_ceiling(msg[1])
+            if msg[0] == "ingest":
+                result = run_ingest(msg[1])
+            else:
+                result = run_naive(msg[1]) if msg[0] == "naive" else run_ceiling(msg[1])
         except Exception as exc:  # reported, the parent decides
             result = {"error": f"{type(exc).__name__}: {exc}"}
         conn.send(result)
@@ -207,7 +289,7 @@ class SenderProcess:
     def pid(self) -> int:
         return self.child.pid
 
-    def run(self, kind: str, spec: RunSpec) -> dict[str, Any]:
+    def run(self, kind: str, spec: RunSpec | IngestSpec) -> dict[str, Any]:
         self.child.conn.send((kind, spec))
         result: dict[str, Any] = self.child.recv(spec.duration_s + 30.0, f"no {kind} result")
         if "error" in result:

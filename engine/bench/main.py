@@ -7,9 +7,12 @@ One run, on loopback and UNIX sockets only:
 2. `--rounds` times, interleaved: an **engine** round (a fresh `Engine`, the
    same code path as `run` with the metrics exposition scraped every second,
    events raised through `Engine.raise_event` as fast as the rings take them,
-   or at `--rate`), a **baseline** round (json.dumps + sendto per subscriber, one
-   process) and, unless `--no-ceiling`, a **ceiling** round (pre-encoded sendmmsg,
-   one process: what the kernel gives a single sending core);
+   or at `--rate`), with `--source ingest|both` an **ingest** round (instead of
+   or after it: the same engine fed through an ingest socket by an emitter
+   process, sendmmsg as fast as it can or at `--rate`), a **baseline** round
+   (json.dumps + sendto per subscriber, one process) and, unless `--no-ceiling`,
+   a **ceiling** round (pre-encoded sendmmsg, one process: what the kernel gives
+   a single sending core);
 3. a **latency** phase: a fresh engine at a fixed rate (half the measured
    maximum, at most LATENCY_RATE_CAP events/s), every datagram's raise-to-receive
    time kept by the receivers;
@@ -64,6 +67,7 @@ from engine.options import EngineOptions
 FOREIGN_WARN_CORES: Final = 0.25
 FOREIGN_WARN_LATENCY_CORES: Final = 0.05
 TRANSPORTS: Final = ("udp", "udp6", "unix", "mixed")
+SOURCES: Final = ("api", "ingest", "both")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PLOT, EXIT_IDENTITY = 0, 1, 2, 3, 4
 
 
@@ -83,6 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_PAYLOAD_BYTES,
         help="datagram size; the E_BENCH tag is padded to reach it (default 120)",
+    )
+    a(
+        "--source",
+        choices=SOURCES,
+        default="api",
+        help="how events reach the engine: api (Engine.raise_event, default), ingest (an "
+        "emitter process sends the notifications to an ingest socket with sendmmsg), or "
+        "both (an api and an ingest round in every round, interleaved)",
     )
     a("--workers", type=int, default=0, help="engine workers (default: CPUs - 1)")
     a(

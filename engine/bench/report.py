@@ -195,6 +195,28 @@ def _side(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _ingest_side(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ingest rounds: the keys of every contender, plus what the ingest socket saw."""
+    side = _side(rounds)
+    if not rounds:
+        return side
+    blocks = [r["ingest"] for r in rounds]
+    roles = blocks[0]["cpu_us_per_event"].keys()
+    side.update(
+        events_ingested_per_s=median([b["events_ingested_per_s"] for b in blocks]),
+        datagrams_emitted_per_s=median([b["datagrams_emitted_per_s"] for b in blocks]),
+        datagrams_emitted=sum(b["datagrams_emitted"] for b in blocks),
+        events_ingested=sum(b["events_ingested"] for b in blocks),
+        kernel_drops=sum(b["kernel_drops"] for b in blocks),
+        rejected=_merge_counts([b["rejected"] for b in blocks]),
+        emit_failures=_merge_counts([b["emit_failures"] for b in blocks]),
+        cpu_us_per_event={
+            role: median([b["cpu_us_per_event"][role] for b in blocks]) for role in roles
+        },
+    )
+    return side
+
+
 def summarize(
     rounds: list[dict[str, Any]],
     latency: dict[str, Any] | None,
@@ -207,8 +229,22 @@ def summarize(
     metrics: dict[str, Any],
     interrupted: str | None,
 ) -> dict[str, Any]:
-    by = {c: [r for r in rounds if r["contender"] == c] for c in ("engine", "baseline", "ceiling")}
+    contenders = ("engine", "ingest", "baseline", "ceiling")
+    by = {c: [r for r in rounds if r["contender"] == c] for c in contenders}
     engine, baseline, ceiling = _side(by["engine"]), _side(by["baseline"]), _side(by["ceiling"])
+    ingest = _ingest_side(by["ingest"])
+    ingest_ratios = []
+    for g in by["ingest"]:
+        e = next((r for r in by["engine"] if r["round"] == g["round"]), None)
+        if e and e["datagrams_received_per_s"]:
+            ingest_ratios.append(
+                {
+                    "round": g["round"],
+                    "ingest": g["datagrams_received_per_s"],
+                    "api": e["datagrams_received_per_s"],
+                    "ratio": g["datagrams_received_per_s"] / e["datagrams_received_per_s"],
+                }
+            )
     ratios = []
     for e in by["engine"]:
         b = next((r for r in by["baseline"] if r["round"] == e["round"]), None)
@@ -268,8 +304,12 @@ def summarize(
         "ceiling": ceiling,
         "ratio_median": ratio_median,
         "ratios": ratios,
+        "ingest": ingest,
+        "ratio_ingest_vs_api_median": median([r["ratio"] for r in ingest_ratios]),
+        "ratios_ingest_vs_api": ingest_ratios,
         "loss": {
             "engine": engine.get("loss"),
+            "ingest": ingest.get("loss"),
             "baseline": baseline.get("loss"),
             "ceiling": ceiling.get("loss"),
             "latency_phase": lat_loss,
@@ -295,6 +335,7 @@ def summarize(
         "backlog": _backlog(by["engine"]),
         "cpu_s": {
             "engine": engine.get("cpu_s", {}),
+            "ingest": ingest.get("cpu_s", {}),
             "baseline": baseline.get("cpu_s", {}),
             "ceiling": ceiling.get("cpu_s", {}),
             "latency_phase": lat_round["cpu_s"] if lat_round else {},
@@ -361,7 +402,8 @@ def _counts(d: dict[str, int]) -> str:
 def format_table(result: dict[str, Any]) -> str:
     s = result["settings"]
     m = result["machine"]
-    sides = [("engine", result["engine"]), ("baseline", result["baseline"])]
+    sides = [(name, result[name]) for name in ("engine", "ingest") if result.get(name)]
+    sides.append(("baseline", result["baseline"]))
     if result["ceiling"]:
         sides.append(("ceiling", result["ceiling"]))
     lines = [
@@ -385,7 +427,7 @@ def format_table(result: dict[str, Any]) -> str:
         "dg per CPU-s, with receivers",
         [_n(d.get("datagrams_per_cpu_s_all_processes")) for _, d in sides],
     )
-    for role in ("producer", "workers", "sender", "receivers"):
+    for role in ("producer", "workers", "emitter", "sender", "receivers"):
         vals = [d.get("cpu_us_per_datagram", {}).get(role) for _, d in sides]
         if any(v is not None for v in vals):
             row(f"CPU us/datagram, {role}", [f"{v:.2f}" if v is not None else "" for v in vals])
@@ -397,6 +439,18 @@ def format_table(result: dict[str, Any]) -> str:
         if ratio is not None
         else "engine / baseline: -"
     )
+    ingest = result.get("ingest")
+    if ingest:
+        per_event = ingest["cpu_us_per_event"]
+        ratio_g = result.get("ratio_ingest_vs_api_median")
+        lines.append(
+            f"ingest: {_n(ingest['events_ingested_per_s'])} events/s ingested of "
+            f"{_n(ingest['datagrams_emitted_per_s'])} emitted (median), kernel drops at the "
+            f"ingest socket {ingest['kernel_drops']:,}, rejected {_counts(ingest['rejected'])}; "
+            "CPU us per ingested event: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in per_event.items() if v is not None)
+            + (f"; ingest / api (datagrams/s received): median {ratio_g:.2f}x" if ratio_g else "")
+        )
     drops = result["drops"]
     lines.append(f"engine drops: {_counts(drops['engine'])}; oversize {result['oversize']:,}")
     lines.append(

@@ -1,6 +1,6 @@
 """The bench run: receivers and the reference sender started once, then the
-interleaved rounds (engine, baseline, ceiling), the latency phase and the idle
-phase.
+interleaved rounds (engine, ingest, baseline, ceiling, as --source asks), the
+latency phase and the idle phase.
 
 An engine round starts a fresh `Engine` (unique instance name, so its shared
 memory is easy to find and remove), subscribes every receiver socket, raises
@@ -9,6 +9,17 @@ rings take them, or paced at `--rate`), waits until the workers have sent
 everything in their rings, and stops the engine. Every wait is bounded: the
 drain waits while the workers make progress (a backlog of 1,000-subscriber
 events takes a while), not past a stall.
+
+An ingest round (`--source ingest|both`) is an engine round fed through a
+datagram ingest socket (`udp:127.0.0.1:0`, `sources.ingest.Ingest`, read by its
+thread in this process) instead of `Engine.raise_event`: the sender process emits
+the E_BENCH notifications to it with sendmmsg (`baseline.run_ingest`) for
+`--duration` s, as fast as it can or at `--rate`; the bench then waits until the
+ingest socket is read out, sends it one probe (a notification of an unknown event,
+rejected `unknown_event`: the kernel reports its drops at the socket with the next
+datagram read, so the probe makes the last of them known), drains the workers and
+checks the same receivers and the accounting identity (the ingest socket's
+included). The probe is not counted among the events ingested.
 
 The idle phase is an engine round with a quiet period first: a fresh engine,
 the first IDLE_SUBSCRIBERS subscriber sockets, nothing raised for IDLE_SETTLE_S
@@ -25,13 +36,15 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
+import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from typing import Any, Final
 
-from engine.bench.baseline import RunSpec, SenderProcess
+from engine.bench.baseline import IngestSpec, RunSpec, SenderProcess
 from engine.bench.common import (
     EVENT,
     IP,
@@ -60,6 +73,8 @@ from engine.options import EngineOptions
 from engine.producer import Engine
 from engine.shm.counters import LATENCY_BUCKETS_S
 from engine.shm.segment import list_segments, unlink_name
+from engine.sources.ingest import Ingest
+from engine.statistics import SourceStatistics
 from engine.wire import PayloadTooLarge
 
 LATENCY_RATE_CAP: Final = 50_000.0  # events/s
@@ -70,6 +85,13 @@ IDLE_SETTLE_S: Final = 1.0  # quiet before the idle CPU window (workers sleep af
 RCVBUF_BUDGET: Final = 1 << 30  # bytes of receive buffer asked for, all sockets together
 RCVBUF_FLOOR: Final = 256 << 10  # ... but at least this per socket (or --rcvbuf-bytes)
 DRAIN_FLOOR_DG_PER_S: Final = 20_000.0  # the slowest drain the time cap allows for
+INGEST_LISTEN: Final = "udp:127.0.0.1:0"
+INGEST_PROBE_EVENT: Final = "E_BENCH_PROBE"  # not registered: rejected unknown_event
+INGEST_QUIET_S: Final = 0.3  # the ingest socket is read out when its count stays put this long
+INGEST_SETTLE_CAP_S: Final = 30.0
+
+
+UNKNOWN: Final = "unknown_event"
 
 
 class Interrupted(BaseException):
@@ -107,7 +129,7 @@ class Bench:
         per_socket = max(RCVBUF_FLOOR, RCVBUF_BUDGET // max(1, args.subscribers))
         self.rcvbuf = min(args.rcvbuf_bytes, per_socket)
         self.idle: dict[str, Any] | None = None
-        per_round = 3 * args.duration + 40 + args.subscribers / 10
+        per_round = len(self.contenders()) * (args.duration + 14) + args.subscribers / 10
         idle_s = args.idle_latency_duration + args.idle_cpu_duration + IDLE_SETTLE_S + 40
         self.lifetime_s = args.rounds * per_round + args.latency_duration + idle_s + 180
 
@@ -135,17 +157,19 @@ class Bench:
             )
             self.sender = SenderProcess(self.sender_cpus, self.lifetime_s)
             self.progress = Progress(not args.quiet, self.pool.received_total)
+            contenders = self.contenders()
             self.progress.total = (
-                args.rounds * (2 if args.no_ceiling else 3)
+                args.rounds * len(contenders)
                 + (1 if args.latency_duration else 0)
                 + (1 if self._idle_wanted() else 0)
             )
-            contenders = ["engine", "baseline"] + ([] if args.no_ceiling else ["ceiling"])
             for r in range(1, args.rounds + 1):
                 for contender in contenders:
                     idle = self._wait_idle()
                     if contender == "engine":
                         result = self._engine_round(r, args.rate, args.duration, "seq")
+                    elif contender == "ingest":
+                        result = self._ingest_round(r)
                     else:
                         result = self._sender_round(r, contender)
                     result["idle_wait"] = idle
@@ -159,6 +183,12 @@ class Bench:
         except KeyboardInterrupt:
             return "SIGINT"
         return None
+
+    def contenders(self) -> list[str]:
+        """Each round's contenders, in order: --source api (engine), ingest or both."""
+        source = getattr(self.args, "source", "api")
+        sides = {"api": ["engine"], "ingest": ["ingest"], "both": ["engine", "ingest"]}[source]
+        return [*sides, "baseline"] + ([] if self.args.no_ceiling else ["ceiling"])
 
     def _idle_wanted(self) -> bool:
         return bool(self.args.idle_latency_duration or self.args.idle_cpu_duration)
@@ -473,6 +503,160 @@ class Bench:
             n += 1
         return n, oversize, t0, clock(), woke
 
+    # -- one ingest round -----------------------------------------------------------------------
+    def _ingest_round(self, number: int) -> dict[str, Any]:
+        """An engine round fed through an ingest socket by the sender process."""
+        args = self.args
+        pool, sender = self.pool, self.sender
+        assert pool is not None and sender is not None
+        instance = f"bench{os.getpid()}g{number}"
+        self.instances.append(instance)
+        options = EngineOptions(
+            instance=instance,
+            workers=args.workers,
+            full_ring_policy=args.full_ring_policy,
+            ring_bytes=args.ring_bytes,
+        )
+        engine = Engine(options, events=[EVENT])
+        self.engine = engine
+        phase = f"ingest round {number}"
+        self.progress.phase = f"{phase}: starting the engine"
+        ingest: Ingest | None = None
+        try:
+            engine.start()
+            for text in pool.sockets:
+                engine.subscribe(EVENT, text)
+            ingest = Ingest(engine, [INGEST_LISTEN])
+            engine.add_source(ingest)
+            ingest.start()
+            address = ingest.sockets[0].sock.getsockname()
+            workers = engine.statistics().workers
+            worker_pids = [w.pid or 0 for w in workers]
+            self.worker_cpus = [affinity(pid) for pid in worker_pids]
+            tag = make_tag(args.payload_bytes, time.monotonic_ns())
+            pids = {
+                "producer": [os.getpid()],
+                "workers": worker_pids,
+                "emitter": [sender.pid],
+                "receivers": pool.pids,
+            }
+            pool.begin(RoundSpec("seq", time.monotonic_ns(), tag, EVENT, SEQ_BASE))
+            before = snapshot(pids, [])
+            self.progress.phase = phase + (f" at {args.rate:,.0f} events/s" if args.rate else "")
+            # No metrics scraper here, and no statistics() until the socket is quiet:
+            # Engine.statistics() takes the ingest socket's lock under the engine's
+            # `_hot` lock while the ingest thread raises (takes `_hot`) under the
+            # socket's lock, a lock-order inversion that deadlocks under load.
+            out = sender.run(
+                "ingest", IngestSpec((address[0], address[1]), args.duration, args.rate, tag)
+            )
+            t0, t_raised = out["t0_ns"], out["t_end_ns"]
+            self.progress.phase = f"{phase}: reading out the ingest socket"
+            self._settle_ingest(ingest, address)
+            pending = sum(w.pairs_in_ring for w in engine.statistics().workers)
+            self.progress.phase = f"{phase}: draining {pending:,} datagrams"
+            cap = max(60.0, 4 * args.duration + pending / DRAIN_FLOOR_DG_PER_S)
+            t_drained = wait_drained(engine, cap)
+            stats = engine.statistics()  # the ingest socket's counters included
+            source = next(s for s in stats.sources if s.kind == "ingest")
+            self.producer_rss = max(self.producer_rss, peak_rss(os.getpid()) or 0)
+            self.progress.phase = f"{phase}: collecting"
+            pool.settle(stats.pairs_sent)
+            report = pool.report()
+            after = snapshot(pids, [])
+            for k, pid in enumerate(worker_pids):
+                self.worker_rss[k] = max(self.worker_rss.get(k, 0), peak_rss(pid) or 0)
+        finally:
+            self.scraper.stop()
+            self.engine = None
+            if ingest is not None:
+                ingest.stop()
+            stop_engine(engine, instance)
+        failures: dict[str, int] = {}
+        for w in stats.workers:
+            for (transport, reason), n in w.failures.items():
+                if n:
+                    key = f"{transport}:{reason}"
+                    failures[key] = failures.get(key, 0) + n
+        sent = stats.pairs_sent
+        ingested = source.received - 1  # the probe is not one of the events
+        result = round_record(
+            number,
+            "ingest",
+            report,
+            before,
+            after,
+            t0,
+            t_raised,
+            t_drained,
+            source.raised,
+            sent,
+            failures,
+        )
+        cpu = result["cpu_s"]
+        result["datagrams_per_sending_cpu_s"] = per(sent, cpu["producer"] + cpu["workers"])
+        sending_s = (t_raised - t0) / 1e9
+        rejected = dict(source.rejected)
+        rejected[UNKNOWN] = rejected.get(UNKNOWN, 0) - 1  # the probe
+        drain_s = (t_drained - t_raised) / 1e9
+        result.update(
+            events=source.raised,
+            events_raised=stats.raised,
+            events_queued=stats.events_queued,
+            drops=dict(stats.drops),
+            oversize=stats.oversize,
+            identity_errors=stats.identity_errors(),
+            pairs_queued=sum(w.pairs_queued for w in stats.workers),
+            pairs_stale=stats.pairs_stale,
+            subscribed=len(pool.sockets),
+            rate_target=args.rate or None,
+            worker_pids=worker_pids,
+            drain_s=drain_s,
+            ingest={
+                "socket": source.name,
+                "datagrams_emitted": out["sent"],
+                "emit_failures": out["failures"],
+                "datagrams_emitted_per_s": per(out["sent"], sending_s),
+                "events_ingested": ingested,
+                "events_ingested_per_s": per(ingested, sending_s),
+                "events_raised": source.raised,
+                "rejected": {k: v for k, v in rejected.items() if v},
+                "kernel_drops": source.kernel_drops,
+                "cpu_us_per_event": {role: per(1e6 * v, ingested) for role, v in cpu.items()},
+            },
+            backlog={
+                "max_pending_datagrams": options.max_pending_datagrams,
+                "pending_at_end_of_raising": pending,
+                "peak_pending_sampled": max(pending, self.scraper.round_peak_pending),
+                "drain_s": drain_s,
+                "drain_datagrams_per_s": per(pending, drain_s) if pending else None,
+                "ring_full": stats.drops.get("ring_full", 0),
+                "pairs_stale": stats.pairs_stale,
+            },
+        )
+        return result
+
+    @staticmethod
+    def _settle_ingest(ingest: Ingest, address: tuple[str, int]) -> None:
+        """Wait (bounded) until the ingest thread has read what the kernel holds, then
+        send the probe and wait for it: its SO_RXQ_OVFL brings the last kernel drops."""
+
+        def count() -> SourceStatistics:
+            return ingest.statistics()[0]
+
+        deadline = time.monotonic() + INGEST_SETTLE_CAP_S
+        last, since = count().received, time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < INGEST_QUIET_S:
+            time.sleep(0.05)
+            now = count().received
+            if now != last:
+                last, since = now, time.monotonic()
+        probe = json.dumps({"jsonrpc": "2.0", "method": INGEST_PROBE_EVENT}).encode()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(probe, address)
+        while time.monotonic() < deadline and count().rejected.get(UNKNOWN, 0) < 1:
+            time.sleep(0.01)
+
     # -- one baseline or ceiling round ------------------------------------------------------------
     def _sender_round(self, number: int, contender: str) -> dict[str, Any]:
         args = self.args
@@ -581,6 +765,11 @@ class Bench:
             },
             baseline="one process: json.dumps + non-blocking sendto per subscriber per event"
             + (" (encoded once per event)" if a.baseline_encode_once else ""),
+            ingest=None
+            if "ingest" not in self.contenders()
+            else f"an engine with an ingest socket ({INGEST_LISTEN}), fed by the sender process:"
+            " one encoded E_BENCH notification, seq and t rewritten per datagram, sendmmsg "
+            "256 per call on a connected socket",
             ceiling=None
             if a.no_ceiling
             else "one process: pre-encoded payloads, sendmmsg 256 per call per connected socket",

@@ -287,3 +287,42 @@ def test_a_thousand_subscribers_complete_with_the_default_settings(
     assert doc["idle_latency"] is None
     check_clean(doc)
     assert "backlog: bound 1,000,000" in capsys.readouterr().out
+
+
+INGEST_KEYS = {
+    "datagrams_received_per_s", "datagrams_sent_per_s", "events_accepted_per_s",
+    "datagrams_received", "datagrams_sent", "loss", "cpu_s", "cpu_us_per_datagram",
+    "events_ingested_per_s", "events_ingested", "datagrams_emitted", "kernel_drops",
+    "cpu_us_per_event", "rejected",
+}  # fmt: skip
+
+
+def test_source_both_interleaves_ingest_rounds_and_reports_them(tmp_path: Path) -> None:
+    """--source both: engine, ingest, baseline, ceiling per round; the ingest block is
+    complete and consistent, its rounds' accounting identity (socket included) holds."""
+    out = tmp_path / "both.json"
+    argv = [
+        "bench", "--source", "both", "--rounds", "1", "--duration", "1", "--subscribers", "2",
+        "--latency-duration", "0", "--idle-latency-duration", "0", "--idle-cpu-duration", "0",
+        "--ring-bytes", str(1 << 20), "--quiet", "--json", str(out),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["error"] is None and doc["identity_errors"] == []
+    assert [r["contender"] for r in doc["rounds"]] == ["engine", "ingest", "baseline", "ceiling"]
+    ingest = doc["ingest"]
+    assert set(ingest) >= INGEST_KEYS, INGEST_KEYS - set(ingest)
+    assert set(doc["engine"]) <= set(ingest)  # the same keys as the API contender, and more
+    assert ingest["events_ingested_per_s"] > 0
+    assert 0 < ingest["events_ingested"] <= ingest["datagrams_emitted"]
+    assert ingest["events_ingested"] + ingest["kernel_drops"] <= ingest["datagrams_emitted"]
+    assert ingest["rejected"] == {}
+    assert 0 <= ingest["datagrams_received"] <= ingest["datagrams_sent"]
+    assert set(ingest["cpu_us_per_event"]) == {"producer", "workers", "emitter", "receivers"}
+    assert all(v > 0 for v in ingest["cpu_us_per_event"].values()), ingest["cpu_us_per_event"]
+    assert doc["ratio_ingest_vs_api_median"] is not None
+    (g,) = [r for r in doc["rounds"] if r["contender"] == "ingest"]
+    assert g["identity_errors"] == [] and g["duplicates"] == 0 and g["invalid"] == 0
+    assert g["events"] == g["ingest"]["events_raised"] == g["ingest"]["events_ingested"]
+    assert g["datagrams_sent"] == g["events"] * 2  # each ingested event to both subscribers
+    check_clean(doc)
