@@ -412,6 +412,9 @@ class Engine:
     # -- statistics --------------------------------------------------------------------------
     def statistics(self) -> EngineStatistics:
         """A consistent snapshot of every counter (taken under both locks)."""
+        # The sources first, outside both locks: a source holds its own lock while it
+        # raises (which takes `_hot`), so taking its lock under ours would deadlock.
+        sources = tuple(s for source in list(self._sources) for s in source.statistics())
         with self.lock, self._hot:
             if not self.supervisor.running and self.final_statistics is not None:
                 return self.final_statistics  # stopped: the segments are gone
@@ -458,7 +461,7 @@ class Engine:
                 workers=tuple(workers),
                 event_names=names,
                 max_events=self.options.max_events,
-                sources=tuple(s for source in self._sources for s in source.statistics()),
+                sources=sources,
             )
 
     def subscriber_counts(self) -> dict[str, tuple[int, int]]:

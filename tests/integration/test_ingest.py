@@ -8,6 +8,7 @@ import os
 import random
 import socket
 import stat
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -210,3 +211,34 @@ def test_kernel_drops_at_a_full_ingest_socket_are_counted() -> None:
             assert source.received + source.kernel_drops == sent + 1
         finally:
             ingest.stop()
+
+
+def test_statistics_while_datagrams_pour_in_never_deadlock() -> None:
+    # statistics() (a /metrics scrape) reads each source under the source's lock;
+    # the ingest thread holds that lock while it raises. Neither may wait on the other.
+    with running_engine(["E_TEST"]) as engine, ingesting(engine, ["udp:127.0.0.1:0"]) as ingest:
+        rx = udp_receiver()
+        engine.subscribe("E_TEST", rx.socket_text)
+        sock, address = sender_for(ingest.names[0])
+        done = threading.Event()
+
+        def pour() -> None:
+            with sock:
+                while not done.is_set():
+                    for _ in range(64):
+                        sock.sendto(VALID, address)
+                    time.sleep(0.001)
+
+        thread = threading.Thread(target=pour, daemon=True)
+        thread.start()
+        calls, deadline = 0, time.monotonic() + 3
+        try:
+            while time.monotonic() < deadline:
+                engine.statistics()
+                calls += 1
+        finally:
+            done.set()
+            thread.join(5)
+            rx.close()
+        assert calls > 100
+        assert by_name(engine, ingest.names[0]).raised > 0
