@@ -219,24 +219,6 @@ class IngestSocket:
             )
         return out
 
-    def datagram(self, i: int) -> tuple[bytes, bool]:
-        """Datagram i of the last receive, and whether it was truncated."""
-        base = i * _STRIDE_WORDS
-        length = self._words[base + _LEN_WORD]
-        truncated = bool(self._words[base + _FLAGS_WORD] & MSG_TRUNC)
-        start = i * BUFFER
-        return bytes(self._data_view[start : start + length]), truncated
-
-    def source(self, i: int) -> bytes:
-        """The raw source IP of datagram i (4 or 16 bytes); b"" when not UDP."""
-        off = i * NAME_SIZE
-        family = int.from_bytes(self._names_view[off : off + 2], "little")
-        if family == socket.AF_INET:
-            return bytes(self._names_view[off + 4 : off + 8])
-        if family == socket.AF_INET6:
-            return bytes(self._names_view[off + 8 : off + 24])
-        return b""
-
     def note_kernel_drops(self, i: int) -> None:
         """Read SO_RXQ_OVFL (the socket's drop count so far) off datagram i, if there."""
         base = i * _STRIDE_WORDS
