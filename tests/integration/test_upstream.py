@@ -213,6 +213,9 @@ def test_an_upstream_restart_is_healed_within_5_s(
     assert not listed(a.mi, "E_UP", b.ingest)
     forgotten = wait_until(partial(listed, a.mi, "E_UP", b.ingest), HEAL_S, "re-listed")
     assert b.count(r"upstream \S+: \S+ is no longer subscribed to E_UP") >= 1, b.stderr
+    # A lists B as soon as it answers B; B logs once it has read that answer.
+    wait_until(lambda: b.count(r"upstream \S+: resubscribed") >= 3, 5, "the third log line")
+    time.sleep(0.3)  # ...and no fourth one
     assert b.count(r"upstream \S+: resubscribed") == 3, b.stderr
     assert b.count(r"upstream \S+: down") <= 2, b.stderr  # once per outage, not per retry
     print(

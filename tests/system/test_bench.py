@@ -324,5 +324,8 @@ def test_source_both_interleaves_ingest_rounds_and_reports_them(tmp_path: Path) 
     (g,) = [r for r in doc["rounds"] if r["contender"] == "ingest"]
     assert g["identity_errors"] == [] and g["duplicates"] == 0 and g["invalid"] == 0
     assert g["events"] == g["ingest"]["events_raised"] == g["ingest"]["events_ingested"]
-    assert g["datagrams_sent"] == g["events"] * 2  # each ingested event to both subscribers
+    # Each ingested event to both subscribers, unless a full ring turned it away (a
+    # 1 MiB ring on a busy machine) or a send failed: both are counted.
+    handled = g["datagrams_sent"] + sum(g["send_failures"].values())
+    assert handled == 2 * (g["events"] - sum(g["drops"].values())), (g["drops"], g["send_failures"])
     check_clean(doc)
