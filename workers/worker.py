@@ -43,6 +43,9 @@ SLEEP_TIMEOUT_S: Final = 1.0
 # Most datagrams one batch may carry: with thousands of subscribers a batch ends
 # (and commits the progress the producer's backlog bound reads) every ~0.1 s.
 BATCH_MAX_PAIRS: Final = 32_768
+# ...but at least this many events, or 50,000 subscribers would cost one system
+# call per datagram each (a batch of 8 x 50,000 takes about a second).
+BATCH_MIN_EVENTS: Final = 8
 
 UNIX: Final = TRANSPORTS.index("unix")
 PR_SET_PDEATHSIG: Final = 1
@@ -159,7 +162,7 @@ class Worker:
             stale_before = time.monotonic_ns() - max_delay_ns if max_delay_ns else 0
             pos, records, consumed, n, control = read_batch(
                 rpos, wpos, batch_max, iov, base, eids, lengths, stamps, stale_before, stale,
-                BATCH_MAX_PAIRS,
+                BATCH_MAX_PAIRS, BATCH_MIN_EVENTS,
             )  # fmt: skip
             if n:
                 region.mark_sending(pos)

@@ -298,12 +298,15 @@ class Ring:
         stale_before_ns: int = 0,
         stale: list[tuple[int, int]] | None = None,
         max_pairs: int = 1 << 62,
+        min_events: int = 1,
     ) -> tuple[int, int, int, int, tuple[int, int, int, int] | None]:
         """The consumer's hot path: the next batch of records in [rpos, wpos).
 
         Reads up to `batch_max` event records, fewer once their fan-out reaches
         `max_pairs` (so a batch to thousands of subscribers still ends, and
-        commits its progress, every so many datagrams). For event record i it points iovec
+        commits its progress, every so many datagrams) -- but never fewer than
+        `min_events`, so each subscriber's sendmmsg still carries several
+        datagrams however large the fan-out. For event record i it points iovec
         i (`iov`: u64 (address, length) pairs; `base_address`: the address of this
         ring's data area in the reader's mapping) at the payload inside the ring,
         and appends its event id, payload length and raise timestamp to `eids`,
@@ -329,7 +332,12 @@ class Ring:
         records = consumed = n = 0
         control: tuple[int, int, int, int] | None = None
         # Stale records are skipped cheaply, but a round stays bounded all the same.
-        while pos < wpos and n < batch_max and records < 16 * batch_max and consumed < max_pairs:
+        while (
+            pos < wpos
+            and n < batch_max
+            and records < 16 * batch_max
+            and (consumed < max_pairs or n < min_events)
+        ):
             off = pos % cap
             tail = cap - off
             if tail < RECORD_HEADER_SIZE:
