@@ -74,7 +74,7 @@ from engine.producer import Engine
 from engine.shm.counters import LATENCY_BUCKETS_S
 from engine.shm.segment import list_segments, unlink_name
 from engine.sources.ingest import Ingest
-from engine.statistics import SourceStatistics
+from engine.statistics import EngineStatistics, SourceStatistics
 from engine.wire import PayloadTooLarge
 
 LATENCY_RATE_CAP: Final = 50_000.0  # events/s
@@ -374,12 +374,7 @@ class Bench:
             self.scraper.stop()
             self.engine = None
             stop_engine(engine, instance)
-        failures: dict[str, int] = {}
-        for w in stats.workers:
-            for (transport, reason), n in w.failures.items():
-                if n:
-                    key = f"{transport}:{reason}"
-                    failures[key] = failures.get(key, 0) + n
+        failures = send_failures(stats)
         sent = stats.pairs_sent
         result = round_record(
             number,
@@ -572,12 +567,7 @@ class Bench:
             if ingest is not None:
                 ingest.stop()
             stop_engine(engine, instance)
-        failures: dict[str, int] = {}
-        for w in stats.workers:
-            for (transport, reason), n in w.failures.items():
-                if n:
-                    key = f"{transport}:{reason}"
-                    failures[key] = failures.get(key, 0) + n
+        failures = send_failures(stats)
         sent = stats.pairs_sent
         ingested = source.received - 1  # the probe is not one of the events
         result = round_record(
@@ -783,3 +773,14 @@ class Bench:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+
+
+def send_failures(stats: EngineStatistics) -> dict[str, int]:
+    """Failed sends over all workers as {"transport:reason": n}, nonzero ones only."""
+    failures: dict[str, int] = {}
+    for w in stats.workers:
+        for (transport, reason), n in w.failures.items():
+            if n:
+                key = f"{transport}:{reason}"
+                failures[key] = failures.get(key, 0) + n
+    return failures
