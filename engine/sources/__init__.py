@@ -3,5 +3,6 @@ the one raise path (Engine.raise_encoded), which never touch rings, routing or
 counters themselves.
 
 ingest.py    datagram sockets that take JSON-RPC notifications (event_datagram's)
+relay.py     the step they share: validate, raise byte for byte, count every outcome
 upstream.py  subscribing those sockets at an OpenSIPS MI, and keeping them there
 """

@@ -32,19 +32,12 @@ import socket
 import stat
 import struct
 import threading
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final
 
 from engine.address import AddressError, parse_destination, parse_listen
-from engine.errors import EngineError, SubscriptionError, UnknownEvent, WireError
 from engine.shm.mmsg import RECVMMSG, IoVec, MMsgHdr, MsgHdr
+from engine.sources.relay import Relay, UnknownEvents
 from engine.statistics import SourceStatistics
-from engine.wire import (
-    MAX_PAYLOAD,
-    REJECT_REASONS,
-    NotificationRejected,
-    check_event_name,
-    check_notification,
-)
 
 if TYPE_CHECKING:
     from engine.producer import Engine
@@ -60,10 +53,6 @@ MSG_TRUNC: Final = int(getattr(socket, "MSG_TRUNC", 0x20))  # an int: enum & cos
 NAME_SIZE: Final = 128  # sockaddr_storage
 CONTROL_SIZE: Final = 64
 LOOPBACK: Final = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-
-UnknownEvents = Literal["reject", "register"]
-# The validation's reasons, and datagrams read while the engine was stopping.
-SOURCE_REJECT_REASONS: Final = (*REJECT_REASONS, "engine_stopped")
 
 
 # Word offsets (u32) inside one mmsghdr, for reading results without ctypes
@@ -108,7 +97,7 @@ def parse_ingest_socket(text: str) -> tuple[int, tuple[str, int] | str]:
 class IngestSocket:
     """One bound ingest socket, its recvmmsg tables and its counters."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, engine: Engine, unknown_events: UnknownEvents) -> None:
         self.text = text
         self.path: str | None = None
         family, address = parse_ingest_socket(text)
@@ -165,12 +154,7 @@ class IngestSocket:
         self._names_view = memoryview(self._names).cast("B")
         self._control_view = memoryview(self._control).cast("B")
         self._msgs_address = ctypes.addressof(self._msgs)
-        # Counters: written by the ingest thread a batch at a time under `lock`, so a
-        # snapshot never sees a datagram received but not yet accounted for.
-        self.lock = threading.Lock()
-        self.received = 0
-        self.raised = 0
-        self.rejected = dict.fromkeys(SOURCE_REJECT_REASONS, 0)
+        self.relay = Relay(engine, "ingest", self.name, unknown_events)
         self.kernel_drops = 0
 
     def receive(self) -> int:
@@ -237,18 +221,7 @@ class IngestSocket:
             pos += (length + 7) & ~7
 
     def statistics(self) -> SourceStatistics:
-        with self.lock:
-            return self._snapshot()
-
-    def _snapshot(self) -> SourceStatistics:
-        return SourceStatistics(
-            kind="ingest",
-            name=self.name,
-            received=self.received,
-            raised=self.raised,
-            rejected=dict(self.rejected),
-            kernel_drops=self.kernel_drops,
-        )
+        return self.relay.statistics(kernel_drops=self.kernel_drops)
 
     def close(self) -> None:
         for view in (self._words, self._data_view, self._names_view, self._control_view):
@@ -295,14 +268,12 @@ class Ingest:
         allow: list[str] | None = None,
         unknown_events: UnknownEvents = "reject",
     ) -> None:
-        self.engine = engine
         self.allow = parse_allow(allow or [])
-        self.unknown_events = unknown_events
         self.sockets: list[IngestSocket] = []
         self._allowed: dict[bytes, bool] = {}
         try:
             for text in listen:
-                self.sockets.append(IngestSocket(text))
+                self.sockets.append(IngestSocket(text, engine, unknown_events))
         except BaseException:
             self.close()
             raise
@@ -341,7 +312,7 @@ class Ingest:
                 sock = by_fd[fd]
                 try:
                     while (n := sock.receive()) and not self._stop.is_set():
-                        with sock.lock:
+                        with sock.relay.lock:
                             self._handle(sock, n)
                         if n < BATCH:
                             break
@@ -350,52 +321,22 @@ class Ingest:
                     self._stop.wait(0.1)
 
     def _handle(self, sock: IngestSocket, n: int) -> None:
-        raise_encoded = self.engine.raise_encoded
+        relay = sock.relay
+        forward = relay.forward
         allowed = self._allowed
-        rejected = sock.rejected
+        rejected = relay.rejected
         raised = 0
-        sock.received += n
+        relay.received += n
         for data, source, truncated in sock.take(n):
             if source and not (allowed.get(source) or self._source_allowed(source)):
                 rejected["source_not_allowed"] += 1
-                continue
-            if truncated:
+            elif truncated:
                 rejected["oversize"] += 1
-                continue
-            try:
-                method = check_notification(data, limit=MAX_PAYLOAD)
-                raise_encoded(method, data)
-            except NotificationRejected as exc:
-                rejected[exc.reason] += 1
-                continue
-            except UnknownEvent:
-                reason = self._register(data, method)
-                if reason:
-                    rejected[reason] += 1
-                    continue
-            except EngineError:  # the engine has stopped: counted, never raised
-                rejected["engine_stopped"] += 1
-                continue
-            raised += 1
-        sock.raised += raised
-
-    def _register(self, data: bytes, method: str) -> str | None:
-        """An unknown event: with unknown_events = "register", learn it and raise the
-        datagram (None); else the reason it is rejected."""
-        if self.unknown_events != "register":
-            return "unknown_event"
-        try:
-            check_event_name(method)
-        except WireError:
-            return "malformed"
-        try:
-            self.engine.register_event(method)
-            self.engine.raise_encoded(method, data)
-        except SubscriptionError:  # no event slot left (engine.max_events)
-            return "unknown_event"
-        except EngineError:
-            return "engine_stopped"
-        return None
+            elif reason := forward(data):
+                rejected[reason] += 1
+            else:
+                raised += 1
+        relay.raised += raised
 
     def _source_allowed(self, raw: bytes) -> bool:
         allowed = self._allowed.get(raw)
