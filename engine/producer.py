@@ -21,7 +21,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from engine.address import Destination, parse_destination
@@ -33,6 +33,7 @@ from engine.shm.ring import (
     KIND_EVENT,
     KIND_STOP,
     ControlPayload,
+    Ring,
 )
 from engine.signals import SignalCatcher
 from engine.statistics import EngineStatistics, SourceStatistics, WorkerStatistics
@@ -94,6 +95,9 @@ class Engine:
         # and the registry's sweep, which rewrites the state file, runs in tick().
         self.lock = threading.RLock()
         self._hot = threading.RLock()
+        # A full barrier inside `_hot` (its acquire is a locked instruction): a batch
+        # that must wait for room publishes, crosses it, then wakes sleeping workers.
+        self._fence = threading.Lock()
         self._event_ids: dict[str, int] = {}
         self.registry = Registry(
             allow=allow or AllowList.default(self.options.resolved_runtime_dir()),
@@ -260,6 +264,34 @@ class Engine:
             raise PayloadTooLarge(name, len(payload), MAX_PAYLOAD)
         return self._raise(name, eid, payload)
 
+    def event_id(self, name: str) -> int:
+        """The id of event `name`, for raise_encoded_batch. Raises UnknownEvent."""
+        eid = self._event_ids.get(name)
+        return self._learn_event(name) if eid is None else eid
+
+    def raise_encoded_batch(self, eids: Sequence[int], payloads: Sequence[bytes]) -> int:
+        """Queue a batch of already-encoded events in order: payloads[i] is a
+        notification of the event with id eids[i] (event_id()). Each event is routed,
+        limited and counted exactly as raise_encoded would, at a batch's cost: `_hot`
+        taken once, the clock read and expiry checked once, each worker's records
+        written and published (one move of its ring's write position) once, its
+        worker woken (if asleep) once, after the lock's release. Control records still
+        come first: a worker with control records waiting takes no event.
+
+        A payload over MAX_PAYLOAD is counted as an oversize event (raised and
+        oversize, as raise_encoded counts it) and not queued. Returns how many were.
+        Raises EngineError when stopped, before anything of the batch is counted.
+        """
+        with self._hot:
+            if not self._accepting:
+                raise EngineError(self._failure or "engine is not running")
+            oversize, touched = self._queue_batch(eids, payloads)
+        # Releasing the lock was the barrier (see _raise).
+        with contextlib.suppress(ValueError):  # unmapped by stop() meanwhile
+            for ring in touched:
+                ring.wake_if_sleeping()
+        return oversize
+
     def _raise(self, name: str, eid: int, payload: bytes) -> RaiseResult:
         with self._hot:
             if not self._accepting:
@@ -348,6 +380,95 @@ class Engine:
         else:
             self.events_queued += 1
         return RaiseResult(name, len(payload), queued, dropped, pairs)
+
+    def _queue_batch(
+        self, eids: Sequence[int], payloads: Sequence[bytes]
+    ) -> tuple[int, list[Ring]]:
+        """_queue for a batch (under `_hot`): returns (oversize, the rings whose
+        write position moved, to wake)."""
+        router = self._router
+        raised = self.raised
+        if router is None:  # not while accepting; counted as _queue would
+            for eid in eids:
+                raised[eid] += 1
+            self.drops["no_subscribers"] += len(eids)
+            return 0, []
+        if router.next_expiry <= (now := self._clock()):
+            router.expire(now)  # an expired subscriber receives nothing more
+        targets_of = router.targets
+        rings = router.rings
+        routes = router.routes
+        marks = [ring.published for ring in rings]
+        ts = time.monotonic_ns()
+        wait_s = self._wait_s
+        bound = self._max_pending
+        oversize = no_subscribers = ring_full = queued = 0
+        for eid, payload in zip(eids, payloads, strict=True):
+            raised[eid] += 1
+            if len(payload) > MAX_PAYLOAD:
+                self.oversize[eid] += 1
+                oversize += 1
+                continue
+            targets = targets_of.get(eid)
+            if not targets:
+                no_subscribers += 1
+                continue
+            full = False
+            for worker, fanout in targets:
+                route = routes[worker]
+                ring = rings[worker]
+                if route.pending:  # control records first: the event must not overtake them
+                    ok = False
+                elif (
+                    bound
+                    and route.pairs_queued - route.consumed_seen + fanout > bound
+                    and not self._backlog_room_in_batch(worker, fanout, wait_s)
+                ):
+                    ok = False  # a backlog of datagrams, not only of bytes, is bounded
+                elif ring.stage(KIND_EVENT, eid, fanout, ts, payload):
+                    ok = True
+                elif wait_s:  # the worker must see what is staged to make room for it
+                    self._publish_and_wake(rings)
+                    ok = ring.append(KIND_EVENT, eid, fanout, ts, payload, wait_s)
+                else:
+                    ring.note_drop()
+                    ok = False
+                if ok:
+                    route.pairs_queued += fanout
+                else:
+                    full = True
+                    route.pairs_dropped += fanout
+                    route.records_dropped += 1
+            if full:
+                ring_full += 1
+            else:
+                queued += 1
+        for ring in rings:
+            ring.publish()
+        self.events_queued += queued
+        drops = self.drops
+        drops["ring_full"] += ring_full
+        drops["no_subscribers"] += no_subscribers
+        touched = [ring for ring, mark in zip(rings, marks, strict=True) if ring.published != mark]
+        return oversize, touched
+
+    def _backlog_room_in_batch(self, worker: int, fanout: int, wait_s: float) -> bool:
+        """_backlog_room inside a batch: before it may wait for the worker to drain,
+        what the batch staged is published and sleeping workers are woken."""
+        if wait_s:
+            assert self._router is not None
+            self._publish_and_wake(self._router.rings)
+        return self._backlog_room(worker, fanout, wait_s)
+
+    def _publish_and_wake(self, rings: list[Ring]) -> None:
+        """Publish every ring's staged records, cross a full barrier, wake the
+        sleeping workers (inside `_hot`, before a bounded wait for room)."""
+        for ring in rings:
+            ring.publish()
+        with self._fence:
+            pass
+        for ring in rings:
+            ring.wake_if_sleeping()
 
     def _backlog_room(self, worker: int, fanout: int, wait_s: float) -> bool:
         """Whether `worker`'s pending datagrams plus `fanout` fit under

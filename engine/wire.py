@@ -277,8 +277,8 @@ def check_notification(data: bytes, *, limit: int = MAX_PAYLOAD) -> str:
         received = _decode_received(data)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise NotificationRejected("malformed", str(exc)) from None
-    raw = memoryview(received.params)
-    if raw and raw[0] not in _OPENERS:  # msgspec.Raw holds no leading whitespace
+    params = received.params
+    if params and memoryview(params)[0] not in _OPENERS:  # Raw has no leading whitespace
         raise NotificationRejected("malformed", "params: expected an object or an array")
     if not data.isascii():
         try:

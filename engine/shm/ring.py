@@ -43,6 +43,10 @@ them. Each position is one aligned 8-byte store/load through a native `'Q'`
 memoryview (a single `mov`; the `'<Q'` struct path would copy byte by byte).
 This relies on x86-64 ordering: stores are not reordered with other stores,
 loads not with other loads. `check_architecture()` refuses to run elsewhere.
+A batch of records may be staged (written, position not stored) and published
+with one store of the write position (`stage()`, `publish()`): the consumer sees
+the whole batch or none of it. Records written but not yet published still take
+room, so a producer publishes before it waits for room (`append()` with a wait).
 
 Sleeping and waking (no lost wake-up, no system call while the consumer is
 awake). An idle consumer makes the sleep sequence odd, then futex-waits on the
@@ -154,6 +158,7 @@ class Ring:
         self._wpos = int(self.words[_WRITE_POS])
         self._rpos = int(self.words[_READ_POS])
         self._written = int(self.words[_RECORDS_WRITTEN])
+        self._published = self._wpos  # the write position the consumer can see
         self._woken = 0  # producer: the sleep sequence it last woke
         self._anchor: ctypes.c_char | None = None  # pins the mapping for futex addresses
 
@@ -214,6 +219,11 @@ class Ring:
         return int(self.words[_WRITE_POS])
 
     @property
+    def published(self) -> int:
+        """Producer: the write position it last published (its own copy)."""
+        return self._published
+
+    @property
     def read_pos(self) -> int:
         return int(self.words[_READ_POS])
 
@@ -223,12 +233,14 @@ class Ring:
 
     # -- producer -------------------------------------------------------------------
     def try_append(self, kind: int, event_id: int, fanout: int, ts_ns: int, payload: bytes) -> bool:
-        """Append one record; False (and a counted drop) when it does not fit now.
+        """Append one record and publish it; False (and a counted drop) when it does
+        not fit now.
 
         The producer keeps its own copy of the write position and a possibly stale
         copy of the read position (re-read only when the ring looks full), so the
         consumer's cache line is not touched on every append.
         """
+        # stage() and publish() in one body: this is the single raise's hot path.
         n = len(payload)
         size = RECORD_HEADER_SIZE + ((n + 7) & ~7)
         wpos = self._wpos
@@ -251,9 +263,52 @@ class Ring:
         words = self.words
         self._written += 1
         words[_RECORDS_WRITTEN] = self._written
-        self._wpos = wpos = wpos + need
-        words[_WRITE_POS] = wpos  # publish: the consumer may now read the record
+        self._wpos = self._published = wpos = wpos + need
+        words[_WRITE_POS] = wpos  # publish this record and any staged before it
         return True
+
+    def stage(self, kind: int, event_id: int, fanout: int, ts_ns: int, payload: bytes) -> bool:
+        """Write one record after the ones written so far without publishing it (the
+        consumer does not see it until `publish()`); False, counting nothing, when it
+        does not fit now (the caller counts the drop: `note_drop()`, or waits with
+        `append()`, which sees the staged records).
+
+        A batch of records staged, then published once, reaches the consumer as one
+        move of the write position: the ring has a single writer, so nothing else
+        can come between them.
+        """
+        n = len(payload)
+        size = RECORD_HEADER_SIZE + ((n + 7) & ~7)
+        wpos = self._wpos
+        cap = self.capacity
+        off = wpos % cap
+        tail = cap - off
+        need = size + tail if tail < size else size
+        if need > cap - (wpos - self._rpos):
+            self._rpos = int(self.words[_READ_POS])
+            if need > cap - (wpos - self._rpos):
+                return False
+        data = self.data
+        if tail < size:
+            if tail >= RECORD_HEADER_SIZE:
+                RECORD_HEADER.pack_into(data, off, 0, KIND_WRAP, 0, 0, 0, 0)
+            off = 0
+        data[off + RECORD_HEADER_SIZE : off + RECORD_HEADER_SIZE + n] = payload
+        RECORD_HEADER.pack_into(data, off, n, kind, 0, event_id, fanout, ts_ns)
+        self._written += 1
+        self._wpos = wpos + need
+        return True
+
+    def publish(self) -> None:
+        """Make every staged record visible to the consumer (the record count, then
+        the write position: one store each); nothing when nothing is staged."""
+        if self._wpos != self._published:
+            self.words[_RECORDS_WRITTEN] = self._written
+            self.words[_WRITE_POS] = self._published = self._wpos  # readable from now on
+
+    def note_drop(self) -> None:
+        """Count a record the producer could not fit (after `stage()` said no)."""
+        self.words[_DROPS] += 1
 
     def append(
         self,
@@ -264,7 +319,9 @@ class Ring:
         payload: bytes,
         wait_s: float = 0.0,
     ) -> bool:
-        """Append, waiting up to `wait_s` for room; the drop is counted once."""
+        """Append, waiting up to `wait_s` for room; the drop is counted once. Staged
+        records are published with it; publish them (and wake the consumer) before
+        waiting, or their room is waited for in vain."""
         if len(payload) > self.max_record():
             raise ValueError(f"record of {len(payload)} bytes exceeds the ring's maximum")
         if wait_s <= 0:
@@ -278,7 +335,7 @@ class Ring:
             time.sleep(0.0001)
 
     def _fits(self, payload_len: int) -> bool:
-        wpos = self.words[_WRITE_POS]
+        wpos = self._wpos  # staged records included
         size = RECORD_HEADER_SIZE + align8(payload_len)
         tail = self.capacity - wpos % self.capacity
         skip = tail if tail < size else 0

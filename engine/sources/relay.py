@@ -6,6 +6,10 @@ and keeps, under `lock`, per batch:
 
     received = rejected (by reason) + raised
 
+Per notification, `forward(data)` (the source counts); per batch,
+`forward_batch(datas)` (counts itself, and raises the batch through the engine's
+batched path: one lock, one ring publish per worker, per batch).
+
 Reasons are wire.REJECT_REASONS and "engine_stopped" (read while the engine was
 stopping), plus a source's own (a broker's "stale": older than max_age_ms). An event
 raised is then the engine's to account (queued, or dropped for a full ring or no
@@ -15,6 +19,7 @@ subscribers).
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, Literal
 
 from engine.errors import EngineError, SubscriptionError, UnknownEvent, WireError
@@ -70,6 +75,52 @@ class Relay:
         except EngineError:  # the engine has stopped: counted, never raised
             return "engine_stopped"
         return None
+
+    def forward_batch(self, datas: Sequence[bytes]) -> None:
+        """forward() for a batch, counting it: every notification of `datas` is
+        validated and the valid ones raised byte for byte, in their order, with one
+        Engine.raise_encoded_batch per run of known events (an unknown event ends
+        the run: it is registered or rejected as forward() would, in its place).
+        Adds len(datas) to `received`, and each to `raised` or to `rejected[reason]`
+        (the reasons of forward()), so received = raised + rejected holds after it.
+        Call it with `lock` held, so a snapshot sees all of the batch or none of it.
+        Never raises for a notification: an engine that has stopped makes the
+        notifications not yet raised "engine_stopped"."""
+        self.received += len(datas)
+        rejected = self.rejected
+        event_ids = self.engine.event_id
+        eids: list[int] = []
+        payloads: list[bytes] = []
+        for data in datas:
+            try:
+                method = check_notification(data, limit=MAX_PAYLOAD)
+                eid = event_ids(method)
+            except NotificationRejected as exc:
+                rejected[exc.reason] += 1
+                continue
+            except UnknownEvent:
+                self._raise_batch(eids, payloads)  # the events before it go first
+                eids, payloads = [], []
+                reason = self._register(data, method)
+                if reason:
+                    rejected[reason] += 1
+                else:
+                    self.raised += 1
+                continue
+            eids.append(eid)
+            payloads.append(data)
+        self._raise_batch(eids, payloads)
+
+    def _raise_batch(self, eids: list[int], payloads: list[bytes]) -> None:
+        if not eids:
+            return
+        try:
+            oversize = self.engine.raise_encoded_batch(eids, payloads)
+        except EngineError:  # the engine has stopped: counted, never raised
+            self.rejected["engine_stopped"] += len(eids)
+            return
+        self.raised += len(eids) - oversize
+        self.rejected["oversize"] += oversize
 
     def _register(self, data: bytes, method: str) -> str | None:
         """An unknown event: with unknown_events = "register", learn it and raise the
