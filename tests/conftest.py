@@ -11,6 +11,13 @@ and the scripts that tests run as child processes, build their own):
   (and checked clean) when the test ends;
 - the module-scoped `engine` fixture: one engine shared by a module's tests, set
   up with the module's `ENGINE` dict of running_engine arguments.
+
+A real RabbitMQ (tests.broker_support, engine.bench.broker.LocalBroker), started
+only when a test asks for one:
+
+- the session-scoped `rabbitmq` fixture: one broker shared by the whole session
+  (do not kill or stop it);
+- the `fresh_rabbitmq` fixture: a broker of the test's own, to kill and restart.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from typing import Any
 
 import pytest
 
+from engine.bench.broker import LocalBroker
 from engine.producer import Engine
+from tests.broker_support import running_broker
 from tests.support import running_engine
 
 TESTS = Path(__file__).resolve().parent
@@ -73,3 +82,19 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
         raise pytest.UsageError(f"{request.module.__name__} uses `engine` but sets no ENGINE")
     with running_engine(**setup) as shared:
         yield shared
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[LocalBroker]:
+    """One started private RabbitMQ for the session (`.url`, `.port`); shared: never
+    kill or stop it (use `fresh_rabbitmq`)."""
+    with running_broker() as broker:
+        yield broker
+
+
+@pytest.fixture
+def fresh_rabbitmq() -> Iterator[LocalBroker]:
+    """A started private RabbitMQ of this test's own: kill(), stop(), start() at will;
+    closed (killed, its directory removed) when the test ends."""
+    with running_broker() as broker:
+        yield broker
