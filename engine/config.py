@@ -23,12 +23,14 @@ from engine.address import parse_destination, parse_listen
 from engine.errors import BadEventName, ConfigError
 from engine.options import EngineOptions
 from engine.shm.segment import check_instance_name
+from engine.sources.amqp import AmqpConfig
 from engine.sources.ingest import parse_allow, parse_ingest_socket
 from engine.subscriptions import AllowList
 from engine.wire import check_event_name
 
 __all__ = [
     "DEFAULT_EVENTS",
+    "AmqpConfig",
     "Config",
     "ConfigError",
     "MIConfig",
@@ -119,6 +121,7 @@ class Config(_Section):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
     upstream: list[UpstreamConfig] = msgspec.field(default_factory=list)
+    amqp: list[AmqpConfig] = msgspec.field(default_factory=list)
 
     def state_path(self) -> str | None:
         """Where subscriptions are persisted, or None when persistence is off."""
@@ -167,6 +170,22 @@ class Config(_Section):
             except ValueError as exc:
                 raise ConfigError(f"{exc} - at `$.subscription[{i}].socket`") from None
         self._validate_upstreams()
+        self._validate_amqp()
+
+    def _validate_amqp(self) -> None:
+        seen: set[str] = set()
+        for i, source in enumerate(self.amqp):
+            where = f"$.amqp[{i}]"
+            problem = source.problem()
+            if problem:
+                raise ConfigError(f"{problem[1]} - at `{where}.{problem[0]}`")
+            for j, key in enumerate(source.binding_keys):
+                if len(key.encode()) > 255:
+                    raise ConfigError(f"over 255 bytes - at `{where}.binding_keys[{j}]`")
+            name = f"{source.display_name()} {sorted(source.binding_keys)}"
+            if name in seen:
+                raise ConfigError(f"the same queue and keys twice - at `{where}`")
+            seen.add(name)
 
     def _validate_upstreams(self) -> None:
         seen: set[str] = set()

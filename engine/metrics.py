@@ -49,7 +49,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from engine.producer import DROP_REASONS, Engine
 from engine.shm.counters import BATCH_BUCKETS, LATENCY_BUCKETS_S, REASONS, TRANSPORTS, CounterLayout
-from engine.statistics import EngineStatistics, WorkerStatistics
+from engine.statistics import EngineStatistics, SourceStatistics, WorkerStatistics
 
 PREFIX: Final = "event_datagram_"
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -355,6 +355,59 @@ def _source_families(stats: EngineStatistics) -> Iterator[Metric]:
         for reason, n in s.errors.items():
             errors.add_metric([s.name, reason], n)
     yield from (up, events, errors)
+    yield from _amqp_families([s for s in stats.sources if s.kind == "amqp"])
+
+
+def _amqp_families(sources: list[SourceStatistics]) -> Iterator[Metric]:
+    """Broker sources per queue (SPEC section 9)."""
+    labels = ["source"]
+    up = GaugeMetricFamily(
+        PREFIX + "amqp_up",
+        "1 while connected and consuming from the broker, else 0.",
+        labels=labels,
+    )
+    received = CounterMetricFamily(
+        PREFIX + "amqp_messages_total", "Messages consumed from the broker queue.", labels=labels
+    )
+    raised = CounterMetricFamily(
+        PREFIX + "amqp_events_raised_total",
+        "Consumed notifications raised (with their own bytes) to the subscribers.",
+        labels=labels,
+    )
+    rejected = CounterMetricFamily(
+        PREFIX + "amqp_rejected_total",
+        "Consumed messages not forwarded, by reason (malformed, unknown_event, oversize, "
+        "engine_stopped, stale).",
+        labels=[*labels, "reason"],
+    )
+    reconnects = CounterMetricFamily(
+        PREFIX + "amqp_reconnects_total",
+        "Connections made again after one was lost.",
+        labels=labels,
+    )
+    errors = CounterMetricFamily(
+        PREFIX + "amqp_errors_total",
+        "Broker failures, by reason (connect_failed, connection_lost, exchange_missing, "
+        "queue_refused).",
+        labels=[*labels, "reason"],
+    )
+    lag = GaugeMetricFamily(
+        PREFIX + "amqp_queue_messages",
+        "Messages waiting in the broker queue for this engine (read every 2 s).",
+        labels=labels,
+    )
+    for s in sources:
+        up.add_metric([s.name], s.up or 0)
+        received.add_metric([s.name], s.received)
+        raised.add_metric([s.name], s.raised)
+        reconnects.add_metric([s.name], s.reconnects)
+        for reason, n in s.rejected.items():
+            rejected.add_metric([s.name, reason], n)
+        for reason, n in s.errors.items():
+            errors.add_metric([s.name, reason], n)
+        if s.lag is not None:
+            lag.add_metric([s.name], s.lag)
+    yield from (up, received, raised, rejected, reconnects, errors, lag)
 
 
 def _worker_families(stats: EngineStatistics) -> Iterator[Metric]:

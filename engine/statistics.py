@@ -50,6 +50,8 @@ class SourceStatistics:
     up: int | None = None  # connected / subscribed (1) or not (0); None: not applicable
     events: int = 0  # events it takes (an upstream's subscribed events)
     errors: dict[str, int] = field(default_factory=dict)  # reason -> failures of its own
+    reconnects: int = 0  # connections made again after one was lost (a broker source)
+    lag: int | None = None  # messages waiting at the broker for it; None: not known
 
     def identity_errors(self) -> list[str]:
         if self.received != self.raised + sum(self.rejected.values()):

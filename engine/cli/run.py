@@ -3,11 +3,12 @@
 Start order: the engine (with the config's events, static subscriptions and
 allow-list; the state file is loaded by ``Engine.start``), then the sources
 (datagram ingest, then the upstreams, which subscribe the ingest socket at
-their OpenSIPS MI in threads of their own, never holding up the start), then
-the MI listeners. Stop order is the reverse: the MI stops taking requests, the
+their OpenSIPS MI in threads of their own, never holding up the start, then
+the broker queues, each consumed in a thread of its own), then the MI
+listeners. Stop order is the reverse: the MI stops taking requests, the
 upstreams unsubscribe (about a second at most, for MIs that do not answer),
-the ingest stops reading, then the engine drains its rings and frees its
-shared memory.
+the broker sources acknowledge what they raised and close, the ingest stops
+reading, then the engine drains its rings and frees its shared memory.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from engine.errors import ConfigError, EngineError, RunError
 from engine.mi.fifo import FifoServer
 from engine.mi.server import DatagramServer, HTTPServer
 from engine.producer import Engine
+from engine.sources.amqp import AmqpSource
 from engine.sources.ingest import Ingest
 from engine.sources.upstream import Upstream, stop_all
 from engine.subscriptions import StateFileError, SubscriptionError
@@ -46,6 +48,7 @@ class Runner:
         self.fifo: FifoServer | None = None
         self.ingest: Ingest | None = None
         self.upstreams: list[Upstream] = []
+        self.amqp: list[AmqpSource] = []
 
     def start(self) -> None:
         """Start everything; on any failure stop what was started and raise
@@ -98,6 +101,23 @@ class Runner:
             self.engine.add_source(self.ingest)
             self.ingest.start()
         self._start_upstreams()
+        self._start_amqp()
+
+    def _start_amqp(self) -> None:
+        """Each [[amqp]] consumes in a thread of its own; a broker that is down is
+        retried there, never waited for here."""
+        if self.config.amqp:
+            try:
+                import pika  # noqa: F401  # the optional extra
+            except ImportError:
+                raise RunError(
+                    "[[amqp]] needs the amqp extra: pip install 'event-datagram[amqp]'"
+                ) from None
+        for cfg in self.config.amqp:
+            source = AmqpSource(self.engine, cfg)
+            self.amqp.append(source)
+            self.engine.add_source(source)
+            source.start()
 
     def _start_upstreams(self) -> None:
         """Each [[upstream]] subscribes `socket` ("" = the first ingest socket, as
@@ -145,6 +165,9 @@ class Runner:
         self.http = self.datagram = self.fifo = None
         stop_all(self.upstreams)  # unsubscribe while the ingest still reads
         self.upstreams = []
+        for source in self.amqp:  # each acknowledges what it raised, then closes
+            source.stop()
+        self.amqp = []
         if self.ingest is not None:
             self.ingest.stop()
             self.ingest = None
@@ -166,6 +189,8 @@ class Runner:
             parts.append(f"ingest {' '.join(self.ingest.names)}")
         if self.upstreams:
             parts.append(f"upstream {' '.join(u.mi for u in self.upstreams)}")
+        for source in self.amqp:
+            parts.append(source.name)
         info = self.engine.describe()
         parts.append(f"{info['workers']} worker(s)")
         with self.engine.lock:

@@ -1,6 +1,7 @@
 """The Grafana dashboard against a real Prometheus that scrapes a running engine:
 `event-datagram run` (its own config) under a steady load of events raised over
-its MI and of notifications (valid and not) sent to its ingest socket, with an
+its MI and of notifications (valid and not) sent to its ingest socket and
+published to its `[[amqp]]` queue on a real RabbitMQ (tests.broker_support), with an
 `[[upstream]]` that is the engine's own MI (so the upstream series exist, up 1),
 Prometheus scraping its `GET /metrics` every second, then every panel query of
 the dashboard evaluated through Prometheus's HTTP API.
@@ -30,8 +31,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 
+from engine.bench.broker import LocalBroker
 from tests.dashboard_support import dashboard, panel_queries
 from tests.support import udp_receiver, unix_receiver
 
@@ -141,6 +144,8 @@ class Running:
     """The HTTP host:port of `POST /mi` and `GET /metrics`."""
     ingest: tuple[str, int]
     """The ingest socket as bound (named by the ready line)."""
+    broker_url: str
+    """The RabbitMQ its [[amqp]] source consumes from (exchange AMQP_EXCHANGE)."""
 
     @property
     def ingest_text(self) -> str:
@@ -148,12 +153,14 @@ class Running:
 
 
 READY_INGEST = re.compile(rb"ready: .*\bingest udp:(127\.0\.0\.1):(\d+)")
+AMQP_EXCHANGE = f"edg-prom-{os.getpid()}"
 
 
 @contextlib.contextmanager
-def engine_process(workdir: Path) -> Iterator[Running]:
-    """`event-datagram run` with its own config: an ingest socket, and its own MI as its
-    upstream for E_IDLE (never raised, so nothing loops back); yields where it listens."""
+def engine_process(workdir: Path, broker: LocalBroker) -> Iterator[Running]:
+    """`event-datagram run` with its own config: an ingest socket, its own MI as its
+    upstream for E_IDLE (never raised, so nothing loops back), and a queue on the
+    broker's AMQP_EXCHANGE; yields where it listens."""
     address = f"127.0.0.1:{free_port()}"
     config = workdir / "engine.toml"
     config.write_text(
@@ -176,6 +183,11 @@ def engine_process(workdir: Path) -> Iterator[Running]:
         f'mi = "http://{address}/mi"\n'
         'events = ["E_IDLE"]\n'
         "expire = 60\n"
+        "[[amqp]]\n"
+        f'url = "{broker.url}"\n'
+        f'exchange = "{AMQP_EXCHANGE}"\n'
+        "declare = true\n"
+        "max_age_ms = 60000\n"
     )
     log = workdir / "engine.log"
     script = Path(sys.executable).with_name("event-datagram")  # the console command
@@ -203,7 +215,7 @@ def engine_process(workdir: Path) -> Iterator[Running]:
         )
         found = READY_INGEST.search(log.read_bytes())
         assert found, "the ready line names no ingest socket:\n" + log.read_text()[-3000:]
-        yield Running(address, (found.group(1).decode(), int(found.group(2))))
+        yield Running(address, (found.group(1).decode(), int(found.group(2))), broker.url)
     finally:
         mi.close()
         end_process(proc, grace=15)  # SIGTERM: the engine drains and exits
@@ -225,6 +237,10 @@ def load(engine: Running, seconds: float = 60.0) -> Iterator[None]:
     def produce() -> None:
         mi = MI(engine.address)
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        broker = pika.BlockingConnection(pika.URLParameters(engine.broker_url))
+        channel = broker.channel()
+        channel.exchange_declare(AMQP_EXCHANGE, "topic", durable=True)
+        old = pika.BasicProperties(timestamp=int(time.time()) - 3600)
         deadline = time.monotonic() + seconds
         try:
             while not stop.is_set() and time.monotonic() < deadline:
@@ -234,14 +250,21 @@ def load(engine: Running, seconds: float = 60.0) -> Iterator[None]:
                 )
                 mi.call("raise_event", ["E_OTHER", [str(seq)]])
                 sender.sendto(notification("E_OTHER", {"ingested": seq}), engine.ingest)
+                relayed = notification("E_OTHER", {"amqp": seq})
+                channel.basic_publish(AMQP_EXCHANGE, "E_OTHER", relayed)
                 if seq % 10 == 0:
                     sender.sendto(b"{not json", engine.ingest)  # malformed
                     sender.sendto(notification("E_NOPE", [seq]), engine.ingest)  # unknown_event
+                    channel.basic_publish(AMQP_EXCHANGE, "E_OTHER", b"{not json")
+                    channel.basic_publish(
+                        AMQP_EXCHANGE, "E_OTHER", notification("E_OTHER", {"stale": seq}), old
+                    )
                 raised[0] += 1
                 time.sleep(0.001)  # a steady stream, not a CPU hog on a shared machine
         finally:
             mi.close()
             sender.close()
+            broker.close()
 
     thread = threading.Thread(target=produce, name="load", daemon=True)
     thread.start()
@@ -303,11 +326,13 @@ def query(url: str, expr: str) -> dict[str, Any]:
 
 
 # -- the tests -------------------------------------------------------------------------------------
-def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
+def test_every_dashboard_query_returns_data_from_a_real_prometheus(
+    tmp_path: Path, rabbitmq: LocalBroker
+) -> None:
     binary = prometheus_binary()
     rx_udp, rx_unix = udp_receiver(), unix_receiver(tmp_path)
     try:
-        with engine_process(tmp_path) as engine:
+        with engine_process(tmp_path, rabbitmq) as engine:
             mi = MI(engine.address)
             mi.call("event_subscribe", ["E_LOAD", rx_udp.socket_text])
             mi.call("event_subscribe", ["E_OTHER", rx_udp.socket_text])
@@ -323,6 +348,8 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path: Pat
                 assert sockets == {rx_udp.socket_text, rx_unix.socket_text, engine.ingest_text}
         assert rx_udp.datagrams and rx_unix.datagrams
         assert any(b'"ingested"' in d for d in rx_udp.datagrams), "no ingested event relayed"
+        assert any(b'"amqp"' in d for d in rx_unix.datagrams), "no broker message relayed"
+        assert not any(b'"stale"' in d for d in rx_unix.datagrams), "a stale message relayed"
     finally:
         rx_udp.close()
         rx_unix.close()
@@ -404,6 +431,23 @@ def check_sources(url: str, engine: Running) -> None:
     assert by("Upstream subscribed events", "mi") == {(mi,): 1.0}
     errors = by("Upstream errors by reason", "mi", "reason")
     assert {reason for _mi, reason in errors} >= {"unreachable", "mi_error", "bad_reply"}, errors
+    host = engine.broker_url.split("@", 1)[1].split("/", 1)[0]
+    source = f"amqp://{host}/%2F {AMQP_EXCHANGE}"
+    assert by("Broker up", "source") == {(source,): 1.0}
+    messages = by("Broker messages / s", "source")
+    raised = by("Broker events raised / s", "source")
+    assert messages[(source,)] > raised[(source,)] > 0, (messages, raised)
+    rejected = by("Broker rejections by reason", "source", "reason")
+    assert rejected[(source, "malformed")] > 0 and rejected[(source, "stale")] > 0, rejected
+    assert rejected[(source, "unknown_event")] == 0.0, rejected
+    assert by("Broker queue messages", "source")[(source,)] >= 0
+    errors = by("Broker reconnects and errors", "source", "reason")
+    assert {reason for _s, reason in errors} == {
+        "connect_failed",
+        "connection_lost",
+        "exchange_missing",
+        "queue_refused",
+    }, errors
 
 
 def panel_expr(title: str) -> str:

@@ -42,9 +42,9 @@ def test_default_toml_is_the_struct_defaults() -> None:
     assert config.load(None) == config.Config()
     shipped = tomllib.loads(config.default_text())
     # default.toml spells out every key except the (commented) static subscriptions
-    # and upstreams.
+    # upstreams and broker queues.
     assert sorted(keys(shipped)) == sorted(
-        k for k in struct_keys(config.Config) if k not in ("subscription", "upstream")
+        k for k in struct_keys(config.Config) if k not in ("subscription", "upstream", "amqp")
     )
     assert config.Config().events[0] == "E_PIKE_BLOCKED"
     assert config.Config().mi.http == "127.0.0.1:8888"
@@ -57,6 +57,7 @@ def test_every_key_is_documented_in_the_readme() -> None:
     section = section[: section.index("\n## ", 3)]
     sub_keys = [f"subscription.{f.name}" for f in msgspec.structs.fields(config.StaticSubscription)]
     sub_keys += [f"upstream.{f.name}" for f in msgspec.structs.fields(config.UpstreamConfig)]
+    sub_keys += [f"amqp.{f.name}" for f in msgspec.structs.fields(config.AmqpConfig)]
     for key in [*struct_keys(config.Config), *sub_keys]:
         assert f"`{key}`" in section, f"README does not document `{key}`"
 
@@ -178,3 +179,37 @@ def test_run_flags_override_the_config() -> None:
         args = build_parser(["run", *bad]).parse_args(["run", *bad])
         with pytest.raises(config.ConfigError, match=re.escape(message)):
             _apply_flags(config.Config(), args)
+
+
+def test_the_commented_amqp_example_is_the_defaults() -> None:
+    lines = config.default_text().split("# [[amqp]]\n", 1)[1].splitlines()
+    example = "[[amqp]]\n" + "\n".join(line.removeprefix("# ") for line in lines)
+    assert config.loads(example).amqp == [config.AmqpConfig()]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('url = "http://h/"', "expected amqp://USER:PASS@HOST:PORT/VHOST - at `$.amqp[0].url`"),
+        ('url = "amqp://u:secret@h:99999/"', "bad port - at `$.amqp[0].url`"),
+        ('url = "amqp:///x"', "no host - at `$.amqp[0].url`"),
+        ('exchange = ""', "default exchange cannot be bound) - at `$.amqp[0].exchange`"),
+        ("binding_keys = []", "no routing keys"),
+        ("prefetch = 0", "0: expected 1 to 65535 - at `$.amqp[0].prefetch`"),
+        ("max_age_ms = -1", "expected 0 to 2147483647 - at `$.amqp[0].max_age_ms`"),
+        ('exchange_type = "x-delayed"', "at `$.amqp[0].exchange_type`"),
+        ("prefech = 10", "unknown field `prefech` - at `$.amqp[0]`"),
+        (f'binding_keys = ["{"k" * 256}"]', "over 255 bytes - at `$.amqp[0].binding_keys[0]`"),
+    ],
+)
+def test_amqp_errors_name_the_key(text: str, error: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.loads(f"[[amqp]]\n{text}\n").validate()
+    assert error in str(info.value)
+    assert "secret" not in str(info.value)  # credentials are never echoed
+
+
+def test_the_same_amqp_queue_twice_is_refused() -> None:
+    twice = r"the same queue and keys twice - at `\$.amqp\[1\]`"
+    with pytest.raises(config.ConfigError, match=twice):
+        config.loads('[[amqp]]\nqueue = "q"\n[[amqp]]\nqueue = "q"\n').validate()

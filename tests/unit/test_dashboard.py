@@ -94,3 +94,35 @@ def test_dashboard_shows_ingest_sockets_and_upstreams() -> None:
     for title, pattern in expected.items():
         assert title in queries, f"no panel {title!r}"
         assert re.fullmatch(pattern, queries[title]), (title, queries[title])
+
+
+def test_dashboard_shows_broker_sources() -> None:
+    """The broker series (issue 13) have their panels, by source and reason."""
+    queries: dict[str, list[str]] = {}
+    for title, expr in panel_queries():
+        queries.setdefault(title, []).append(expr)
+
+    def rate_by(labels: str, metric: str) -> str:
+        return (
+            rf"sum by \({labels}\) \(rate\(event_datagram_amqp_{metric}"
+            r"\{instance=~\"\$instance\"\}\[\$__rate_interval\]\)\)"
+        )
+
+    expected = {
+        "Broker up": [r"max by \(source\) \(event_datagram_amqp_up\{[^}]*\}\)"],
+        "Broker messages / s": [rate_by("source", "messages_total")],
+        "Broker events raised / s": [rate_by("source", "events_raised_total")],
+        "Broker rejections by reason": [rate_by("source, reason", "rejected_total")],
+        "Broker queue messages": [
+            r"max by \(source\) \(event_datagram_amqp_queue_messages\{[^}]*\}\)"
+        ],
+        "Broker reconnects and errors": [
+            rate_by("source, reason", "errors_total"),
+            rate_by("source", "reconnects_total"),
+        ],
+    }
+    for title, patterns in expected.items():
+        assert title in queries, f"no panel {title!r}"
+        assert len(queries[title]) == len(patterns), (title, queries[title])
+        for pattern, expr in zip(patterns, queries[title], strict=True):
+            assert re.fullmatch(pattern, expr), (title, expr)

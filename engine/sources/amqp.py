@@ -1,0 +1,459 @@
+"""A broker source: consume JSON-RPC notifications from RabbitMQ (SPEC section 9).
+
+OpenSIPS's event_rabbitmq publishes each event to an exchange with the same
+notification body event_datagram sends. Each engine binds a queue of its own to
+that exchange (`[[amqp]]`), so every engine sees every event and fans it out to
+the subscribers that subscribed at that engine.
+
+One thread per `[[amqp]]` runs a pika SelectConnection (pika: the fastest of the
+clients measured here; README, "Engines on many hosts"). Per connection:
+
+- declare the exchange when `declare = true` (else it must exist: a missing one
+  is an error counted "exchange_missing", retried with back-off);
+- declare the queue: `queue = ""` is a server-named, exclusive queue (gone when
+  the connection is), else a durable queue of that name; bind it with each of
+  `binding_keys`;
+- with `max_age_ms`, the queue gets `x-message-ttl = max_age_ms`, so the broker
+  itself never hands over a message that waited longer, dead-lettered into a
+  second queue of ours (exclusive, or for a named queue the durable
+  `NAME.stale`) that is read only to count them `stale`;
+  a message that carries its publish time (header `timestamp_in_ms`, else the
+  AMQP `timestamp` property, in whole seconds) and is older is counted `stale`
+  on arrival too. Nothing stale is delivered late;
+- `basic.qos(prefetch)`, then consume: the messages pika parses from one read
+  go through the Relay together (Relay.forward_batch: validated and raised byte
+  for byte, counted by reason, exactly like ingest datagrams) and are then
+  acknowledged in batches (`multiple`): every ACK_EVERY messages, and ACK_FLUSH
+  seconds after the last one at most;
+- every LAG_INTERVAL a passive declare reads the messages still waiting (lag).
+
+A lost connection is made again after a back-off (BACKOFF_FIRST doubling to
+BACKOFF_MAX); the thread never holds up start-up, stop or any other source.
+Per source: received = rejected (by reason) + raised, as for the ingest.
+
+Acknowledged after the raise: an event is queued for the workers (or counted
+dropped) before the broker forgets it. A crash between the raise and the ack
+means the broker delivers it again to a durable queue (possibly sent twice),
+and that an exclusive queue is gone with it (unacknowledged messages lost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+import urllib.parse
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import msgspec
+
+from engine.sources.relay import SOURCE_REJECT_REASONS, Relay
+from engine.statistics import SourceStatistics
+
+if TYPE_CHECKING:
+    from engine.producer import Engine
+
+log = logging.getLogger("event_datagram.amqp")
+
+# An ingest's reasons but the source address check, and messages too old.
+AMQP_REJECT_REASONS: Final = (
+    *(r for r in SOURCE_REJECT_REASONS if r != "source_not_allowed"),
+    "stale",
+)
+ERROR_REASONS: Final = (
+    "connect_failed",  # no connection (broker down, refused, bad credentials)
+    "connection_lost",  # a connection that was up went away
+    "exchange_missing",  # declare = false and the exchange does not exist
+    "queue_refused",  # the queue could not be declared, bound or consumed
+)
+ACK_EVERY: Final = 200  # messages per multiple-ack (at most prefetch / 2)
+ACK_FLUSH: Final = 0.05  # seconds: a partial ack batch waits no longer
+LAG_INTERVAL: Final = 2.0  # seconds between reads of the queue's waiting messages
+BACKOFF_FIRST: Final = 0.25  # seconds before the first reconnect
+BACKOFF_MAX: Final = 5.0
+CONNECT_TIMEOUT: Final = 3.0  # seconds for one connection attempt
+STOP_BUDGET: Final = 2.0  # seconds stop() waits for the connection to close
+HEARTBEAT: Final = 10  # seconds: a silent broker is noticed within two of these
+EXCHANGE_TYPES = Literal["topic", "direct", "fanout", "headers"]
+
+
+class AmqpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One `[[amqp]]` section (SPEC section 9)."""
+
+    url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    """The broker: amqp://USER:PASS@HOST:PORT/VHOST (vhost "/" is %2F)."""
+    exchange: str = "opensips"
+    """The exchange OpenSIPS publishes to; must exist unless declare = true."""
+    exchange_type: EXCHANGE_TYPES = "topic"
+    declare: bool = False
+    """Declare the exchange (durable, of exchange_type) if it does not exist."""
+    binding_keys: list[str] = msgspec.field(default_factory=lambda: ["#"])
+    """Routing keys this engine takes (topic patterns for a topic exchange)."""
+    queue: str = ""
+    """"" = a server-named, exclusive queue for this engine; else a durable one."""
+    prefetch: int = 1000
+    """Messages the broker may send ahead of our acknowledgements."""
+    max_age_ms: int = 0
+    """Older messages are dropped, counted "stale"; 0 = no limit."""
+    unknown_events: Literal["reject", "register"] = "reject"
+    """A notification of an event not registered: reject it (counted) or register it."""
+
+    def problem(self) -> tuple[str, str] | None:
+        """(key, why) for the first bad value, or None."""
+        try:
+            _parse_url(self.url)
+        except ValueError as exc:
+            return "url", str(exc)
+        if not self.exchange:
+            return "exchange", "expected an exchange name (the default exchange cannot be bound)"
+        if not self.binding_keys:
+            return "binding_keys", 'no routing keys (["#"] = all of them on a topic exchange)'
+        if not 1 <= self.prefetch <= 65535:
+            return "prefetch", f"{self.prefetch}: expected 1 to 65535"
+        if not 0 <= self.max_age_ms <= 2**31 - 1:
+            return "max_age_ms", f"{self.max_age_ms}: expected 0 to 2147483647"
+        return None
+
+    def display_name(self) -> str:
+        """The source's name in metrics and logs: the URL without credentials, the
+        exchange, and the queue when named."""
+        parts = _parse_url(self.url)
+        name = f"amqp://{parts.hostname}:{parts.port or 5672}{parts.path or '/'} {self.exchange}"
+        return f"{name} queue={self.queue}" if self.queue else name
+
+
+def _parse_url(url: str) -> urllib.parse.SplitResult:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ValueError(f"{_redact(url)!r}: expected amqp://USER:PASS@HOST:PORT/VHOST")
+    if not parts.hostname:
+        raise ValueError(f"{_redact(url)!r}: no host")
+    try:
+        parts.port  # noqa: B018  # raises on a bad port
+    except ValueError:
+        raise ValueError(f"{_redact(url)!r}: bad port") from None
+    return parts
+
+
+def _redact(url: str) -> str:
+    head, sep, tail = url.rpartition("@")
+    return f"{head.split('://', 1)[0]}://***@{tail}" if sep else url
+
+
+class AmqpSource:
+    """One `[[amqp]]`: a queue on a RabbitMQ exchange, read into an Engine."""
+
+    def __init__(self, engine: Engine, config: AmqpConfig) -> None:
+        problem = config.problem()
+        if problem:
+            raise ValueError(f"amqp {problem[0]}: {problem[1]}")
+        self.config = config
+        self.name = config.display_name()
+        pika_log = logging.getLogger("pika")
+        if pika_log.level == logging.NOTSET:  # it logs every connection and every failed
+            pika_log.setLevel(logging.CRITICAL)  # attempt; this module logs what matters
+        self.relay = Relay(
+            engine, "amqp", self.name, config.unknown_events, reasons=AMQP_REJECT_REASONS
+        )
+        self._max_age_s = config.max_age_ms / 1000.0
+        self._ack_every = max(1, min(ACK_EVERY, config.prefetch // 2))
+        self._lock = threading.Lock()  # the fields below, read by statistics()
+        self._up = False
+        self._reconnects = 0
+        self._errors = dict.fromkeys(ERROR_REASONS, 0)
+        self._lag: int | None = None
+        self.queue_name = ""  # the queue bound, once known (server-named: amq.gen-...)
+        self._stop = threading.Event()
+        self._connected_once = False
+        self._session: _Session | None = None  # the connection's, owned by the thread
+        self._thread = threading.Thread(target=self._run, name="edg-amqp", daemon=True)
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    def start(self) -> None:
+        """Start the thread; never waits for the broker."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Acknowledge what was raised, close the connection (STOP_BUDGET at most)."""
+        self._stop.set()
+        session = self._session
+        if session is not None:
+            with contextlib.suppress(Exception):  # its loop has ended meanwhile
+                session.connection.ioloop.add_callback_threadsafe(session.close)
+        if self._thread.ident is not None:
+            self._thread.join(STOP_BUDGET)
+            if self._thread.is_alive():
+                log.warning("amqp %s: connection still closing; not waited for", self.name)
+
+    def statistics(self) -> list[SourceStatistics]:
+        with self._lock:
+            extra = {
+                "up": 1 if self._up else 0,
+                "errors": dict(self._errors),
+                "reconnects": self._reconnects,
+                "lag": self._lag,
+            }
+        return [self.relay.statistics(**extra)]
+
+    # -- the thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import pika  # the optional extra: imported by the thread, not at start-up
+
+        params = pika.URLParameters(self.config.url)
+        params.connection_attempts = 1
+        params.socket_timeout = CONNECT_TIMEOUT
+        params.stack_timeout = CONNECT_TIMEOUT
+        params.heartbeat = HEARTBEAT
+        delay = BACKOFF_FIRST
+        while not self._stop.is_set():
+            session = _Session(self, params)
+            self._session = session
+            if self._stop.is_set():  # stop() came before the session was there to close
+                break
+            try:
+                session.connection.ioloop.start()  # returns when the connection ends
+            except Exception:
+                log.exception("amqp %s: the connection's loop failed", self.name)
+            self._session = None
+            self._set_up(False)
+            if self._stop.is_set():
+                break
+            delay = BACKOFF_FIRST if session.consumed else min(delay * 2, BACKOFF_MAX)
+            self._stop.wait(delay * random.uniform(0.8, 1.2))
+
+    # -- helpers for the session -------------------------------------------------------------
+
+    def _set_up(self, up: bool) -> None:
+        with self._lock:
+            self._up = up
+
+    def _count_error(self, reason: str, message: str) -> None:
+        with self._lock:
+            self._errors[reason] += 1
+            was_up = self._up
+            self._up = False
+        if was_up or reason != "connect_failed":
+            log.warning("amqp %s: %s", self.name, message)
+
+    def _connected(self, queue: str) -> None:
+        with self._lock:
+            if self._connected_once:
+                self._reconnects += 1
+            self._connected_once = True
+            self._up = True
+            self.queue_name = queue
+        log.info("amqp %s: consuming from queue %s", self.name, queue)
+
+    def _set_lag(self, lag: int) -> None:
+        with self._lock:
+            self._lag = lag
+
+
+class _Session:
+    """One connection's life: declare, bind, consume, ack; ends with the connection."""
+
+    def __init__(self, source: AmqpSource, params: Any) -> None:
+        import pika
+
+        self.source = source
+        self.config = source.config
+        self.relay = source.relay
+        self.consumed = False  # got as far as consuming
+        self.failed = False  # an error of ours closed it (counted once, by its reason)
+        self.channel: Any = None
+        self.queue = ""
+        self._bodies: list[bytes] = []  # the batch being gathered
+        self._stale = 0  # of the batch: too old by their own timestamp (acked)
+        self._expired = 0  # of the batch: expired in the queue (auto-acked)
+        self._batch_due = False
+        self._batch_tag = 0  # delivery tag of the batch's newest message
+        self._raised_tag = 0  # ... of the newest message raised (what an ack may cover)
+        self._unacked = 0
+        self._flush_timer: Any = None
+        self.connection = pika.SelectConnection(
+            params,
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_closed,
+        )
+
+    # Connection and channel
+    def _on_open(self, connection: Any) -> None:
+        connection.channel(on_open_callback=self._on_channel)
+
+    def _on_open_error(self, connection: Any, error: Exception) -> None:
+        self.source._count_error("connect_failed", f"cannot connect: {error!r}")
+        connection.ioloop.stop()
+
+    def close(self) -> None:
+        """In the connection's thread: acknowledge what was raised, then close."""
+        if self._batch_due:
+            self._raise_batch()
+        if self._unacked:
+            self._ack()
+        if self.connection.is_open:
+            self.connection.close()
+        elif not self.connection.is_closing:
+            self.connection.ioloop.stop()  # still connecting: give up on it
+
+    def _on_closed(self, connection: Any, reason: Exception) -> None:
+        if self._batch_due:  # received: raised and counted (a durable queue will
+            self._raise_batch()  # deliver them again, unacknowledged: see the top)
+        if self.consumed and not self.failed and not self.source._stop.is_set():
+            self.source._count_error("connection_lost", f"connection lost: {reason!r}")
+        connection.ioloop.stop()
+
+    def _on_channel(self, channel: Any) -> None:
+        self.channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        cfg = self.config
+        if cfg.declare:
+            channel.exchange_declare(
+                cfg.exchange, cfg.exchange_type, durable=True, callback=self._on_exchange
+            )
+        else:
+            channel.exchange_declare(cfg.exchange, passive=True, callback=self._on_exchange)
+
+    def _on_channel_closed(self, channel: Any, reason: Any) -> None:
+        import pika.exceptions
+
+        if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            return  # the connection went (counted there), or we closed it
+        code = getattr(reason, "reply_code", 0)
+        text = getattr(reason, "reply_text", str(reason))
+        if not self.source._stop.is_set():
+            self.failed = True
+            if code == 404 and not self.queue:
+                self.source._count_error(
+                    "exchange_missing", f"exchange {self.config.exchange!r} does not exist: {text}"
+                )
+            else:
+                self.source._count_error("queue_refused", f"channel closed ({code}): {text}")
+        if self.connection.is_open:
+            self.connection.close()
+
+    # Declare and bind
+    def _on_exchange(self, _frame: Any) -> None:
+        cfg = self.config
+        if cfg.max_age_ms:  # first the queue stale messages are dead-lettered into: a
+            # named queue's is durable too, so what expires while we are away is counted
+            named = bool(cfg.queue)
+            self.channel.queue_declare(
+                f"{cfg.queue}.stale" if named else "",
+                durable=named,
+                exclusive=not named,
+                callback=self._on_stale_queue,
+            )
+        else:
+            self._declare_queue({})
+
+    def _on_stale_queue(self, frame: Any) -> None:
+        stale = frame.method.queue
+        self.channel.basic_consume(stale, self._on_stale, auto_ack=True)
+        self._declare_queue(
+            {
+                "x-message-ttl": self.config.max_age_ms,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": stale,
+            }
+        )
+
+    def _declare_queue(self, arguments: dict[str, Any]) -> None:
+        cfg = self.config
+        named = bool(cfg.queue)
+        self.channel.queue_declare(
+            cfg.queue,
+            durable=named,
+            exclusive=not named,
+            arguments=arguments or None,
+            callback=self._on_queue,
+        )
+
+    def _on_queue(self, frame: Any) -> None:
+        self.queue = frame.method.queue
+        self._bind(list(self.config.binding_keys))
+
+    def _bind(self, keys: list[str]) -> None:
+        if not keys:
+            self.channel.basic_qos(prefetch_count=self.config.prefetch, callback=self._on_qos)
+            return
+        key = keys.pop(0)
+        self.channel.queue_bind(
+            self.queue, self.config.exchange, routing_key=key, callback=lambda _f: self._bind(keys)
+        )
+
+    def _on_qos(self, _frame: Any) -> None:
+        self.channel.basic_consume(self.queue, self._on_message, auto_ack=False)
+        self.consumed = True
+        self.source._connected(self.queue)
+        self.connection.ioloop.call_later(LAG_INTERVAL, self._read_lag)
+
+    # Messages: gathered while pika parses one read, raised together right after it
+    # (one Relay.forward_batch), acknowledged once raised.
+    def _on_message(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        if self.source._max_age_s and _too_old(properties, self.source._max_age_s):
+            self._stale += 1
+        else:
+            self._bodies.append(body)
+        self._batch_tag = method.delivery_tag
+        if not self._batch_due:
+            self._batch_due = True
+            self.connection.ioloop.call_later(0, self._raise_batch)
+
+    def _on_stale(self, _channel: Any, _method: Any, _properties: Any, _body: bytes) -> None:
+        self._expired += 1  # dead-lettered by the queue's x-message-ttl
+        if not self._batch_due:
+            self._batch_due = True
+            self.connection.ioloop.call_later(0, self._raise_batch)
+
+    def _raise_batch(self) -> None:
+        self._batch_due = False
+        bodies, self._bodies = self._bodies, []
+        stale = self._stale + self._expired
+        relay = self.relay
+        with relay.lock:
+            if bodies:
+                relay.forward_batch(bodies)
+            relay.received += stale
+            relay.rejected["stale"] += stale
+        self._unacked += len(bodies) + self._stale  # the dead-lettered were auto-acked
+        self._stale = self._expired = 0
+        self._raised_tag = self._batch_tag
+        if self._unacked >= self.source._ack_every:
+            self._ack()
+        elif self._unacked and self._flush_timer is None:
+            self._flush_timer = self.connection.ioloop.call_later(ACK_FLUSH, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        if self._unacked:
+            self._ack()
+
+    def _ack(self) -> None:
+        if self.channel is not None and self.channel.is_open and self._raised_tag:
+            self.channel.basic_ack(self._raised_tag, multiple=True)
+        self._unacked = 0
+
+    def _read_lag(self) -> None:
+        if self.channel is None or not self.channel.is_open:
+            return
+        self.channel.queue_declare(self.queue, passive=True, callback=self._on_lag)
+        self.connection.ioloop.call_later(LAG_INTERVAL, self._read_lag)
+
+    def _on_lag(self, frame: Any) -> None:
+        self.source._set_lag(int(frame.method.message_count))
+
+
+def _too_old(properties: Any, max_age_s: float) -> bool:
+    """Whether the message says it was published more than max_age_s ago."""
+    headers = properties.headers
+    if headers and isinstance(sent_ms := headers.get("timestamp_in_ms"), int):
+        return time.time() - sent_ms / 1000.0 > max_age_s
+    sent = properties.timestamp
+    return isinstance(sent, int) and time.time() - sent > max_age_s
