@@ -66,6 +66,7 @@ import ctypes
 import platform
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -91,6 +92,7 @@ _WRITE_POS, _RECORDS_WRITTEN, _DROPS = 8, 9, 10
 _READ_POS, _RECORDS_READ = 16, 17
 _SLEEP_SEQ: Final = 24
 _WRITE_POS_OFFSET: Final = 8 * _WRITE_POS  # the futex word: its low 32 bits
+_PAD: Final = bytes(8)  # a payload's padding to a multiple of 8 is a slice of it
 
 
 class ControlPayload(msgspec.Struct, array_like=True, frozen=True):
@@ -298,6 +300,53 @@ class Ring:
         self._written += 1
         self._wpos = wpos + need
         return True
+
+    def stage_many(
+        self,
+        event_id: int,
+        fanout: int,
+        ts_ns: int,
+        payloads: Sequence[bytes],
+        start: int,
+        stop: int,
+    ) -> int:
+        """stage() event records for payloads[start:stop], all of one event id,
+        fan-out and timestamp, with one copy into the ring: returns how many were
+        staged, a prefix (0 to stop - start). It stops where the next record would
+        not fit before the end of the data area or in the free room as last seen;
+        stage() the rest one at a time (it wraps, and re-reads the read position)."""
+        cap = self.capacity
+        wpos = self._wpos
+        off = wpos % cap
+        room = min(cap - off, cap - (wpos - self._rpos))
+        pack = RECORD_HEADER.pack
+        parts: list[bytes] = []
+        add = parts.append
+        total = 0
+        last = -1
+        header = pad = b""
+        size = 0
+        i = start
+        while i < stop:
+            payload = payloads[i]
+            n = len(payload)
+            if n != last:
+                last = n
+                header = pack(n, KIND_EVENT, 0, event_id, fanout, ts_ns)
+                pad = _PAD[: -n & 7]
+                size = RECORD_HEADER_SIZE + n + len(pad)
+            if total + size > room:
+                break
+            add(header)
+            add(payload)
+            add(pad)
+            total += size
+            i += 1
+        if total:
+            self.data[off : off + total] = b"".join(parts)
+            self._written += i - start
+            self._wpos = wpos + total
+        return i - start
 
     def publish(self) -> None:
         """Make every staged record visible to the consumer (the record count, then

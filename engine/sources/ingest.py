@@ -21,6 +21,7 @@ ring or no subscribers). Nothing is logged per datagram.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import errno
@@ -157,34 +158,41 @@ class IngestSocket:
         self._name_words = self._names_view.cast("I")
         self._control_view = memoryview(self._control).cast("B")
         self._msgs_address = ctypes.addressof(self._msgs)
+        # What receive() puts back, with one strided copy per field, in the entries
+        # the last recvmmsg filled (the others still hold these).
+        self._name_sizes = memoryview(array.array("I", [NAME_SIZE] * BATCH))
+        self._control_sizes = memoryview(array.array("I", [CONTROL_SIZE] * BATCH))
+        self._used = BATCH  # entries to reset before the next recvmmsg (all, at first)
         self.relay = Relay(engine, "ingest", self.name, unknown_events)
         self.kernel_drops = 0
 
     def receive(self) -> int:
         """One recvmmsg: up to BATCH datagrams into the tables; returns how many."""
-        words = self._words
-        for i in range(BATCH):  # the kernel shrinks these to what it wrote
-            base = i * _STRIDE_WORDS
-            words[base + _NAMELEN_WORD] = NAME_SIZE
-            words[base + _CONTROLLEN_WORD] = CONTROL_SIZE
-            words[base + _CONTROLLEN_WORD + 1] = 0
+        used = self._used
+        if used:  # the kernel shrank these to what it wrote, in the entries it filled
+            words = self._words
+            end = used * _STRIDE_WORDS
+            words[_NAMELEN_WORD:end:_STRIDE_WORDS] = self._name_sizes[:used]
+            words[_CONTROLLEN_WORD:end:_STRIDE_WORDS] = self._control_sizes[:used]
         assert RECVMMSG is not None  # Linux has had it since 2.6.33
         n = RECVMMSG(self.sock.fileno(), self._msgs_address, BATCH, socket.MSG_DONTWAIT, None)
         if n < 0:
+            self._used = 0
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, errno.EINTR):
                 return 0
             raise OSError(err, os.strerror(err))
-        return int(n)
+        self._used = int(n)
+        return self._used
 
     def take(self, n: int, allowed: Callable[[bytes], bool]) -> list[bytes]:
         """The last receive's n datagrams, as bytes, but for those rejected here (a
         UDP source that `allowed` refuses: "source_not_allowed"; truncated:
         "oversize"), which are counted in the relay, received and rejected; noting
-        the kernel's drop count on the way. The per-datagram loop in one place, on
-        local names (this is the ingest's hot path): no tuple per datagram, one copy
-        of each datagram's bytes, a source address read as an integer and compared
-        with the last one before any lookup."""
+        the kernel's drop count (read off the last datagram that carries it). The
+        per-datagram loop in one place, on local names (this is the ingest's hot
+        path): no tuple per datagram, one copy of each datagram's bytes, a source
+        address read as an integer and compared with the last one before any lookup."""
         words = self._words
         data = self._data_view
         names = self._names_view
@@ -195,10 +203,11 @@ class IngestSocket:
         refused = truncated = 0
         last_key: int | bytes = -1
         last_ok = True
+        control = -1
         for i in range(n):
             base = i * _STRIDE_WORDS
             if words[base + _CONTROLLEN_WORD]:
-                self.note_kernel_drops(i)
+                control = i
             if udp:
                 off = i * NAME_SIZE
                 key: int | bytes = (
@@ -217,6 +226,8 @@ class IngestSocket:
                 continue
             start = i * BUFFER
             append(data[start : start + words[base + _LEN_WORD]].tobytes())
+        if control >= 0:  # the drop count only grows: the batch's last one is enough
+            self.note_kernel_drops(control)
         if refused or truncated:
             relay = self.relay
             relay.received += refused + truncated
