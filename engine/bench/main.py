@@ -67,7 +67,7 @@ from engine.options import EngineOptions
 FOREIGN_WARN_CORES: Final = 0.25
 FOREIGN_WARN_LATENCY_CORES: Final = 0.05
 TRANSPORTS: Final = ("udp", "udp6", "unix", "mixed")
-SOURCES: Final = ("api", "ingest", "both")
+SOURCES: Final = ("api", "ingest", "both", "amqp")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PLOT, EXIT_IDENTITY = 0, 1, 2, 3, 4
 
 
@@ -94,7 +94,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="api",
         help="how events reach the engine: api (Engine.raise_event, default), ingest (an "
         "emitter process sends the notifications to an ingest socket with sendmmsg), or "
-        "both (an api and an ingest round in every round, interleaved)",
+        "both (an api and an ingest round in every round, interleaved), or amqp (an api "
+        "round and a round consuming from RabbitMQ, interleaved; needs the amqp extra)",
+    )
+    a(
+        "--amqp-url",
+        default="",
+        help="--source amqp: the broker (amqp://USER:PASS@HOST:PORT/VHOST); default: start "
+        "a private rabbitmq-server for the run",
+    )
+    a(
+        "--amqp-messages",
+        type=int,
+        default=50_000,
+        help="--source amqp: messages published to the queue before each broker round "
+        "(default 50000)",
     )
     a("--workers", type=int, default=0, help="engine workers (default: CPUs - 1)")
     a(
@@ -102,6 +116,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="events/s in the throughput rounds (default: as fast as possible)",
+    )
+    a(
+        "--ingest-rate",
+        type=float,
+        default=None,
+        help="events/s the emitter sends to the ingest socket in the ingest rounds (default: "
+        "--rate); match it to what the workers sustain to check for kernel drops",
     )
     a(
         "--latency-duration",
@@ -190,6 +211,7 @@ def _check(args: argparse.Namespace) -> None:
         (1 <= args.receivers <= 64, "--receivers must be 1-64"),
         (4096 <= args.rcvbuf_bytes <= 1 << 30, "--rcvbuf-bytes must be 4096-1073741824"),
         (0 <= args.wait_idle <= 3600, "--wait-idle must be 0-3600 seconds"),
+        (1 <= args.amqp_messages <= 10_000_000, "--amqp-messages must be 1-10000000"),
     )
     for ok, message in checks:
         if not ok:

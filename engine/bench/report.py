@@ -14,6 +14,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any, Final
 
+from engine.bench.amqp import amqp_summary
 from engine.bench.common import read_sysctl
 
 SCHEMA_VERSION: Final = 1
@@ -229,20 +230,28 @@ def summarize(
     metrics: dict[str, Any],
     interrupted: str | None,
 ) -> dict[str, Any]:
-    contenders = ("engine", "ingest", "baseline", "ceiling")
+    contenders = ("engine", "ingest", "amqp", "baseline", "ceiling")
     by = {c: [r for r in rounds if r["contender"] == c] for c in contenders}
     engine, baseline, ceiling = _side(by["engine"]), _side(by["baseline"]), _side(by["ceiling"])
     ingest = _ingest_side(by["ingest"])
+    amqp = amqp_summary(by["amqp"], by["engine"], _side(by["amqp"]))
     ingest_ratios = []
     for g in by["ingest"]:
         e = next((r for r in by["engine"] if r["round"] == g["round"]), None)
         if e and e["datagrams_received_per_s"]:
+            # The producer's CPU per event, ingested vs raised with raise_event: the
+            # ratio of the two costs, comparable across machines of different speed.
+            g_us = g["ingest"]["cpu_us_per_event"].get("producer")
+            e_us = 1e6 * e["cpu_s"]["producer"] / e["events"] if e.get("events") else None
             ingest_ratios.append(
                 {
                     "round": g["round"],
                     "ingest": g["datagrams_received_per_s"],
                     "api": e["datagrams_received_per_s"],
                     "ratio": g["datagrams_received_per_s"] / e["datagrams_received_per_s"],
+                    "producer_us_per_event_ingest": g_us,
+                    "producer_us_per_event_api": e_us,
+                    "producer_cost_ratio": g_us / e_us if g_us and e_us else None,
                 }
             )
     ratios = []
@@ -306,10 +315,16 @@ def summarize(
         "ratios": ratios,
         "ingest": ingest,
         "ratio_ingest_vs_api_median": median([r["ratio"] for r in ingest_ratios]),
+        "ingest_cost_vs_api_median": median(
+            [r["producer_cost_ratio"] for r in ingest_ratios if r["producer_cost_ratio"]]
+        ),
         "ratios_ingest_vs_api": ingest_ratios,
+        "amqp": amqp,
+        "ratio_amqp_vs_api_median": amqp.get("ratio_vs_api_median"),
         "loss": {
             "engine": engine.get("loss"),
             "ingest": ingest.get("loss"),
+            "amqp": amqp.get("loss"),
             "baseline": baseline.get("loss"),
             "ceiling": ceiling.get("loss"),
             "latency_phase": lat_loss,
@@ -336,6 +351,7 @@ def summarize(
         "cpu_s": {
             "engine": engine.get("cpu_s", {}),
             "ingest": ingest.get("cpu_s", {}),
+            "amqp": amqp.get("cpu_s", {}),
             "baseline": baseline.get("cpu_s", {}),
             "ceiling": ceiling.get("cpu_s", {}),
             "latency_phase": lat_round["cpu_s"] if lat_round else {},
@@ -402,7 +418,7 @@ def _counts(d: dict[str, int]) -> str:
 def format_table(result: dict[str, Any]) -> str:
     s = result["settings"]
     m = result["machine"]
-    sides = [(name, result[name]) for name in ("engine", "ingest") if result.get(name)]
+    sides = [(name, result[name]) for name in ("engine", "ingest", "amqp") if result.get(name)]
     sides.append(("baseline", result["baseline"]))
     if result["ceiling"]:
         sides.append(("ceiling", result["ceiling"]))
@@ -427,7 +443,7 @@ def format_table(result: dict[str, Any]) -> str:
         "dg per CPU-s, with receivers",
         [_n(d.get("datagrams_per_cpu_s_all_processes")) for _, d in sides],
     )
-    for role in ("producer", "workers", "emitter", "sender", "receivers"):
+    for role in ("producer", "workers", "emitter", "sender", "broker", "receivers"):
         vals = [d.get("cpu_us_per_datagram", {}).get(role) for _, d in sides]
         if any(v is not None for v in vals):
             row(f"CPU us/datagram, {role}", [f"{v:.2f}" if v is not None else "" for v in vals])
@@ -450,6 +466,22 @@ def format_table(result: dict[str, Any]) -> str:
             "CPU us per ingested event: "
             + ", ".join(f"{k} {v:.2f}" for k, v in per_event.items() if v is not None)
             + (f"; ingest / api (datagrams/s received): median {ratio_g:.2f}x" if ratio_g else "")
+            + (
+                f"; producer CPU per event, ingest / raise_event: median {cost_g:.2f}x"
+                if (cost_g := result.get("ingest_cost_vs_api_median"))
+                else ""
+            )
+        )
+    amqp = result.get("amqp")
+    if amqp:
+        per_message = amqp["cpu_us_per_message"]
+        ratio_a = result.get("ratio_amqp_vs_api_median")
+        lines.append(
+            f"amqp: {_n(amqp['messages_consumed_per_s'])} messages/s consumed from one queue "
+            f"(median; the fill published {_n(amqp['messages_published_per_s'])}/s); "
+            "CPU us per message: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in per_message.items() if v is not None)
+            + (f"; amqp / api (datagrams/s received): median {ratio_a:.2f}x" if ratio_a else "")
         )
     drops = result["drops"]
     lines.append(f"engine drops: {_counts(drops['engine'])}; oversize {result['oversize']:,}")

@@ -14,12 +14,12 @@ An ingest round (`--source ingest|both`) is an engine round fed through a
 datagram ingest socket (`udp:127.0.0.1:0`, `sources.ingest.Ingest`, read by its
 thread in this process) instead of `Engine.raise_event`: the sender process emits
 the E_BENCH notifications to it with sendmmsg (`baseline.run_ingest`) for
-`--duration` s, as fast as it can or at `--rate`; the bench then waits until the
-ingest socket is read out, sends it one probe (a notification of an unknown event,
-rejected `unknown_event`: the kernel reports its drops at the socket with the next
-datagram read, so the probe makes the last of them known), drains the workers and
-checks the same receivers and the accounting identity (the ingest socket's
-included). The probe is not counted among the events ingested.
+`--duration` s, as fast as it can or at `--ingest-rate` (default `--rate`); the
+bench then waits until the ingest socket is read out, sends it one probe (a
+notification of an unknown event, rejected `unknown_event`: the kernel reports its
+drops at the socket with the next datagram read, so the probe makes the last of
+them known), drains the workers and checks the same receivers and the accounting
+identity (the ingest socket's included). The probe is not counted among the events ingested.
 
 The idle phase is an engine round with a quiet period first: a fresh engine,
 the first IDLE_SUBSCRIBERS subscriber sockets, nothing raised for IDLE_SETTLE_S
@@ -44,6 +44,7 @@ import tempfile
 import time
 from typing import Any, Final
 
+from engine.bench.amqp import BrokerFeed, amqp_round
 from engine.bench.baseline import IngestSpec, RunSpec, SenderProcess
 from engine.bench.common import (
     EVENT,
@@ -109,6 +110,7 @@ class Bench:
         self.engine: Engine | None = None
         self.pool: ReceiverPool | None = None
         self.sender: SenderProcess | None = None
+        self.broker: BrokerFeed | None = None  # --source amqp: started by execute()
         self.scraper = Scraper()
         self.progress = Progress(False, lambda: 0)
         self.socket_dir = ""
@@ -157,6 +159,9 @@ class Bench:
             )
             self.sender = SenderProcess(self.sender_cpus, self.lifetime_s)
             self.progress = Progress(not args.quiet, self.pool.received_total)
+            if "amqp" in self.contenders():
+                self.progress.phase = "starting the broker"
+                self.broker = BrokerFeed(getattr(args, "amqp_url", None))
             contenders = self.contenders()
             self.progress.total = (
                 args.rounds * len(contenders)
@@ -170,6 +175,9 @@ class Bench:
                         result = self._engine_round(r, args.rate, args.duration, "seq")
                     elif contender == "ingest":
                         result = self._ingest_round(r)
+                    elif contender == "amqp":
+                        assert self.broker is not None
+                        result = amqp_round(self, self.broker, r)
                     else:
                         result = self._sender_round(r, contender)
                     result["idle_wait"] = idle
@@ -185,9 +193,15 @@ class Bench:
         return None
 
     def contenders(self) -> list[str]:
-        """Each round's contenders, in order: --source api (engine), ingest or both."""
+        """Each round's contenders, in order: --source api (engine), ingest, both, or
+        amqp (an API round and a broker round)."""
         source = getattr(self.args, "source", "api")
-        sides = {"api": ["engine"], "ingest": ["ingest"], "both": ["engine", "ingest"]}[source]
+        sides = {
+            "api": ["engine"],
+            "ingest": ["ingest"],
+            "both": ["engine", "ingest"],
+            "amqp": ["engine", "amqp"],
+        }[source]
         return [*sides, "baseline"] + ([] if self.args.no_ceiling else ["ceiling"])
 
     def _idle_wanted(self) -> bool:
@@ -537,13 +551,14 @@ class Bench:
             }
             pool.begin(RoundSpec("seq", time.monotonic_ns(), tag, EVENT, SEQ_BASE))
             before = snapshot(pids, [])
-            self.progress.phase = phase + (f" at {args.rate:,.0f} events/s" if args.rate else "")
+            rate = ingest_rate(args)
+            self.progress.phase = phase + (f" at {rate:,.0f} events/s" if rate else "")
             # No metrics scraper here, and no statistics() until the socket is quiet:
             # Engine.statistics() takes the ingest socket's lock under the engine's
             # `_hot` lock while the ingest thread raises (takes `_hot`) under the
             # socket's lock, a lock-order inversion that deadlocks under load.
             out = sender.run(
-                "ingest", IngestSpec((address[0], address[1]), args.duration, args.rate, tag)
+                "ingest", IngestSpec((address[0], address[1]), args.duration, rate, tag)
             )
             t0, t_raised = out["t0_ns"], out["t_end_ns"]
             self.progress.phase = f"{phase}: reading out the ingest socket"
@@ -599,7 +614,7 @@ class Bench:
             pairs_queued=sum(w.pairs_queued for w in stats.workers),
             pairs_stale=stats.pairs_stale,
             subscribed=len(pool.sockets),
-            rate_target=args.rate or None,
+            rate_target=rate or None,
             worker_pids=worker_pids,
             drain_s=drain_s,
             ingest={
@@ -706,7 +721,7 @@ class Bench:
             for name in list_segments(instance):
                 unlink_name(name)
                 leftovers.append(f"/dev/shm/{name}")
-        for closer in (self.pool, self.sender):
+        for closer in (self.pool, self.sender, self.broker):
             if closer is not None:
                 with contextlib.suppress(Exception):
                     closer.close()
@@ -773,6 +788,12 @@ class Bench:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+
+
+def ingest_rate(args: argparse.Namespace) -> float:
+    """The ingest emitter's events/s: --ingest-rate, else --rate (0 = full speed)."""
+    rate = getattr(args, "ingest_rate", None)
+    return float(args.rate if rate is None else rate)
 
 
 def send_failures(stats: EngineStatistics) -> dict[str, int]:

@@ -8,10 +8,11 @@ bytes, so subscribers receive exactly what the upstream sent.
 One thread of the main process reads every ingest socket, `recvmmsg` batches of
 up to BATCH datagrams per system call (the GIL is released while it waits or
 reads). Per datagram: the source check (UDP: `[ingest] allow`, loopback by
-default; cached per address), `wire.check_notification`, the event lookup, and
-`Engine.raise_encoded`. Each outcome is counted per socket; the kernel's drops
-at a full socket queue come with every datagram as SO_RXQ_OVFL and are counted
-too. Per socket, always:
+default; cached per address), then per batch `Relay.forward_batch`:
+`wire.check_notification` and the event lookup per datagram, and one
+`Engine.raise_encoded_batch` (one lock, one ring publish per worker) for them all.
+Each outcome is counted per socket; the kernel's drops at a full socket queue
+come with every datagram as SO_RXQ_OVFL and are counted too. Per socket, always:
 
     datagrams received = rejected (by reason) + events raised
 

@@ -304,12 +304,17 @@ def test_source_both_interleaves_ingest_rounds_and_reports_them(tmp_path: Path) 
     argv = [
         "bench", "--source", "both", "--rounds", "1", "--duration", "1", "--subscribers", "2",
         "--latency-duration", "0", "--idle-latency-duration", "0", "--idle-cpu-duration", "0",
-        "--ring-bytes", str(1 << 20), "--quiet", "--json", str(out),
+        "--ring-bytes", str(1 << 20), "--quiet", "--json", str(out), "--ingest-rate", "5000",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     doc = json.loads(out.read_text())
     assert doc["error"] is None and doc["identity_errors"] == []
     assert [r["contender"] for r in doc["rounds"]] == ["engine", "ingest", "baseline", "ceiling"]
+    (e,) = [r for r in doc["rounds"] if r["contender"] == "engine"]
+    assert e["rate_target"] is None  # --ingest-rate paces the emitter only
+    (cost,) = doc["ratios_ingest_vs_api"]
+    assert cost["producer_us_per_event_ingest"] > 0 and cost["producer_us_per_event_api"] > 0
+    assert doc["ingest_cost_vs_api_median"] == cost["producer_cost_ratio"] > 0
     ingest = doc["ingest"]
     assert set(ingest) >= INGEST_KEYS, INGEST_KEYS - set(ingest)
     assert set(doc["engine"]) <= set(ingest)  # the same keys as the API contender, and more
@@ -322,6 +327,7 @@ def test_source_both_interleaves_ingest_rounds_and_reports_them(tmp_path: Path) 
     assert all(v > 0 for v in ingest["cpu_us_per_event"].values()), ingest["cpu_us_per_event"]
     assert doc["ratio_ingest_vs_api_median"] is not None
     (g,) = [r for r in doc["rounds"] if r["contender"] == "ingest"]
+    assert g["rate_target"] == 5000 and ingest["datagrams_emitted"] <= 5000 * 1.2
     assert g["identity_errors"] == [] and g["duplicates"] == 0 and g["invalid"] == 0
     assert g["events"] == g["ingest"]["events_raised"] == g["ingest"]["events_ingested"]
     # Each ingested event to both subscribers, unless a full ring turned it away (a
