@@ -40,11 +40,14 @@ and that an exclusive queue is gone with it (unacknowledged messages lost).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
+import struct
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import msgspec
@@ -66,7 +69,8 @@ ERROR_REASONS: Final = (
     "connect_failed",  # no connection (broker down, refused, bad credentials)
     "connection_lost",  # a connection that was up went away
     "exchange_missing",  # declare = false and the exchange does not exist
-    "queue_refused",  # the queue could not be declared, bound or consumed
+    "queue_refused",  # the queue could not be declared, bound or consumed, or the
+    # broker cancelled our consumer (the queue was deleted while we consumed)
 )
 ACK_EVERY: Final = 200  # messages per multiple-ack (at most prefetch / 2)
 ACK_FLUSH: Final = 0.05  # seconds: a partial ack batch waits no longer
@@ -168,6 +172,8 @@ class AmqpSource:
         self._stop = threading.Event()
         self._connected_once = False
         self._session: _Session | None = None  # the connection's, owned by the thread
+        self.fast_deliveries = 0  # messages taken by the fast path (the thread's; for tests)
+        self.fast_path = ""  # "" or why pika parses every delivery (once a session began)
         self._thread = threading.Thread(target=self._run, name="edg-amqp", daemon=True)
 
     @property
@@ -259,8 +265,6 @@ class _Session:
     """One connection's life: declare, bind, consume, ack; ends with the connection."""
 
     def __init__(self, source: AmqpSource, params: Any) -> None:
-        import pika
-
         self.source = source
         self.config = source.config
         self.relay = source.relay
@@ -268,6 +272,7 @@ class _Session:
         self.failed = False  # an error of ours closed it (counted once, by its reason)
         self.channel: Any = None
         self.queue = ""
+        self._consumer_tag = b""
         self._bodies: list[bytes] = []  # the batch being gathered
         self._stale = 0  # of the batch: too old by their own timestamp (acked)
         self._expired = 0  # of the batch: expired in the queue (auto-acked)
@@ -276,7 +281,8 @@ class _Session:
         self._raised_tag = 0  # ... of the newest message raised (what an ack may cover)
         self._unacked = 0
         self._flush_timer: Any = None
-        self.connection = pika.SelectConnection(
+        connection_type, source.fast_path = _connection_type()
+        self.connection = connection_type(
             params,
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error,
@@ -303,6 +309,7 @@ class _Session:
             self.connection.ioloop.stop()  # still connecting: give up on it
 
     def _on_closed(self, connection: Any, reason: Exception) -> None:
+        self.connection.take = None
         if self._batch_due:  # received: raised and counted (a durable queue will
             self._raise_batch()  # deliver them again, unacknowledged: see the top)
         if self.consumed and not self.failed and not self.source._stop.is_set():
@@ -312,6 +319,7 @@ class _Session:
     def _on_channel(self, channel: Any) -> None:
         self.channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_cancel_callback(self._on_cancelled)
         cfg = self.config
         if cfg.declare:
             channel.exchange_declare(
@@ -323,11 +331,12 @@ class _Session:
     def _on_channel_closed(self, channel: Any, reason: Any) -> None:
         import pika.exceptions
 
+        self.connection.take = None
         if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
             return  # the connection went (counted there), or we closed it
         code = getattr(reason, "reply_code", 0)
         text = getattr(reason, "reply_text", str(reason))
-        if not self.source._stop.is_set():
+        if not self.source._stop.is_set() and not self.failed:
             self.failed = True
             if code == 404 and not self.queue:
                 self.source._count_error(
@@ -388,8 +397,23 @@ class _Session:
             self.queue, self.config.exchange, routing_key=key, callback=lambda _f: self._bind(keys)
         )
 
+    def _on_cancelled(self, _frame: Any) -> None:
+        """The broker cancelled a consumer of ours (its queue was deleted, say): raise
+        and acknowledge what came, then reconnect (declaring the queue again)."""
+        self.connection.take = None
+        if self.source._stop.is_set() or self.failed:
+            return
+        self.failed = True
+        self.source._count_error(
+            "queue_refused", f"the broker cancelled the consumer of queue {self.queue}"
+        )
+        self.close()
+
     def _on_qos(self, _frame: Any) -> None:
-        self.channel.basic_consume(self.queue, self._on_message, auto_ack=False)
+        tag = self.channel.basic_consume(self.queue, self._on_message, auto_ack=False)
+        if not self.source.fast_path:  # deliveries to `tag`: taken off pika's frame buffer
+            self._consumer_tag = tag.encode()
+            self.connection.take = self._take
         self.consumed = True
         self.source._connected(self.queue)
         self.connection.ioloop.call_later(LAG_INTERVAL, self._read_lag)
@@ -405,6 +429,22 @@ class _Session:
         if not self._batch_due:
             self._batch_due = True
             self.connection.ioloop.call_later(0, self._raise_batch)
+
+    def _take(self, buf: bytes) -> Deliveries:
+        """The fast path: the whole deliveries at the front of `buf` into the batch
+        (what _on_message does for one that pika parsed)."""
+        took = _take_deliveries(
+            buf, self.channel.channel_number, self._consumer_tag, self._bodies,
+            self.source._max_age_s,
+        )  # fmt: skip
+        if took.messages:
+            self._stale += took.stale
+            self._batch_tag = took.tag
+            self.source.fast_deliveries += took.messages
+            if not self._batch_due:
+                self._batch_due = True
+                self.connection.ioloop.call_later(0, self._raise_batch)
+        return took
 
     def _on_stale(self, _channel: Any, _method: Any, _properties: Any, _body: bytes) -> None:
         self._expired += 1  # dead-lettered by the queue's x-message-ttl
@@ -457,3 +497,228 @@ def _too_old(properties: Any, max_age_s: float) -> bool:
         return time.time() - sent_ms / 1000.0 > max_age_s
     sent = properties.timestamp
     return isinstance(sent, int) and time.time() - sent > max_age_s
+
+
+# -- the fast path for deliveries -------------------------------------------------------------
+# AMQP 0-9-1 frames: type (1 method, 2 content header, 3 body, 8 heartbeat), channel,
+# payload size, payload, 0xCE. A delivery is a Basic.Deliver method frame (class 60,
+# method 60: consumer tag, delivery tag, redelivered, exchange, routing key), a header
+# frame (class, weight, body size, property flags, properties) and body frames holding
+# body-size bytes, one per frame_max - 8 bytes, none for an empty body; nothing else on
+# the channel between them.
+
+_FRAME = struct.Struct(">BHI")  # type, channel, payload size: 7 bytes, then the payload
+_HEADER = struct.Struct(">BHIHHQH")  # a header frame to its first property flags: 21 bytes
+_TAG = struct.Struct(">Q")
+FRAME_END: Final = 0xCE
+_DELIVER_ARGS: Final = b"\x00\x3c\x00\x3c"  # class 60 (Basic), method 60 (Deliver)
+_PROPERTIES_AT: Final = 19  # header frame offset of its property flags
+_HEADERS_OR_TIMESTAMP: Final = (1 << 13) | (1 << 6)  # BasicProperties.FLAG_HEADERS, _TIMESTAMP
+
+
+class Deliveries:
+    """What _take_deliveries took off a buffer: `used` bytes in `frames` frames, the
+    bodies appended to the batch, `stale` too old by their own timestamp, the newest
+    delivery tag; `waiting`: it stopped at a frame (or a delivery) not wholly there."""
+
+    __slots__ = ("frames", "messages", "stale", "tag", "used", "waiting")
+
+    def __init__(self) -> None:
+        self.used = self.frames = self.messages = self.stale = self.tag = 0
+        self.waiting = False
+
+
+def _take_deliveries(
+    buf: bytes, channel: int, consumer_tag: bytes, bodies: list[bytes], max_age_s: float
+) -> Deliveries:
+    """Take the whole deliveries to `consumer_tag` on `channel` off the front of `buf`
+    (AMQP frames as read), appending their bodies to `bodies` (or counting them stale:
+    max_age_s and a publish time older than that in their properties). Stops at the
+    first frame that does not begin such a delivery, or that is incomplete, or at a
+    delivery not wholly in `buf` (`waiting`), so the caller hands pika the rest at a
+    frame boundary. No frame, method or properties objects are made but for the
+    properties of a message with headers or a timestamp when max_age_s is set."""
+    took = Deliveries()
+    args = _DELIVER_ARGS + bytes((len(consumer_tag),)) + consumer_tag
+    head = _FRAME.unpack_from
+    end = len(buf)
+    pos = 0
+    while True:
+        if end - pos < 8:  # a frame is 8 bytes at least
+            took.waiting = True
+            break
+        kind, chan, size = head(buf, pos)
+        method_end = pos + 7 + size  # where its 0xCE is
+        if method_end >= end:
+            took.waiting = True
+            break
+        if kind != 1 or chan != channel or not buf.startswith(args, pos + 7):
+            break  # not a delivery of ours: pika's
+        if buf[method_end] != FRAME_END:
+            break  # pika raises InvalidFrameError for it
+        (tag,) = _TAG.unpack_from(buf, pos + 7 + len(args))
+        at = method_end + 1  # the header frame
+        if end - at < 22:
+            took.waiting = True
+            break
+        kind, chan, size, class_id, _weight, body_size, flags = _HEADER.unpack_from(buf, at)
+        header_end = at + 7 + size
+        if header_end >= end:
+            took.waiting = True
+            break
+        if kind != 2 or chan != channel or class_id != 60 or buf[header_end] != FRAME_END:
+            break
+        frames = 2
+        body_at = header_end + 1
+        if body_size:
+            if end - body_at < 8:
+                took.waiting = True
+                break
+            kind, chan, size = head(buf, body_at)
+            body_end = body_at + 7 + size
+            if body_end >= end:
+                took.waiting = True
+                break
+            if kind != 3 or chan != channel or buf[body_end] != FRAME_END or size > body_size:
+                break
+            if size == body_size:  # one body frame: the usual case
+                body = buf[body_at + 7 : body_end]
+                frames = 3
+                body_at = body_end + 1
+            else:  # larger than frame_max
+                several = _several_body_frames(buf, body_at, channel, body_size)
+                if several is None:
+                    break
+                if not several[0]:
+                    took.waiting = True
+                    break
+                _, body, frames, body_at = several
+                frames += 2
+        else:
+            body = b""
+        if (
+            max_age_s
+            and flags & _HEADERS_OR_TIMESTAMP
+            and _too_old(_properties(buf, at + _PROPERTIES_AT), max_age_s)
+        ):
+            took.stale += 1
+        else:
+            bodies.append(body)
+        took.messages += 1
+        took.frames += frames
+        took.tag = tag
+        pos = body_at
+    took.used = pos
+    return took
+
+
+def _several_body_frames(
+    buf: bytes, at: int, channel: int, body_size: int
+) -> tuple[bool, bytes, int, int] | None:
+    """The body frames from `at` that hold body_size bytes: (True, body, frames, the
+    position after them), (False, ...) when not all there yet, None when something
+    else comes first (pika's to see)."""
+    chunks: list[bytes] = []
+    got = 0
+    end = len(buf)
+    while got < body_size:
+        if end - at < 8:
+            return False, b"", 0, at
+        kind, chan, size = _FRAME.unpack_from(buf, at)
+        frame_end = at + 7 + size
+        if frame_end >= end:
+            return False, b"", 0, at
+        if kind != 3 or chan != channel or buf[frame_end] != FRAME_END:
+            return None
+        got += size
+        if got > body_size:
+            return None  # pika raises BodyTooLongError for it
+        chunks.append(buf[at + 7 : frame_end])
+        at = frame_end + 1
+    return True, b"".join(chunks), len(chunks), at
+
+
+def _properties(buf: bytes, at: int) -> Any:
+    import pika.spec
+
+    return pika.spec.BasicProperties().decode(buf, at)
+
+
+@functools.cache
+def _connection_type() -> tuple[Any, str]:
+    """pika.SelectConnection with the fast path, and "" ; or, when pika's internals
+    are not those it was written against, pika.SelectConnection itself and why."""
+    import pika
+
+    problem = _pika_internals_problem()
+    if problem:
+        log.warning("amqp: pika %s: %s; pika parses every delivery", pika.__version__, problem)
+        return pika.SelectConnection, problem
+
+    class DeliveryConnection(pika.SelectConnection):  # type: ignore[misc]
+        """While `take` is set (a session consuming), whole deliveries are taken off
+        the front of the frame buffer by it; any other frame goes through pika's own
+        _read_frame / _process_frame, at a frame boundary, as in
+        Connection._on_data_available. bytes_received (which the heartbeat checker
+        watches) and frames_received count both."""
+
+        take: Callable[[bytes], Deliveries] | None = None
+        _frame_buffer: bytes  # pika's (Connection._init_connection_state)
+        bytes_received: int
+        frames_received: int
+
+        def _on_data_available(self, data_in: bytes) -> None:
+            self._frame_buffer += data_in
+            while self._frame_buffer:
+                take = self.take
+                if take is not None:
+                    buf = self._frame_buffer
+                    took = take(buf)
+                    if took.used:
+                        self._frame_buffer = buf[took.used :]
+                        self.bytes_received += took.used
+                        self.frames_received += took.frames
+                    if took.waiting or not self._frame_buffer:
+                        return
+                consumed, value = self._read_frame()
+                if not value:
+                    return
+                self._trim_frame_buffer(consumed)
+                self._process_frame(value)
+
+    return DeliveryConnection, ""
+
+
+def _pika_internals_problem() -> str:
+    """Why the fast path cannot rely on this pika (its private parts it uses), or ""."""
+    import pika
+    import pika.frame
+    import pika.spec
+
+    connection = pika.connection.Connection
+    for name in ("_on_data_available", "_read_frame", "_trim_frame_buffer", "_process_frame"):
+        if not callable(getattr(connection, name, None)):
+            return f"no Connection.{name}"
+    basic = pika.spec.Basic
+    if (
+        pika.spec.FRAME_END != FRAME_END
+        or basic.Deliver.INDEX != 0x003C003C
+        or pika.spec.BasicProperties.FLAG_HEADERS | pika.spec.BasicProperties.FLAG_TIMESTAMP
+        != _HEADERS_OR_TIMESTAMP
+    ):
+        return "unexpected AMQP constants"
+    # The frames pika would send for a delivery, read back by the fast path.
+    wire = b"".join(
+        (
+            pika.frame.Method(3, basic.Deliver("ctag", 77, False, "x", "k")).marshal(),
+            pika.frame.Header(3, 5, pika.spec.BasicProperties(timestamp=1)).marshal(),
+            pika.frame.Body(3, b"ab").marshal(),
+            pika.frame.Body(3, b"cde").marshal(),
+            pika.frame.Heartbeat().marshal(),
+        )
+    )
+    bodies: list[bytes] = []
+    took = _take_deliveries(wire, 3, b"ctag", bodies, 1.0)
+    if (bodies, took.stale, took.tag, took.frames) != ([], 1, 77, 4) or wire[took.used] != 8:
+        return "its frames are not read back as expected"
+    return ""
