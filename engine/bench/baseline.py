@@ -30,8 +30,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import socket
 import time
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
@@ -70,6 +72,7 @@ class IngestSpec(msgspec.Struct, frozen=True):
     duration_s: float
     rate: float  # events/s; 0 = as fast as possible
     tag: str
+    sched_idle: bool = False  # emit under SCHED_IDLE: only on CPU time no one else wants
 
 
 def _targets(sockets: list[str], connect: bool) -> list[tuple[socket.socket, Any]]:
@@ -253,6 +256,21 @@ def run_ingest(spec: IngestSpec) -> dict[str, Any]:
     return {"events": events, "sent": sent, "failures": failures, "t0_ns": t0, "t_end_ns": t_end}
 
 
+@contextlib.contextmanager
+def scheduled_idle(idle: bool) -> Iterator[None]:
+    """With `idle`: this process runs under SCHED_IDLE for the block (it still sends
+    as fast as it can, but on CPU time the engine's processes do not want, so a
+    full-speed emitter sharing a core with a worker does not take half of it)."""
+    if not idle:
+        yield
+        return
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
 def sender_main(conn: Connection, cpus: list[int] | None, lifetime_s: float) -> None:
     """Process entry point (a `bench_common.Child`)."""
     prepare_child(cpus)
@@ -270,7 +288,8 @@ def sender_main(conn: Connection, cpus: list[int] | None, lifetime_s: float) -> 
             return
         try:
             if msg[0] == "ingest":
-                result = run_ingest(msg[1])
+                with scheduled_idle(msg[1].sched_idle):
+                    result = run_ingest(msg[1])
             else:
                 result = run_naive(msg[1]) if msg[0] == "naive" else run_ceiling(msg[1])
         except Exception as exc:  # reported, the parent decides

@@ -125,6 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate); match it to what the workers sustain to check for kernel drops",
     )
     a(
+        "--emitter-sched",
+        choices=("normal", "idle"),
+        default="normal",
+        help="scheduling of the ingest emitter: normal (default: at full speed it takes "
+        "about half of the CPU it shares with a worker) or idle (SCHED_IDLE: it still "
+        "sends as fast as it can, but only on CPU time the engine does not use)",
+    )
+    a(
         "--latency-duration",
         type=float,
         default=8.0,

@@ -19,7 +19,10 @@ bench then waits until the ingest socket is read out, sends it one probe (a
 notification of an unknown event, rejected `unknown_event`: the kernel reports its
 drops at the socket with the next datagram read, so the probe makes the last of
 them known), drains the workers and checks the same receivers and the accounting
-identity (the ingest socket's included). The probe is not counted among the events ingested.
+identity (the ingest socket's included). The probe is not counted among the
+events ingested. With `--emitter-sched idle` the emitter runs under SCHED_IDLE:
+as fast as it can, on CPU time the engine's processes leave (at normal priority a
+full-speed emitter on a worker's core takes about half of that core).
 
 The idle phase is an engine round with a quiet period first: a fresh engine,
 the first IDLE_SUBSCRIBERS subscriber sockets, nothing raised for IDLE_SETTLE_S
@@ -558,7 +561,14 @@ class Bench:
             # `_hot` lock while the ingest thread raises (takes `_hot`) under the
             # socket's lock, a lock-order inversion that deadlocks under load.
             out = sender.run(
-                "ingest", IngestSpec((address[0], address[1]), args.duration, rate, tag)
+                "ingest",
+                IngestSpec(
+                    (address[0], address[1]),
+                    args.duration,
+                    rate,
+                    tag,
+                    getattr(args, "emitter_sched", "normal") == "idle",
+                ),
             )
             t0, t_raised = out["t0_ns"], out["t_end_ns"]
             self.progress.phase = f"{phase}: reading out the ingest socket"
@@ -774,7 +784,8 @@ class Bench:
             if "ingest" not in self.contenders()
             else f"an engine with an ingest socket ({INGEST_LISTEN}), fed by the sender process:"
             " one encoded E_BENCH notification, seq and t rewritten per datagram, sendmmsg "
-            "256 per call on a connected socket",
+            "256 per call on a connected socket"
+            + (", under SCHED_IDLE" if getattr(a, "emitter_sched", "normal") == "idle" else ""),
             ceiling=None
             if a.no_ceiling
             else "one process: pre-encoded payloads, sendmmsg 256 per call per connected socket",
