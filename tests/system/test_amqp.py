@@ -393,3 +393,192 @@ def test_an_unreachable_broker_is_counted_and_the_source_stops_at_once(
         source.stop()
         assert time.monotonic() - stopping < 1.0
         rx.close()
+
+
+# -- the fast path (deliveries taken off pika's frame buffer) ------------------------------------
+
+FRAME_BODY_MAX = 131072 - 8  # the broker's default frame_max, less a frame's framing
+
+
+def sized(event: str, seq: int, size: int) -> bytes:
+    """A notification of exactly `size` bytes."""
+    base = len(encode_notification(event, {"seq": seq, "pad": ""}))
+    body = encode_notification(event, {"seq": seq, "pad": "x" * (size - base)}, limit=size)
+    assert len(body) == size
+    return body
+
+
+def recording(source: AmqpSource) -> list[bytes]:
+    """Every body the source hands the relay, in order (what the fast path parsed)."""
+    seen: list[bytes] = []
+    forward = source.relay.forward_batch
+
+    def record(datas: Any) -> None:
+        seen.extend(datas)
+        forward(datas)
+
+    source.relay.forward_batch = record  # type: ignore[method-assign]
+    return seen
+
+
+def test_bodies_around_the_frame_size_arrive_whole_and_in_order(
+    rabbitmq: LocalBroker, make_engine: Callable[..., Engine]
+) -> None:
+    """Bodies up to MAX_PAYLOAD are relayed; larger ones, in one body frame or split
+    over several (larger than frame_max), are read whole, counted oversize, and the
+    stream stays in step."""
+    exchange = unique("sizes")
+    publisher = Publisher(rabbitmq.url, exchange)
+    engine, rx = engine_with_receiver(make_engine, ["E_A"])
+    valid = [100, 4000, 4096, 8200, MAX_PAYLOAD - 1, MAX_PAYLOAD]
+    oversize = [MAX_PAYLOAD + 1, FRAME_BODY_MAX - 1, FRAME_BODY_MAX, FRAME_BODY_MAX + 1]
+    oversize += [131072, 200_000, 2 * FRAME_BODY_MAX, 2 * FRAME_BODY_MAX + 1, 400_000]
+    sizes = [valid[0], *oversize, *valid[1:], oversize[3], valid[-1], oversize[-1]]
+    try:
+        with consuming(engine, url=rabbitmq.url, exchange=exchange) as source:
+            seen = recording(source)
+            sent = []
+            for i, size in enumerate(sizes):
+                sent += [sized("E_A", i, size), notification("E_A", 1000 + i)]
+                publisher.publish(sent[-2])
+                publisher.publish(sent[-1])
+            relayed = [body for body in sent if len(body) <= MAX_PAYLOAD]
+            assert rx.quiet(expect=len(relayed)) == relayed
+            eventually(lambda: len(seen) == len(sent), what="every message to be read")
+            assert seen == sent  # byte for byte, in order
+            counts = stats(source)
+            assert counts.received == len(sent) and counts.raised == len(relayed)
+            assert counts.rejected["oversize"] == len(sent) - len(relayed)
+            assert source.fast_path == "" and source.fast_deliveries == len(sent)
+            engine.statistics().check_identity()
+    finally:
+        rx.close()
+        publisher.close()
+
+
+def test_properties_headers_and_timestamps_mixed_are_read_right(
+    rabbitmq: LocalBroker, make_engine: Callable[..., Engine]
+) -> None:
+    exchange = unique("props")
+    publisher = Publisher(rabbitmq.url, exchange)
+    engine, rx = engine_with_receiver(make_engine, ["E_A"])
+    now = time.time()
+    old_ms, new_ms = int(now * 1000) - 60_000, int(now * 1000) + 60_000
+    variants: list[tuple[Any, bool]] = [  # (properties, stale by its own publish time)
+        (None, False),
+        (pika.BasicProperties(content_type="application/json", delivery_mode=2), False),
+        (pika.BasicProperties(headers={"timestamp_in_ms": new_ms}), False),
+        (pika.BasicProperties(headers={"timestamp_in_ms": old_ms}), True),
+        (pika.BasicProperties(headers={"k": "v", "n": [1, 2], "t": {"x": True}}), False),
+        (pika.BasicProperties(timestamp=new_ms // 1000), False),
+        (pika.BasicProperties(timestamp=old_ms // 1000, headers={"k": "v"}), True),
+        (
+            pika.BasicProperties(
+                content_type="application/json",
+                content_encoding="utf-8",
+                headers={"timestamp_in_ms": old_ms, "pad": "h" * 3000},
+                delivery_mode=2,
+                priority=1,
+                correlation_id="c" * 255,
+                reply_to="r",
+                expiration="600000",
+                message_id="m",
+                timestamp=new_ms // 1000,  # the header, in ms, has the say
+                type="t",
+                user_id="guest",
+                app_id="opensips",
+            ),
+            True,
+        ),
+        (pika.BasicProperties(timestamp=old_ms // 1000, priority=9, app_id="a"), True),
+    ]
+    try:
+        with consuming(engine, url=rabbitmq.url, exchange=exchange, max_age_ms=30_000) as source:
+            fresh = []
+            for i in range(30 * len(variants)):
+                properties, old = variants[i % len(variants)]
+                body = notification("E_A", i)
+                publisher.publish(body, properties=properties)
+                if not old:
+                    fresh.append(body)
+            assert rx.quiet(expect=len(fresh)) == fresh
+            total = 30 * len(variants)
+            eventually(lambda: stats(source).received == total, what="all of them to be read")
+            counts = stats(source)
+            assert counts.rejected["stale"] == total - len(fresh)
+            assert source.fast_deliveries == total
+            engine.statistics().check_identity()
+    finally:
+        rx.close()
+        publisher.close()
+
+
+def test_tens_of_thousands_in_order_through_many_partial_reads(
+    rabbitmq: LocalBroker, make_engine: Callable[..., Engine]
+) -> None:
+    """A queue filled ahead (the broker sends as fast as it can), then more while
+    consuming; a small prefetch (frequent acks, reads ending mid-frame) and bodies
+    of many sizes, so messages straddle pika's 4096-byte reads at every offset."""
+    exchange, queue = unique("many"), unique("q")
+    publisher = Publisher(rabbitmq.url, exchange)
+    publisher.channel.queue_declare(queue, durable=True)
+    publisher.channel.queue_bind(queue, exchange, "#")
+    bulk = publisher.connection.channel()  # no confirms: fast
+    engine, rx = engine_with_receiver(make_engine, ["E_A"])
+    sent = [sized("E_A", i, 80 + (i * 37) % 900) for i in range(24_000)]
+    try:
+        for body in sent[:20_000]:
+            bulk.basic_publish(exchange, "opensips.event", body)
+        eventually(
+            lambda: (
+                publisher.channel.queue_declare(queue, passive=True).method.message_count == 20_000
+            ),
+            what="the queue to fill",
+        )
+        config = {"url": rabbitmq.url, "exchange": exchange, "queue": queue, "prefetch": 50}
+        with consuming(engine, **config) as source:
+            seen = recording(source)
+            for body in sent[20_000:]:
+                bulk.basic_publish(exchange, "opensips.event", body)
+            eventually(lambda: len(seen) == len(sent), timeout=60, what="all of them")
+            assert seen == sent
+            assert rx.quiet(expect=len(sent)) == sent
+            counts = stats(source)
+            assert (counts.received, counts.raised) == (len(sent), len(sent))
+            assert source.fast_deliveries == len(sent)
+            engine.statistics().check_identity()
+        assert publisher.channel.queue_declare(queue, passive=True).method.message_count == 0
+    finally:
+        rx.close()
+        publisher.channel.queue_delete(queue)
+        publisher.close()
+
+
+def test_a_consumer_cancelled_by_the_broker_is_an_error_and_reconnects(
+    rabbitmq: LocalBroker, make_engine: Callable[..., Engine]
+) -> None:
+    """The queue deleted while consumed: the broker cancels the consumer (a frame the
+    fast path leaves to pika); the source counts it, reconnects, declares it again."""
+    exchange, queue = unique("cancel"), unique("q")
+    publisher = Publisher(rabbitmq.url, exchange)
+    engine, rx = engine_with_receiver(make_engine, ["E_A"])
+    try:
+        with consuming(engine, url=rabbitmq.url, exchange=exchange, queue=queue) as source:
+            first = [notification("E_A", i) for i in range(100)]
+            for body in first:
+                publisher.publish(body)
+            assert rx.quiet(expect=100) == first
+            publisher.channel.queue_delete(queue)
+            eventually(lambda: stats(source).errors["queue_refused"] == 1, what="the cancel")
+            eventually(lambda: stats(source).reconnects == 1 and source.up, what="a reconnect")
+            assert publisher.queue_exists(queue)
+            publisher.publish(notification("E_A", 500))
+            assert rx.quiet(expect=101)[100:] == [notification("E_A", 500)]
+            counts = stats(source)
+            assert counts.received == 101 and counts.errors["connection_lost"] == 0
+            assert source.fast_deliveries == 101
+            engine.statistics().check_identity()
+    finally:
+        rx.close()
+        publisher.channel.queue_delete(queue)
+        publisher.close()
