@@ -61,6 +61,9 @@ class Relay:
         self.received = 0
         self.raised = 0
         self.rejected = dict.fromkeys(reasons, 0)
+        # Event ids the engine gave (they never change once given), a dict lookup
+        # away; bounded by the engine's max_events.
+        self._event_ids: dict[str, int] = {}
 
     def forward(self, data: bytes) -> str | None:
         """Validate `data` and raise it byte for byte: None if raised, else the
@@ -88,13 +91,16 @@ class Relay:
         notifications not yet raised "engine_stopped"."""
         self.received += len(datas)
         rejected = self.rejected
-        event_ids = self.engine.event_id
+        known = self._event_ids
+        check = check_notification  # its default limit is MAX_PAYLOAD
         eids: list[int] = []
         payloads: list[bytes] = []
         for data in datas:
             try:
-                method = check_notification(data, limit=MAX_PAYLOAD)
-                eid = event_ids(method)
+                method = check(data)
+                eid = known.get(method)
+                if eid is None:
+                    eid = known[method] = self.engine.event_id(method)
             except NotificationRejected as exc:
                 rejected[exc.reason] += 1
                 continue
