@@ -20,16 +20,38 @@ clients measured here; README, "Engines on many hosts"). Per connection:
   a message that carries its publish time (header `timestamp_in_ms`, else the
   AMQP `timestamp` property, in whole seconds) and is older is counted `stale`
   on arrival too. Nothing stale is delivered late;
-- `basic.qos(prefetch)`, then consume: the messages pika parses from one read
+- `basic.qos(prefetch)`, then consume: the messages of one read of the socket
   go through the Relay together (Relay.forward_batch: validated and raised byte
   for byte, counted by reason, exactly like ingest datagrams) and are then
   acknowledged in batches (`multiple`): every ACK_EVERY messages, and ACK_FLUSH
   seconds after the last one at most;
 - every LAG_INTERVAL a passive declare reads the messages still waiting (lag).
 
+The fast path for deliveries. pika makes three frame objects of each message (a
+Basic.Deliver, a BasicProperties decoded) and passes them through its callback
+layers, about 35 us of CPU a message here: it was the limit of the source (the
+relay costs ~3 us a message). So while
+a session consumes, its connection (DeliveryConnection, a SelectConnection whose
+_on_data_available comes first) takes the whole messages to our consumer off the
+front of pika's frame buffer itself (_take_deliveries: the method, header and
+body frames read with struct.unpack_from in one loop, the body sliced out; ~3 us
+a message), into the batch _on_message would have built. Whatever else comes
+(heartbeats, replies, Basic.Cancel, Channel.Close, the stale queue's messages, a
+frame not as expected) goes to pika's own _read_frame / _process_frame, one frame
+at a time at a frame boundary, so pika's state stays its own; a message not yet
+wholly read waits for the next read. Properties are decoded (by pika) only with
+max_age_ms, for a message whose flags say it has headers or a timestamp. This
+uses pika internals (Connection._on_data_available, _frame_buffer, _read_frame,
+_trim_frame_buffer, _process_frame, bytes_received, frames_received); at the
+first session, _pika_internals_problem checks them and reads back frames pika
+marshals, and if they are not as expected the source uses plain pika (slower,
+logged once; `fast_path` says why).
+
 A lost connection is made again after a back-off (BACKOFF_FIRST doubling to
 BACKOFF_MAX); the thread never holds up start-up, stop or any other source.
-Per source: received = rejected (by reason) + raised, as for the ingest.
+Per source: received = rejected (by reason) + raised, as for the ingest. A
+consumer the broker cancels (its queue deleted) is an error ("queue_refused"):
+the session acknowledges what it raised and the source reconnects.
 
 Acknowledged after the raise: an event is queued for the workers (or counted
 dropped) before the broker forgets it. A crash between the raise and the ack
@@ -696,9 +718,23 @@ def _pika_internals_problem() -> str:
     import pika.spec
 
     connection = pika.connection.Connection
-    for name in ("_on_data_available", "_read_frame", "_trim_frame_buffer", "_process_frame"):
-        if not callable(getattr(connection, name, None)):
+    uses = {  # pika's methods the override stands in for or calls: the names they use
+        "_on_data_available": {
+            "_frame_buffer",
+            "_read_frame",
+            "_trim_frame_buffer",
+            "_process_frame",
+        },
+        "_read_frame": {"_frame_buffer"},
+        "_trim_frame_buffer": {"_frame_buffer", "bytes_received"},
+        "_process_frame": {"frames_received"},
+    }
+    for name, names in uses.items():
+        code = getattr(getattr(connection, name, None), "__code__", None)
+        if code is None:
             return f"no Connection.{name}"
+        if not names <= set(code.co_names):
+            return f"Connection.{name} no longer uses {', '.join(sorted(names))}"
     basic = pika.spec.Basic
     if (
         pika.spec.FRAME_END != FRAME_END

@@ -73,6 +73,14 @@ def test_a_pika_without_them_means_plain_pika(monkeypatch: pytest.MonkeyPatch) -
     assert cls is pika.SelectConnection and problem
 
 
+def test_a_pika_whose_read_loop_changed_means_plain_pika(monkeypatch: pytest.MonkeyPatch) -> None:
+    def elsewhere(self: Any, data_in: bytes) -> None:
+        self._buffer.extend(data_in)
+
+    monkeypatch.setattr(pika.connection.Connection, "_on_data_available", elsewhere)
+    assert "Connection._on_data_available no longer uses" in amqp._pika_internals_problem()
+
+
 def test_bodies_of_every_size_around_a_frame_are_read_byte_for_byte() -> None:
     sizes = [0, 1, 123, 4096, 65457, FRAME_BODY_MAX - 1, FRAME_BODY_MAX, FRAME_BODY_MAX + 1]
     sizes += [2 * FRAME_BODY_MAX, 2 * FRAME_BODY_MAX + 1, 200_000, 400_000]
