@@ -117,6 +117,7 @@ class Engine:
         # A full barrier inside `_hot` (its acquire is a locked instruction): a batch
         # that must wait for room publishes, crosses it, then wakes sleeping workers.
         self._fence = threading.Lock()
+        self._waited: list[Ring] = []  # in a batch: rings that append() published
         self._event_ids: dict[str, int] = {}
         self.registry = Registry(
             allow=allow or AllowList.default(self.options.resolved_runtime_dir()),
@@ -306,9 +307,11 @@ class Engine:
                 raise EngineError(self._failure or "engine is not running")
             oversize, touched = self._queue_batch(eids, payloads)
         # Releasing the lock was the barrier (see _raise).
-        with contextlib.suppress(ValueError):  # unmapped by stop() meanwhile
+        try:
             for ring in touched:
                 ring.wake_if_sleeping()
+        except ValueError:  # stop() unmapped the rings meanwhile: no one to wake
+            pass
         return oversize
 
     def _raise(self, name: str, eid: int, payload: bytes) -> RaiseResult:
@@ -421,15 +424,18 @@ class Engine:
         targets_of = router.targets
         rings = router.rings
         routes = router.routes
-        marks = [ring.published for ring in rings]
         ts = time.monotonic_ns()
         bound = self._max_pending
+        self._waited = []
+        n = len(eids)
+        first = eids[0] if n else 0
+        runs = ((first, 0, n),) if eids.count(first) == n else _runs(eids)
         oversize = no_subscribers = ring_full = queued = 0
-        for eid, i, j in _runs(eids):
+        for eid, i, j in runs:
             m = j - i
             raised[eid] += m
-            big: set[int] = set()
-            if max(map(len, payloads[i:j])) > MAX_PAYLOAD:  # never from a Relay
+            big: set[int] | tuple[()] = ()
+            if max(map(len, payloads if m == n else payloads[i:j])) > MAX_PAYLOAD:
                 big = {k for k in range(i, j) if len(payloads[k]) > MAX_PAYLOAD}
                 self.oversize[eid] += len(big)
                 oversize += len(big)
@@ -437,7 +443,7 @@ class Engine:
             if not targets:
                 no_subscribers += m - len(big)
                 continue
-            failed: set[int] = set()  # events some target ring did not take
+            failed: set[int] | None = None  # events some target ring did not take
             for worker, fanout in targets:
                 route = routes[worker]
                 k = i
@@ -450,16 +456,19 @@ class Engine:
                     route.pairs_queued += fanout * (k - i)
                 for e in range(k, j):
                     if e not in big and not self._stage_one(worker, eid, fanout, ts, payloads[e]):
+                        if failed is None:
+                            failed = set()
                         failed.add(e)
-            ring_full += len(failed)
-            queued += m - len(big) - len(failed)
-        for ring in rings:
-            ring.publish()
+            full = len(failed) if failed else 0
+            ring_full += full
+            queued += m - len(big) - full
+        touched = [ring for ring in rings if ring.publish()]
+        if self._waited:  # published while waiting for room (see _stage_one)
+            touched.extend(r for r in self._waited if r not in touched)
         self.events_queued += queued
         drops = self.drops
         drops["ring_full"] += ring_full
         drops["no_subscribers"] += no_subscribers
-        touched = [ring for ring, mark in zip(rings, marks, strict=True) if ring.published != mark]
         return oversize, touched
 
     def _stage_one(self, worker: int, eid: int, fanout: int, ts: int, payload: bytes) -> bool:
@@ -485,6 +494,7 @@ class Engine:
         elif wait_s:  # the worker must see what is staged to make room for it
             self._publish_and_wake(rings)
             ok = ring.append(KIND_EVENT, eid, fanout, ts, payload, wait_s)
+            self._waited.append(ring)  # published by append: woken after the batch
         else:
             ring.note_drop()
             ok = False

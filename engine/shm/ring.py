@@ -348,12 +348,15 @@ class Ring:
             self._wpos = wpos + total
         return i - start
 
-    def publish(self) -> None:
+    def publish(self) -> bool:
         """Make every staged record visible to the consumer (the record count, then
-        the write position: one store each); nothing when nothing is staged."""
-        if self._wpos != self._published:
-            self.words[_RECORDS_WRITTEN] = self._written
-            self.words[_WRITE_POS] = self._published = self._wpos  # readable from now on
+        the write position: one store each); False (nothing done) when nothing was
+        staged."""
+        if self._wpos == self._published:
+            return False
+        self.words[_RECORDS_WRITTEN] = self._written
+        self.words[_WRITE_POS] = self._published = self._wpos  # readable from now on
+        return True
 
     def note_drop(self) -> None:
         """Count a record the producer could not fit (after `stage()` said no)."""
