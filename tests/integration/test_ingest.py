@@ -118,6 +118,40 @@ def test_each_rejection_reason_is_counted(tmp_path: Path) -> None:
         rx.close()
 
 
+def test_a_batch_from_several_sources_is_checked_per_source() -> None:
+    # One recvmmsg batch from two loopback addresses, one allowed, in turns: the
+    # batch cannot be checked once for all, each datagram is (and relayed in order).
+    rx = udp_receiver()
+    try:
+        with running_engine(["E_TEST"]) as engine:
+            engine.subscribe("E_TEST", rx.socket_text)
+            with ingesting(engine, ["udp:127.0.0.1:0"], allow=["127.0.0.1/32"]) as ingest:
+                (sock,) = ingest.sockets
+                senders = []
+                for host in ("127.0.0.1", "127.0.0.2"):
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    s.bind((host, 0))
+                    s.connect(sock.sock.getsockname())
+                    senders.append(s)
+                try:
+                    with sock.relay.lock:  # held: the datagrams pile up into one batch
+                        for k in range(40):
+                            msg = {"jsonrpc": "2.0", "method": "E_TEST", "params": {"k": k}}
+                            senders[k % 2].send(json.dumps(msg).encode())
+                        time.sleep(0.1)
+                finally:
+                    for s in senders:
+                        s.close()
+                eventually(lambda: by_name(engine, ingest.names[0]).received == 40)
+                source = by_name(engine, ingest.names[0])
+                assert source.raised == 20 and source.rejected["source_not_allowed"] == 20
+            got = [json.loads(d)["params"]["k"] for d in rx.quiet(expect=20)]
+            assert got == list(range(0, 40, 2))
+            engine.statistics().check_identity()
+    finally:
+        rx.close()
+
+
 def _hostile(rng: random.Random, count: int) -> tuple[list[bytes], int]:
     """`count` datagrams, most of them hostile; returns them and how many are valid."""
     shapes = [
