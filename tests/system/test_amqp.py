@@ -62,9 +62,20 @@ class Publisher:
 
 
 @contextmanager
-def consuming(engine: Engine, **config: Any) -> Iterator[AmqpSource]:
-    """An AmqpSource of `engine`, started and up; stopped afterwards."""
+def consuming(
+    engine: Engine, seen: list[bytes] | None = None, **config: Any
+) -> Iterator[AmqpSource]:
+    """An AmqpSource of `engine`, started and up; stopped afterwards. With `seen`,
+    every body it hands the relay is appended to it, in order (what it parsed)."""
     source = AmqpSource(engine, AmqpConfig(**config))
+    if seen is not None:
+        forward = source.relay.forward_batch
+
+        def record(datas: Any) -> None:
+            seen.extend(datas)
+            forward(datas)
+
+        source.relay.forward_batch = record  # type: ignore[method-assign]
     engine.add_source(source)
     source.start()
     try:
@@ -408,19 +419,6 @@ def sized(event: str, seq: int, size: int) -> bytes:
     return body
 
 
-def recording(source: AmqpSource) -> list[bytes]:
-    """Every body the source hands the relay, in order (what the fast path parsed)."""
-    seen: list[bytes] = []
-    forward = source.relay.forward_batch
-
-    def record(datas: Any) -> None:
-        seen.extend(datas)
-        forward(datas)
-
-    source.relay.forward_batch = record  # type: ignore[method-assign]
-    return seen
-
-
 def test_bodies_around_the_frame_size_arrive_whole_and_in_order(
     rabbitmq: LocalBroker, make_engine: Callable[..., Engine]
 ) -> None:
@@ -435,8 +433,8 @@ def test_bodies_around_the_frame_size_arrive_whole_and_in_order(
     oversize += [131072, 200_000, 2 * FRAME_BODY_MAX, 2 * FRAME_BODY_MAX + 1, 400_000]
     sizes = [valid[0], *oversize, *valid[1:], oversize[3], valid[-1], oversize[-1]]
     try:
-        with consuming(engine, url=rabbitmq.url, exchange=exchange) as source:
-            seen = recording(source)
+        seen: list[bytes] = []
+        with consuming(engine, seen, url=rabbitmq.url, exchange=exchange) as source:
             sent = []
             for i, size in enumerate(sizes):
                 sent += [sized("E_A", i, size), notification("E_A", 1000 + i)]
@@ -536,8 +534,8 @@ def test_tens_of_thousands_in_order_through_many_partial_reads(
             what="the queue to fill",
         )
         config = {"url": rabbitmq.url, "exchange": exchange, "queue": queue, "prefetch": 50}
-        with consuming(engine, **config) as source:
-            seen = recording(source)
+        seen: list[bytes] = []
+        with consuming(engine, seen, **config) as source:
             for body in sent[20_000:]:
                 bulk.basic_publish(exchange, "opensips.event", body)
             eventually(lambda: len(seen) == len(sent), timeout=60, what="all of them")
