@@ -1,4 +1,4 @@
-"""The broker source's fast path (engine/sources/amqp.py): whole Basic.Deliver
+"""The broker source's fast path (engine/sources/amqp_frames.py): whole Basic.Deliver
 messages taken off pika's frame buffer without pika, everything else left to pika
 at a frame boundary. The frames are pika's own marshalling of each kind; pika's
 parse of the same bytes is the reference.
@@ -17,8 +17,8 @@ import pika.frame
 import pika.spec
 import pytest
 
-from engine.sources import amqp
-from engine.sources.amqp import Deliveries, _connection_type, _take_deliveries
+from engine.sources import amqp_frames
+from engine.sources.amqp_frames import Deliveries, connection_type, take_deliveries
 
 CTAG = "ctag1.0123456789abcdef"
 FRAME_BODY_MAX = 131072 - 8  # the broker's default frame_max, less a frame's framing
@@ -48,7 +48,7 @@ def delivery(
 def connection() -> Any:
     """A DeliveryConnection that never connects: pika's buffer handling and frame
     decoding, with _process_frame recording what pika would have processed."""
-    cls, problem = _connection_type()
+    cls, problem = connection_type()
     assert problem == ""
     conn = cls.__new__(cls)
     conn._frame_buffer = b""
@@ -60,16 +60,16 @@ def connection() -> Any:
 
 
 def test_the_installed_pika_has_the_internals_the_fast_path_uses() -> None:
-    assert amqp._pika_internals_problem() == ""
-    cls, problem = _connection_type()
+    assert amqp_frames.pika_internals_problem() == ""
+    cls, problem = connection_type()
     assert problem == "" and issubclass(cls, pika.SelectConnection)
     assert cls is not pika.SelectConnection
 
 
 def test_a_pika_without_them_means_plain_pika(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(pika.connection.Connection, "_read_frame")
-    assert amqp._pika_internals_problem() == "no Connection._read_frame"
-    cls, problem = _connection_type.__wrapped__()
+    assert amqp_frames.pika_internals_problem() == "no Connection._read_frame"
+    cls, problem = connection_type.__wrapped__()
     assert cls is pika.SelectConnection and problem
 
 
@@ -78,7 +78,7 @@ def test_a_pika_whose_read_loop_changed_means_plain_pika(monkeypatch: pytest.Mon
         self._buffer.extend(data_in)
 
     monkeypatch.setattr(pika.connection.Connection, "_on_data_available", elsewhere)
-    assert "Connection._on_data_available no longer uses" in amqp._pika_internals_problem()
+    assert "Connection._on_data_available no longer uses" in amqp_frames.pika_internals_problem()
 
 
 def test_bodies_of_every_size_around_a_frame_are_read_byte_for_byte() -> None:
@@ -88,7 +88,7 @@ def test_bodies_of_every_size_around_a_frame_are_read_byte_for_byte() -> None:
     bodies = [pattern[i : i + n] for i, n in enumerate(sizes)]
     wire = b"".join(b"".join(delivery(body, i + 1)) for i, body in enumerate(bodies))
     got: list[bytes] = []
-    took = _take_deliveries(wire, 1, CTAG.encode(), got, 0.0)
+    took = take_deliveries(wire, 1, CTAG.encode(), got, 0.0)
     assert got == bodies
     assert (took.used, took.messages, took.tag, took.waiting) == (len(wire), len(sizes), 12, True)
     assert took.frames == sum(len(delivery(body, 1)) for body in bodies)
@@ -106,7 +106,7 @@ def test_anything_else_stops_it_at_a_frame_boundary() -> None:
     }
     for what, frames in others.items():
         got: list[bytes] = []
-        took = _take_deliveries(ours + b"".join(frames), 1, CTAG.encode(), got, 0.0)
+        took = take_deliveries(ours + b"".join(frames), 1, CTAG.encode(), got, 0.0)
         assert (took.used, got, took.waiting) == (len(ours), [b"a"], False), what
 
 
@@ -114,7 +114,7 @@ def test_a_delivery_not_wholly_read_waits_for_the_rest() -> None:
     whole = b"".join(delivery(b"b" * 300_000, 9))
     for cut in (1, 7, 8, 40, 60, 100, 200, FRAME_BODY_MAX, len(whole) - 1):
         got: list[bytes] = []
-        took = _take_deliveries(whole[:cut], 1, CTAG.encode(), got, 0.0)
+        took = take_deliveries(whole[:cut], 1, CTAG.encode(), got, 0.0)
         assert (took.used, took.messages, took.waiting, got) == (0, 0, True, []), cut
 
 
@@ -150,7 +150,7 @@ def test_stale_by_their_own_publish_time_only_with_max_age() -> None:
     )
     for max_age, stale in ((0.0, set()), (5.0, {"old ms", "old s", "old s, all the rest"})):
         got: list[bytes] = []
-        took = _take_deliveries(wire, 1, CTAG.encode(), got, max_age)
+        took = take_deliveries(wire, 1, CTAG.encode(), got, max_age)
         assert got == [name.encode() for name in props if name not in stale]
         assert (took.stale, took.messages, took.used) == (len(stale), len(props), len(wire))
 
@@ -182,7 +182,7 @@ def test_read_in_any_chunks_ours_are_taken_and_the_rest_is_pikas(chunk: int) -> 
     tags: list[int] = []
 
     def take(buf: bytes) -> Deliveries:
-        took = _take_deliveries(buf, 1, CTAG.encode(), got, 0.0)
+        took = take_deliveries(buf, 1, CTAG.encode(), got, 0.0)
         if took.messages:
             tags.append(took.tag)
         return took
