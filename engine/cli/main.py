@@ -75,6 +75,14 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         help="subscribe the first ingest socket to every event of the OpenSIPS MI at "
         "udp:HOST:PORT, http://HOST:PORT/mi or fifo:PATH (repeat; adds to [[upstream]])",
     )
+    run.add_argument(
+        "--amqp",
+        action="append",
+        metavar="URL",
+        help='consume from a queue of this engine\'s own on the exchange "opensips" of the '
+        "RabbitMQ at amqp://USER:PASS@HOST:PORT/VHOST, every routing key (repeat; adds to "
+        "[[amqp]]; needs the amqp extra)",
+    )
 
     sub = verbs.add_parser("subscribe", parents=[client], help="subscribe a socket to an event")
     sub.add_argument("event")
@@ -278,6 +286,8 @@ def _apply_flags(cfg: config_mod.Config, args: argparse.Namespace) -> None:
         cfg.ingest.listen = list(args.ingest)
     for mi in args.upstream or []:
         cfg.upstream.append(config_mod.UpstreamConfig(mi=mi, events=["*"]))
+    for url in args.amqp or []:
+        cfg.amqp.append(config_mod.AmqpConfig(url=url))
     engine: dict[str, Any] = msgspec.structs.asdict(cfg.engine)
     if args.workers is not None:
         engine["workers"] = args.workers

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -579,4 +584,59 @@ def test_a_consumer_cancelled_by_the_broker_is_an_error_and_reconnects(
     finally:
         rx.close()
         publisher.channel.queue_delete(queue)
+        publisher.close()
+
+
+def test_run_amqp_consumes_from_the_opensips_exchange(
+    rabbitmq: LocalBroker, tmp_path: Path
+) -> None:
+    """`event-datagram run --amqp URL`, a process: the ready line names the source
+    (without its credentials), and what OpenSIPS would publish reaches a subscriber."""
+    publisher = Publisher(rabbitmq.url, "opensips")
+    rx = udp_receiver()
+    config = tmp_path / "engine.toml"
+    config.write_text(
+        'events = ["E_PIKE_BLOCKED"]\n'
+        "[engine]\n"
+        f'instance = "amqprun{os.getpid()}"\n'
+        "workers = 1\n"
+        "pin = false\n"
+        f'runtime_dir = "{tmp_path / "run"}"\n'
+        '[mi]\nhttp = ""\ndatagram = ""\n'
+        "[state]\nenabled = false\n"
+        f'[[subscription]]\nevent = "E_PIKE_BLOCKED"\nsocket = "{rx.socket_text}"\n'
+    )
+    log = tmp_path / "engine.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "engine",
+                "run",
+                "--config",
+                str(config),
+                "--amqp",
+                rabbitmq.url,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        host = rabbitmq.url.split("@", 1)[1].split("/", 1)[0]
+        ready = f"ready: amqp://{host}/%2F opensips"
+        eventually(lambda: ready in log.read_text(), timeout=30, what="the ready line")
+        assert "guest" not in log.read_text()
+        body = notification("E_PIKE_BLOCKED", 7)
+
+        def delivered() -> bool:  # published until the source's queue is bound
+            publisher.publish(body, "E_PIKE_BLOCKED")
+            return bool(rx.wait_for(1, timeout=0.2))
+
+        eventually(delivered, timeout=30, what="a message relayed")
+        assert set(rx.datagrams) == {body}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()[-2000:]
+        rx.close()
         publisher.close()

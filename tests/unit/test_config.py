@@ -213,3 +213,20 @@ def test_the_same_amqp_queue_twice_is_refused() -> None:
     twice = r"the same queue and keys twice - at `\$.amqp\[1\]`"
     with pytest.raises(config.ConfigError, match=twice):
         config.loads('[[amqp]]\nqueue = "q"\n[[amqp]]\nqueue = "q"\n').validate()
+
+
+def test_run_amqp_flags_add_broker_queues_with_the_defaults() -> None:
+    from engine.cli.main import _apply_flags, build_parser
+
+    cfg = config.loads('[[amqp]]\nexchange = "mine"\n')
+    argv = ["run", "--amqp", "amqp://u:p@10.0.0.7:5672/%2F", "--amqp", "amqp://127.0.0.1/v"]
+    _apply_flags(cfg, build_parser(argv).parse_args(argv))
+    assert [(a.url, a.exchange, a.binding_keys, a.queue) for a in cfg.amqp] == [
+        ("amqp://guest:guest@127.0.0.1:5672/%2F", "mine", ["#"], ""),
+        ("amqp://u:p@10.0.0.7:5672/%2F", "opensips", ["#"], ""),
+        ("amqp://127.0.0.1/v", "opensips", ["#"], ""),
+    ]
+    argv = ["run", "--amqp", "rabbitmq://u:secret@h/"]
+    with pytest.raises(config.ConfigError, match=r"bad option: .*expected amqp://") as info:
+        _apply_flags(config.Config(), build_parser(argv).parse_args(argv))
+    assert "secret" not in str(info.value)
