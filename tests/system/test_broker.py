@@ -66,14 +66,15 @@ def drain(broker: LocalBroker, queue: str) -> list[bytes]:
 
 def test_publish_and_consume(rabbitmq: LocalBroker) -> None:
     assert rabbitmq.url == f"amqp://guest:guest@127.0.0.1:{rabbitmq.port}/%2F"
+    exchange = "edg-test-broker"  # the session's broker: "opensips" is another test's
     with connect(rabbitmq) as connection:
         channel = connection.channel()
-        channel.exchange_declare("opensips", exchange_type="topic")
+        channel.exchange_declare(exchange, exchange_type="topic")
         queue = channel.queue_declare("", exclusive=True).method.queue
-        channel.queue_bind(queue, "opensips", routing_key="E_PIKE_BLOCKED")
+        channel.queue_bind(queue, exchange, routing_key="E_PIKE_BLOCKED")
         body = b'{"jsonrpc":"2.0","method":"E_PIKE_BLOCKED","params":{"ip":"192.168.2.11"}}'
-        channel.basic_publish("opensips", "E_PIKE_BLOCKED", body)
-        channel.basic_publish("opensips", "E_OTHER", b"not bound")
+        channel.basic_publish(exchange, "E_PIKE_BLOCKED", body)
+        channel.basic_publish(exchange, "E_OTHER", b"not bound")
         received: list[bytes] = []
 
         def take(ch: object, method: object, properties: object, data: bytes) -> None:
