@@ -326,8 +326,11 @@ def test_broker_killed_and_restarted_both_engines_reconnect_and_deliver_again(
         for _ in range(2):
             engine, rx = engine_with_receiver(make_engine, ["E_A"])
             stack.callback(rx.close)
+            # declare = true: a SIGKILLed broker may forget an exchange declared
+            # just before (its metadata log is written lazily); the engines declare it
+            # again when they reconnect.
             source = stack.enter_context(
-                consuming(engine, url=broker.url, exchange=exchange, max_age_ms=2000)
+                consuming(engine, url=broker.url, exchange=exchange, declare=True, max_age_ms=2000)
             )
             sides.append((rx, source))
         before = [notification("E_A", i) for i in range(100)]
@@ -341,7 +344,7 @@ def test_broker_killed_and_restarted_both_engines_reconnect_and_deliver_again(
         broker.start()
         for _, source in sides:
             eventually(lambda s=source: s.up, timeout=30, what="a reconnect")  # type: ignore[misc]
-        publisher = Publisher(broker.url, exchange)  # the exchange was durable: still there
+        publisher = Publisher(broker.url, exchange)
         after = [notification("E_A", 1000 + i) for i in range(100)]
         old = int(time.time() * 1000) - 60_000
         for body in after:
