@@ -28,7 +28,15 @@ from typing import Any, Final, Protocol
 
 from engine.bench.broker import LocalBroker, find_rabbitmq_server
 from engine.bench.common import EVENT, SEQ_BASE, bench_params, make_tag
-from engine.bench.live import Progress, per, round_record, snapshot, stop_engine, wait_drained
+from engine.bench.live import (
+    Progress,
+    per,
+    round_record,
+    send_failures,
+    snapshot,
+    stop_engine,
+    wait_drained,
+)
 from engine.bench.receivers import ReceiverPool, RoundSpec
 from engine.errors import EventDatagramError
 from engine.options import EngineOptions
@@ -187,11 +195,7 @@ def amqp_round(bench: BenchHost, feed: BrokerFeed, number: int) -> dict[str, Any
         feed.delete(queue)
         stop_engine(engine, instance)
     sent = stats.pairs_sent
-    failures: dict[str, int] = {}
-    for w in stats.workers:
-        for (transport, reason), n in w.failures.items():
-            key = f"{transport}:{reason}"
-            failures[key] = failures.get(key, 0) + n
+    failures = send_failures(stats)
     result = round_record(
         number,
         "amqp",

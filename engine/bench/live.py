@@ -16,6 +16,7 @@ from engine.bench.receivers import RoundReport
 from engine.errors import EngineError
 from engine.producer import Engine
 from engine.shm.segment import list_segments, unlink_name
+from engine.statistics import EngineStatistics
 
 
 class Progress:
@@ -293,3 +294,14 @@ def stop_engine(engine: Engine, instance: str) -> None:
         engine.stop(drain_timeout_s=2.0)
     for name in list_segments(instance):
         unlink_name(name)
+
+
+def send_failures(stats: EngineStatistics) -> dict[str, int]:
+    """Failed sends over all workers as {"transport:reason": n}, nonzero ones only."""
+    failures: dict[str, int] = {}
+    for w in stats.workers:
+        for (transport, reason), n in w.failures.items():
+            if n:
+                key = f"{transport}:{reason}"
+                failures[key] = failures.get(key, 0) + n
+    return failures

@@ -66,6 +66,7 @@ from engine.bench.live import (
     affinity,
     per,
     round_record,
+    send_failures,
     snapshot,
     stop_engine,
     wait_drained,
@@ -78,7 +79,7 @@ from engine.producer import Engine
 from engine.shm.counters import LATENCY_BUCKETS_S
 from engine.shm.segment import list_segments, unlink_name
 from engine.sources.ingest import Ingest
-from engine.statistics import EngineStatistics, SourceStatistics
+from engine.statistics import SourceStatistics
 from engine.wire import PayloadTooLarge
 
 LATENCY_RATE_CAP: Final = 50_000.0  # events/s
@@ -805,14 +806,3 @@ def ingest_rate(args: argparse.Namespace) -> float:
     """The ingest emitter's events/s: --ingest-rate, else --rate (0 = full speed)."""
     rate = getattr(args, "ingest_rate", None)
     return float(args.rate if rate is None else rate)
-
-
-def send_failures(stats: EngineStatistics) -> dict[str, int]:
-    """Failed sends over all workers as {"transport:reason": n}, nonzero ones only."""
-    failures: dict[str, int] = {}
-    for w in stats.workers:
-        for (transport, reason), n in w.failures.items():
-            if n:
-                key = f"{transport}:{reason}"
-                failures[key] = failures.get(key, 0) + n
-    return failures
