@@ -65,6 +65,15 @@ class MIConfig(_Section):
     """Path of the MI FIFO to create; "" = no FIFO."""
     fifo_reply_dir: str = "/tmp"
     """Directory where clients' reply FIFOs are."""
+    web_config: str = ""
+    """Web config file (exporter-toolkit YAML: TLS, basic auth) of the HTTP listener;
+    "" = plain HTTP without authentication."""
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    """Origin header values the HTTP listeners accept (e.g. "https://ops.example");
+    a request with any other Origin is refused (403)."""
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    """Host names a loopback HTTP listener accepts beyond loopback addresses and
+    localhost (421 otherwise)."""
 
 
 class StateConfig(_Section):
@@ -109,6 +118,11 @@ UPSTREAM_MIN_EXPIRE = 6  # refreshed every expire/3: not more often than the 2 s
 class MetricsConfig(_Section):
     per_subscriber: bool = False
     """Add per-subscriber series (datagrams sent, failures, TTL) to /metrics."""
+    listen: str = ""
+    """HOST:PORT of a listener of its own for /metrics, /health and /ready;
+    "" = /metrics on the MI's HTTP listener."""
+    web_config: str = ""
+    """Web config file of the metrics listener; "" = plain HTTP without authentication."""
 
 
 class Config(_Section):
@@ -145,11 +159,15 @@ class Config(_Section):
             raise ConfigError(f"{exc} - at `$.engine.instance`") from None
         for i, name in enumerate(self.events):
             _check_event(name, f"$.events[{i}]")
-        for key, value in (("http", self.mi.http), ("datagram", self.mi.datagram)):
+        for key, value in (
+            ("mi.http", self.mi.http),
+            ("mi.datagram", self.mi.datagram),
+            ("metrics.listen", self.metrics.listen),
+        ):
             try:
                 parse_listen(value, "listen address")
             except ValueError as exc:
-                raise ConfigError(f"{exc} - at `$.mi.{key}`") from None
+                raise ConfigError(f"{exc} - at `$.{key}`") from None
         try:
             self.allow_list()
         except ValueError as exc:

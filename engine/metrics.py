@@ -35,7 +35,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import psutil
 from prometheus_client.core import (
@@ -50,6 +50,9 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from engine.producer import DROP_REASONS, Engine
 from engine.shm.counters import BATCH_BUCKETS, LATENCY_BUCKETS_S, REASONS, TRANSPORTS, CounterLayout
 from engine.statistics import EngineStatistics, SourceStatistics, WorkerStatistics
+
+if TYPE_CHECKING:
+    from engine.mi.http import SecurityCounters
 
 PREFIX: Final = "event_datagram_"
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -96,11 +99,14 @@ class EngineCollector(Collector):
         self._cpu: dict[int, _CpuTrack] = {}
         self._procs: dict[int, psutil.Process] = {}
         self._cpu_lock = threading.Lock()  # two concurrent scrapes share the trackers
+        self.http: SecurityCounters | None = None  # what the HTTP listeners refused
 
     def describe(self) -> Iterable[Metric]:
         return []  # skip the test scrape at registration: the engine may not run yet
 
     def collect(self) -> Iterator[Metric]:
+        if self.http is not None:
+            yield from _http_families(self.http)
         engine = self._engine
         supervisor = engine.supervisor
         if not supervisor.running or supervisor.counters is None:
@@ -494,6 +500,44 @@ def _subscriber_counters(
     yield failed
 
 
+HTTP_AUTH_REASONS: Final = ("missing", "malformed", "bad_credentials")
+HTTP_REFUSED_REASONS: Final = ("origin", "host", "content_type")
+HTTP_TLS_REASONS: Final = ("error", "timeout")
+
+
+def _http_families(counters: SecurityCounters) -> Iterator[Metric]:
+    """What the HTTP listeners refused (SPEC section 11), per listener ("mi",
+    "metrics"), every reason from the first scrape."""
+    auth, refused, tls = counters.snapshot()
+    listeners = sorted(counters.listeners)
+    for name, help_text, table, reasons in (
+        (
+            "http_auth_failures_total",
+            "HTTP requests answered 401: no credentials, malformed, or wrong ones.",
+            auth,
+            HTTP_AUTH_REASONS,
+        ),
+        (
+            "http_requests_refused_total",
+            "HTTP requests refused before authentication: a foreign Origin (403), an "
+            "unexpected Host on a loopback listener (421), a non-JSON POST /mi (415).",
+            refused,
+            HTTP_REFUSED_REASONS,
+        ),
+        (
+            "http_tls_handshake_failures_total",
+            "TLS handshakes that failed (error) or did not finish before the deadline (timeout).",
+            tls,
+            HTTP_TLS_REASONS,
+        ),
+    ):
+        family = CounterMetricFamily(PREFIX + name, help_text, labels=["listener", "reason"])
+        for listener in listeners:
+            for reason in reasons:
+                family.add_metric([listener, reason], table.get((listener, reason), 0))
+        yield family
+
+
 # -- the exposition an HTTP server serves ---------------------------------------------------
 _registries: weakref.WeakKeyDictionary[Engine, tuple[CollectorRegistry, EngineCollector]] = (
     weakref.WeakKeyDictionary()
@@ -501,7 +545,9 @@ _registries: weakref.WeakKeyDictionary[Engine, tuple[CollectorRegistry, EngineCo
 _registries_lock = threading.Lock()
 
 
-def registry_for(engine: Engine, *, per_subscriber: bool = False) -> CollectorRegistry:
+def registry_for(
+    engine: Engine, *, per_subscriber: bool = False, http: SecurityCounters | None = None
+) -> CollectorRegistry:
     """The engine's private registry (created on first use; never the global one)."""
     with _registries_lock:
         entry = _registries.get(engine)
@@ -511,11 +557,17 @@ def registry_for(engine: Engine, *, per_subscriber: bool = False) -> CollectorRe
             registry.register(collector)
             _registries[engine] = entry = (registry, collector)
         entry[1].per_subscriber = per_subscriber
+        if http is not None:
+            entry[1].http = http
         return entry[0]
 
 
 def exposition(
-    engine: Engine, *, per_subscriber: bool = False, accept: str | None = None
+    engine: Engine,
+    *,
+    per_subscriber: bool = False,
+    accept: str | None = None,
+    http: SecurityCounters | None = None,
 ) -> tuple[bytes, str]:
     """The body and content type of `GET /metrics` for this engine.
 
@@ -524,10 +576,11 @@ def exposition(
         per_subscriber: also expose per-subscriber series (`[metrics] per_subscriber`).
         accept: the request's Accept header; OpenMetrics is served when it asks for it,
             otherwise the classic text format (0.0.4).
+        http: the HTTP listeners' refusal counters (engine.mi.http), exposed with the rest.
     Returns:
         (body, content type).
     """
-    registry = registry_for(engine, per_subscriber=per_subscriber)
+    registry = registry_for(engine, per_subscriber=per_subscriber, http=http)
     if accept and "application/openmetrics-text" in accept:
         encoder, content_type = choose_encoder(accept)
         return encoder(registry), content_type

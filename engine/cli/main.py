@@ -56,6 +56,11 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="PATH", help="TOML config (default: the built-in one)")
     run.add_argument("--http", metavar="HOST:PORT", help='HTTP MI + /metrics ("" = off)')
     run.add_argument("--mi-datagram", metavar="HOST:PORT", help='UDP MI ("" = off)')
+    run.add_argument(
+        "--web-config",
+        metavar="PATH",
+        help="TLS + basic auth of the HTTP MI (exporter-toolkit YAML; sets [mi] web_config)",
+    )
     run.add_argument("--mi-fifo", metavar="PATH", help="create an MI FIFO at PATH")
     run.add_argument("--event", action="append", metavar="NAME", help="event (repeat; replaces)")
     run.add_argument("--workers", type=int, metavar="N", help="worker processes")
@@ -273,6 +278,8 @@ def _apply_flags(cfg: config_mod.Config, args: argparse.Namespace) -> None:
         cfg.mi.http = args.http
     if args.mi_datagram is not None:
         cfg.mi.datagram = args.mi_datagram
+    if args.web_config is not None:
+        cfg.mi.web_config = args.web_config
     if args.mi_fifo is not None:
         cfg.mi.fifo = args.mi_fifo
     if args.event:

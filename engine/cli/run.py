@@ -14,6 +14,7 @@ reading, then the engine drains its rings and frees its shared memory.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Protocol
 
@@ -21,12 +22,16 @@ from engine.address import AddressError, parse_listen
 from engine.config import Config
 from engine.errors import ConfigError, EngineError, RunError
 from engine.mi.fifo import FifoServer
+from engine.mi.http import RequestPolicy, SecurityCounters, is_loopback_bind
 from engine.mi.server import DatagramServer, HTTPServer
+from engine.mi.webconfig import WebConfig
 from engine.producer import Engine
 from engine.sources.amqp import AmqpSource
 from engine.sources.ingest import Ingest
 from engine.sources.upstream import Upstream, stop_all
 from engine.subscriptions import StateFileError, SubscriptionError
+
+log = logging.getLogger("event_datagram.run")
 
 
 class _Listener(Protocol):
@@ -44,6 +49,9 @@ class Runner:
         self.source = source
         self.engine: Engine = None  # type: ignore[assignment]  # set by start()
         self.http: HTTPServer | None = None
+        self.metrics_http: HTTPServer | None = None  # [metrics] listen
+        self.web_configs: list[WebConfig] = []  # reload() them on SIGHUP
+        self.security = SecurityCounters()
         self.datagram: DatagramServer | None = None
         self.fifo: FifoServer | None = None
         self.ingest: Ingest | None = None
@@ -131,16 +139,77 @@ class Runner:
             self.engine.add_source(upstream)
             upstream.start()
 
+    def _web_config(self, path: str) -> WebConfig | None:
+        if not path:
+            return None
+        web = WebConfig(path)  # WebConfigError (a ConfigError) names the file and key
+        self.web_configs.append(web)
+        return web
+
+    def _http_listener(
+        self, text: str, what: str, web_path: str, *, mi: bool, metrics: bool
+    ) -> HTTPServer | None:
+        address = parse_listen(text)
+        if address is None:
+            return None
+        web = self._web_config(web_path)
+        loopback = is_loopback_bind(address[0])
+        cfg = self.config.mi
+        try:
+            server = HTTPServer(
+                self.engine,
+                address,
+                per_subscriber=self.config.metrics.per_subscriber,
+                web=web,
+                policy=RequestPolicy.make(loopback, cfg.allowed_origins, cfg.allowed_hosts),
+                serve_mi=mi,
+                serve_metrics=metrics,
+                ready=self.not_ready,
+                security=self.security,
+                name="mi" if mi else "metrics",
+            )
+        except OSError as exc:
+            raise RunError(f"cannot listen on {text} ({what}): {exc.strerror}") from None
+        if not loopback and (web is None or not web.auth_required):
+            log.warning(
+                "%s listens on %s beyond loopback without authentication: anyone who reaches"
+                " it can %s; set basic_auth_users in a web config (docs/security-http.md)",
+                what,
+                text,
+                "drive the MI" if mi else "read the metrics",
+            )
+        return server
+
+    def not_ready(self) -> list[str]:
+        """Why the engine is not ready (GET /ready): a worker down, a configured
+        source not connected; [] when ready."""
+        engine = self.engine
+        if engine is None or not engine.supervisor.running:
+            return ["the engine is not running"]
+        if engine.failure:
+            return [f"the engine failed: {engine.failure}"]
+        stats = engine.statistics()
+        reasons = [
+            f"worker {w.index} is down" + (" (restarting)" if w.restarts else "")
+            for w in stats.workers
+            if not w.alive
+        ]
+        what = {"upstream": "not subscribed at", "amqp": "not connected to its broker:"}
+        for source in stats.sources:
+            if source.up == 0:
+                reasons.append(f"{source.kind} {what.get(source.kind, 'down:')} {source.name}")
+        return reasons
+
     def _start_listeners(self) -> None:
         cfg = self.config.mi
-        http = parse_listen(cfg.http)
         datagram = parse_listen(cfg.datagram)
-        if http is not None:
-            try:
-                per_subscriber = self.config.metrics.per_subscriber
-                self.http = HTTPServer(self.engine, http, per_subscriber=per_subscriber)
-            except OSError as exc:
-                raise RunError(f"cannot listen on {cfg.http} (HTTP MI): {exc.strerror}") from None
+        metrics_cfg = self.config.metrics
+        self.http = self._http_listener(
+            cfg.http, "HTTP MI", cfg.web_config, mi=True, metrics=not metrics_cfg.listen
+        )
+        self.metrics_http = self._http_listener(
+            metrics_cfg.listen, "metrics listener", metrics_cfg.web_config, mi=False, metrics=True
+        )
         if datagram is not None:
             try:
                 self.datagram = DatagramServer(self.engine, datagram)
@@ -156,13 +225,14 @@ class Runner:
             listener.start()
 
     def _listeners(self) -> list[_Listener]:
-        return [x for x in (self.http, self.datagram, self.fifo) if x is not None]
+        listeners = (self.http, self.metrics_http, self.datagram, self.fifo)
+        return [x for x in listeners if x is not None]
 
     def stop(self) -> None:
         for listener in reversed(self._listeners()):
             with contextlib.suppress(Exception):
                 listener.stop()
-        self.http = self.datagram = self.fifo = None
+        self.http = self.metrics_http = self.datagram = self.fifo = None
         stop_all(self.upstreams)  # unsubscribe while the ingest still reads
         self.upstreams = []
         for source in self.amqp:  # each acknowledges what it raised, then closes
@@ -183,7 +253,9 @@ class Runner:
             parts.append(f"mi datagram {self.datagram.url}")
         if self.fifo is not None:
             parts.append(f"mi fifo {self.fifo.path}")
-        if self.http is not None:
+        if self.metrics_http is not None:
+            parts.append(f"metrics {self.metrics_http.url.removesuffix('/mi')}/metrics")
+        elif self.http is not None:
             parts.append(f"metrics {self.http.url.removesuffix('/mi')}/metrics")
         if self.ingest is not None:
             parts.append(f"ingest {' '.join(self.ingest.names)}")

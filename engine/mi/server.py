@@ -24,6 +24,11 @@ Hardening, all with clear JSON-RPC errors and the server still serving:
   are bounded the same way. A body over ``max_body`` bytes is refused with 413
   (not read); a missing length with 411; chunked bodies with 501; a head over
   64 KiB with 431.
+* TLS and basic authentication (engine/mi/webconfig.py) and the browser checks
+  (engine/mi/http.py): a TLS handshake is done on the loop, non-blocking, within
+  the head deadline (a handshake that never finishes costs a buffer, and is
+  closed, counted, when its deadline passes); the cheap checks run on the loop,
+  a bcrypt check of a credential not seen before on a worker.
 * Datagram: requests up to 65535 bytes; a reply too big for one datagram is
   replaced by a -32000 error telling the client to use HTTP.
 * The MI FIFO (engine/mi/fifo.py) has its own limits.
@@ -44,6 +49,7 @@ import re
 import resource
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict, deque
@@ -53,6 +59,8 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
 from engine.address import format_listen
+from engine.mi import http as checks
+from engine.mi import webconfig
 from engine.mi.protocol import error_reply, handle
 
 if TYPE_CHECKING:
@@ -100,9 +108,10 @@ _HEAD, _BODY, _BUSY, _WRITE, _LINGER = range(5)
 
 
 class _Request:
-    __slots__ = ("close", "headers", "method", "path", "version")
+    __slots__ = ("close", "headers", "method", "path", "verify", "version")
 
     def __init__(self, method: str, path: str, version: str, close: bool) -> None:
+        self.verify = False  # a credential to check with bcrypt (on a worker)
         self.method = method
         self.path = path
         self.version = version  # "HTTP/1.1", "HTTP/1.0", ..., or "HTTP/0.9" (no headers)
@@ -117,6 +126,7 @@ def _response(
     content_type: str | None = None,
     *,
     close: bool,
+    extra: tuple[str, ...] = (),
 ) -> bytes:
     """The bytes of a reply, as http.server's BaseHTTPRequestHandler would send them."""
     if req is not None and req.version == "HTTP/0.9":
@@ -129,6 +139,7 @@ def _response(
     if content_type is not None:
         lines.append(f"Content-Type: {content_type}")
     lines.append(f"Content-Length: {len(body)}")
+    lines.extend(extra)
     if close:
         lines.append("Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -186,6 +197,7 @@ class _Conn:
         "eof",
         "events",
         "fd",
+        "handshaking",
         "held",
         "inbuf",
         "line_end",
@@ -217,6 +229,7 @@ class _Conn:
         self.events = 0  # what the selector watches for
         self.closed = False
         self.counted = True  # in the connection limit (a refused one draining is not)
+        self.handshaking = False  # a TLS handshake under way (the head deadline applies)
 
 
 _Job = tuple[_Conn, _Request, bytes]
@@ -236,9 +249,24 @@ class _HTTPServer:
         request_deadline: float,
         max_connections: int,
         per_subscriber: bool,
+        web: webconfig.WebConfig | None = None,
+        policy: checks.RequestPolicy | None = None,
+        serve_mi: bool = True,
+        serve_metrics: bool = True,
+        ready: Callable[[], list[str]] | None = None,
+        security: checks.SecurityCounters | None = None,
+        name: str = "mi",
     ) -> None:
         self.engine = engine
         self.per_subscriber = per_subscriber
+        self.web = web
+        self.policy = policy or checks.RequestPolicy.make(checks.is_loopback_bind(address[0]))
+        self.serve_mi = serve_mi
+        self.serve_metrics = serve_metrics
+        self.ready = ready
+        self.security = security if security is not None else checks.SecurityCounters()
+        self.name = name
+        self.security.listeners.add(name)
         self.max_body = max_body
         self.timeout = timeout
         self.request_deadline = request_deadline
@@ -359,7 +387,9 @@ class _HTTPServer:
                     if conn.closed:  # by an eviction earlier in this batch
                         continue
                     try:
-                        if mask & selectors.EVENT_WRITE and conn.state == _WRITE:
+                        if conn.handshaking:
+                            self._handshake(conn)
+                        elif mask & selectors.EVENT_WRITE and conn.state == _WRITE:
                             self._write(conn)
                         elif mask & selectors.EVENT_READ:
                             self._read(conn)
@@ -392,6 +422,8 @@ class _HTTPServer:
                 continue  # a deadline since replaced
             if conn.state != _LINGER:
                 self.counters["timed_out"] += 1
+            if conn.handshaking:
+                self.security.add(self.security.tls_failures, self.name, "timeout")
             self._close(conn)
 
     def _set_deadline(self, conn: _Conn, deadline: float) -> None:
@@ -461,9 +493,42 @@ class _HTTPServer:
             sock.close()
             return
         self.counters["accepted"] += 1
+        web = self.web
+        context = None
+        if web is not None:
+            web.maybe_reload()  # new certificates or users: at most one stat() round a second
+            context = web.context
+        if context is not None:
+            try:
+                sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError):
+                sock.close()
+                return
         conn = _Conn(sock)
+        conn.handshaking = context is not None
         self._conns[conn.fd] = conn
         self._wait_for_head(conn)
+
+    def _handshake(self, conn: _Conn) -> None:
+        """One step of a TLS handshake, as far as the bytes received allow."""
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._interest(conn, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._interest(conn, selectors.EVENT_WRITE)
+            return
+        except (OSError, ValueError) as exc:
+            self.security.add(self.security.tls_failures, self.name, "error")
+            log.debug("HTTP %s: TLS handshake failed: %s", self.name, exc)
+            self._close(conn)
+            return
+        conn.handshaking = False
+        self._interest(conn, selectors.EVENT_READ)
+        self._read(conn)  # the request may be decrypted and buffered already
 
     def _refuse_connection(self, sock: socket.socket) -> None:
         """A 503, then a short drain (a few at once) so that a reset does not lose it."""
@@ -532,11 +597,15 @@ class _HTTPServer:
         self._interest(conn, selectors.EVENT_READ)
 
     def _read(self, conn: _Conn) -> None:
+        sock = conn.sock
         try:
-            data = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
+            data = sock.recv(RECV_BYTES)
+            if isinstance(sock, ssl.SSLSocket) and data:
+                while (pending := sock.pending()) > 0:  # decrypted, not seen by select
+                    data += sock.recv(pending)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
-        except OSError:  # reset
+        except OSError:  # reset, or a TLS error
             self._close(conn)
             return
         if conn.state == _LINGER:
@@ -621,12 +690,34 @@ class _HTTPServer:
             request.close = True
         elif connection == "keep-alive":
             request.close = False
+        if not self._admissible(conn, request):
+            return True
         if request.method == "POST":
             self._post(conn, request)
         elif request.method in ("GET", "HEAD"):
             self._get(conn, request)
         else:
             self._error(conn, request, 501, f"Unsupported method ({request.method!r})")
+        return True
+
+    def _admissible(self, conn: _Conn, request: _Request) -> bool:
+        """The browser checks and what authentication the loop can decide; False:
+        refused (answered, closing)."""
+        refusal = checks.check(self.policy, request.method, request.path, request.headers)
+        if refusal is not None:
+            self.security.add(self.security.refused, self.name, refusal.reason)
+            text = f"{refusal.message}\n".encode(errors="replace")
+            self._plain(conn, request, refusal.status, text)
+            return False
+        if self.web is None:
+            return True
+        verdict = self.web.check(request.headers.get("Authorization"))
+        if verdict in (webconfig.MISSING, webconfig.MALFORMED):
+            self.security.add(self.security.auth_failures, self.name, verdict)
+            request.close = True
+            self._reply(conn, _unauthorized(request), close=True)
+            return False
+        request.verify = verdict == webconfig.VERIFY
         return True
 
     def _request_line(self, conn: _Conn, line: bytes) -> _Request | None:
@@ -660,16 +751,21 @@ class _HTTPServer:
 
     def _get(self, conn: _Conn, request: _Request) -> None:
         path = request.path.split("?", 1)[0]
-        if path == "/metrics":
+        if path in ("/health", "/ready") or (path == "/metrics" and self.serve_metrics):
             self._dispatch(conn, self._metrics_jobs, request, b"")
-        elif path == "/mi":
+        elif path == "/mi" and self.serve_mi:
             self._plain(conn, request, 405, b"the MI takes JSON-RPC requests by POST\n")
         else:
-            self._plain(conn, request, 404, b"not found: try POST /mi or GET /metrics\n")
+            self._plain(conn, request, 404, self._not_found())
+
+    def _not_found(self) -> bytes:
+        paths = ["POST /mi"] if self.serve_mi else []
+        paths += ["GET /metrics"] if self.serve_metrics else []
+        return f"not found: try {' or '.join([*paths, 'GET /health', 'GET /ready'])}\n".encode()
 
     def _post(self, conn: _Conn, request: _Request) -> None:
-        if request.path.split("?", 1)[0] != "/mi":
-            self._plain(conn, request, 404, b"not found: the MI is at POST /mi\n")
+        if request.path.split("?", 1)[0] != "/mi" or not self.serve_mi:
+            self._plain(conn, request, 404, self._not_found())
             return
         headers = request.headers
         if headers.get("Transfer-Encoding"):
@@ -748,7 +844,7 @@ class _HTTPServer:
         while conn.sent < len(out):
             try:
                 conn.sent += conn.sock.send(out[conn.sent :])
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 self._account(conn)
                 self._interest(conn, selectors.EVENT_WRITE)
                 return
@@ -789,13 +885,26 @@ class _HTTPServer:
         while (job := jobs.get()) is not None:
             conn, request, body = job
             try:
-                reply = answer(request, body)
+                if request.verify and not self._verified(request):
+                    reply = _unauthorized(request)
+                else:
+                    reply = answer(request, body)
             except Exception:
                 log.exception("HTTP MI: answering %s %s failed", request.method, request.path)
                 request.close = True
                 reply = _response(request, 500, b"internal error\n", "text/plain", close=True)
             self._done.append((conn, request, reply))
             self._wake()
+
+    def _verified(self, request: _Request) -> bool:
+        """The bcrypt check the loop left to a worker (counted when it fails)."""
+        assert self.web is not None
+        verdict = self.web.verify(request.headers.get("Authorization") or "")
+        if verdict == webconfig.OK:
+            return True
+        self.security.add(self.security.auth_failures, self.name, verdict)
+        request.close = True
+        return False
 
     def _answer_mi(self, request: _Request, body: bytes) -> bytes:
         reply = handle(self.engine, body)
@@ -804,6 +913,15 @@ class _HTTPServer:
         return _response(request, 200, reply, JSON, close=request.close)
 
     def _answer_metrics(self, request: _Request, _body: bytes) -> bytes:
+        path = request.path.split("?", 1)[0]
+        if path == "/health":
+            return _response(request, 200, b"OK\n", "text/plain", close=request.close)
+        if path == "/ready":
+            reasons = self.ready() if self.ready is not None else []
+            if reasons:
+                text = ("not ready:\n" + "\n".join(reasons) + "\n").encode(errors="replace")
+                return _response(request, 503, text, "text/plain", close=request.close)
+            return _response(request, 200, b"ready\n", "text/plain", close=request.close)
         try:
             metrics = importlib.import_module("engine.metrics")
         except ModuleNotFoundError as exc:
@@ -816,6 +934,7 @@ class _HTTPServer:
                 self.engine,
                 per_subscriber=self.per_subscriber,
                 accept=request.headers.get("Accept"),
+                http=self.security,
             )
         except Exception as exc:
             log.exception("metrics exposition failed")
@@ -824,12 +943,27 @@ class _HTTPServer:
         return _response(request, 200, body, content_type, close=request.close)
 
 
+def _unauthorized(request: _Request) -> bytes:
+    challenge = f'WWW-Authenticate: Basic realm="{SERVER}", charset="UTF-8"'
+    return _response(
+        request, 401, b"authentication required\n", "text/plain", close=True, extra=(challenge,)
+    )
+
+
 class HTTPServer:
-    """``POST /mi`` and ``GET /metrics`` on one address, served by an event-loop
-    thread and a few worker threads (see the module's docstring for the limits).
+    """``POST /mi``, ``GET /metrics``, ``/health`` and ``/ready`` on one address,
+    served by an event-loop thread and a few worker threads (see the module's
+    docstring for the limits).
 
     ``per_subscriber`` is passed to engine.metrics.exposition (config
     ``[metrics] per_subscriber``), with the request's Accept header.
+    ``web``: TLS and basic authentication (None: plain HTTP, no authentication);
+    ``policy``: the browser checks (default: the Host check when bound to
+    loopback, no Origin allowed); ``serve_mi``/``serve_metrics``: which of
+    ``POST /mi`` and ``GET /metrics`` this listener serves; ``ready``: the
+    reasons the engine is not ready (``GET /ready``: 503 with them); ``security``:
+    the counters of what was refused (shared by the listeners, read by the
+    metrics), under the label ``name``.
     """
 
     def __init__(
@@ -842,7 +976,15 @@ class HTTPServer:
         request_deadline: float = REQUEST_DEADLINE,
         max_connections: int = MAX_CONNECTIONS,
         per_subscriber: bool = False,
+        web: webconfig.WebConfig | None = None,
+        policy: checks.RequestPolicy | None = None,
+        serve_mi: bool = True,
+        serve_metrics: bool = True,
+        ready: Callable[[], list[str]] | None = None,
+        security: checks.SecurityCounters | None = None,
+        name: str = "mi",
     ) -> None:
+        self.web = web
         self._server = _HTTPServer(
             address,
             engine,
@@ -851,6 +993,13 @@ class HTTPServer:
             request_deadline=request_deadline,
             max_connections=max_connections,
             per_subscriber=per_subscriber,
+            web=web,
+            policy=policy,
+            serve_mi=serve_mi,
+            serve_metrics=serve_metrics,
+            ready=ready,
+            security=security,
+            name=name,
         )
         self.address: tuple[str, int] = self._server.address
 
@@ -863,7 +1012,12 @@ class HTTPServer:
 
     @property
     def url(self) -> str:
-        return f"http://{format_listen(self.address)}/mi"
+        scheme = "https" if self.web is not None and self.web.tls else "http"
+        return f"{scheme}://{format_listen(self.address)}/mi"
+
+    @property
+    def security(self) -> checks.SecurityCounters:
+        return self._server.security
 
     @property
     def max_connections(self) -> int:

@@ -92,10 +92,11 @@ def test_http_limits_and_errors(http_server: HTTPServer) -> None:
         "data": "request body is 4097 bytes, over the 4096-byte limit",
     }
     assert post(http_server, b" " * 4000 + REQUEST[:96])[0] == 200  # within the limit
-    no_length = raw_http(http_server, b"POST /mi HTTP/1.1\r\nHost: x\r\n\r\n")
+    no_length = raw_http(http_server, b"POST /mi HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert no_length.startswith(b"HTTP/1.1 411 ") and b"Content-Length is required" in no_length
     chunked = raw_http(
-        http_server, b"POST /mi HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        http_server,
+        b"POST /mi HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     )
     assert chunked.startswith(b"HTTP/1.1 501 ")
     bad_length = raw_http(http_server, b"POST /mi HTTP/1.1\r\nContent-Length: -5\r\n\r\n")
