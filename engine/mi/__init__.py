@@ -2,7 +2,9 @@
 
 protocol.py JSON-RPC 2.0 envelope: parse a request, dispatch, build the reply
 commands.py the commands (evi:subscribe, evi:list, ...), OpenSIPS's replies
-server.py   HTTP (POST /mi, GET /metrics) and UDP datagram listeners
+server.py   HTTP (POST /mi, GET /metrics, /health, /ready) and UDP datagram listeners
+http.py     the HTTP request checks (Origin, Host, Content-Type), pure; refusal counters
+webconfig.py the web config file: TLS context and basic auth (exporter-toolkit format)
 fifo.py     the mi_fifo transport
 client.py   an MI client (http, udp, fifo targets) for the CLI and the sources
 """
