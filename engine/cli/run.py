@@ -22,6 +22,7 @@ from engine.address import AddressError, parse_listen
 from engine.config import Config
 from engine.errors import ConfigError, EngineError, RunError
 from engine.mi.fifo import FifoServer
+from engine.mi.health import not_ready
 from engine.mi.http import RequestPolicy, SecurityCounters, is_loopback_bind
 from engine.mi.server import DatagramServer, HTTPServer
 from engine.mi.webconfig import WebConfig
@@ -181,24 +182,8 @@ class Runner:
         return server
 
     def not_ready(self) -> list[str]:
-        """Why the engine is not ready (GET /ready): a worker down, a configured
-        source not connected; [] when ready."""
-        engine = self.engine
-        if engine is None or not engine.supervisor.running:
-            return ["the engine is not running"]
-        if engine.failure:
-            return [f"the engine failed: {engine.failure}"]
-        stats = engine.statistics()
-        reasons = [
-            f"worker {w.index} is down" + (" (restarting)" if w.restarts else "")
-            for w in stats.workers
-            if not w.alive
-        ]
-        what = {"upstream": "not subscribed at", "amqp": "not connected to its broker:"}
-        for source in stats.sources:
-            if source.up == 0:
-                reasons.append(f"{source.kind} {what.get(source.kind, 'down:')} {source.name}")
-        return reasons
+        """Why the engine is not ready (GET /ready); [] when it is."""
+        return not_ready(self.engine)
 
     def _start_listeners(self) -> None:
         cfg = self.config.mi

@@ -4,6 +4,7 @@ protocol.py JSON-RPC 2.0 envelope: parse a request, dispatch, build the reply
 commands.py the commands (evi:subscribe, evi:list, ...), OpenSIPS's replies
 server.py   HTTP (POST /mi, GET /metrics, /health, /ready) and UDP datagram listeners
 http.py     the HTTP request checks (Origin, Host, Content-Type), pure; refusal counters
+health.py   what GET /ready answers: the reasons the engine is not ready
 webconfig.py the web config file: TLS context and basic auth (exporter-toolkit format)
 fifo.py     the mi_fifo transport
 client.py   an MI client (http, udp, fifo targets) for the CLI and the sources

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
+import signal
 import socket
 import ssl
 import urllib.error
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from engine.mi.health import not_ready
 from engine.mi.http import RequestPolicy, SecurityCounters
 from engine.mi.server import HTTPServer
 from engine.mi.webconfig import WebConfig
@@ -247,3 +250,36 @@ def test_health_ready_and_a_metrics_only_listener(serve: Callable[..., HTTPServe
         in text
     )
     assert b'event_datagram_http_requests_refused_total{listener="mi",reason="origin"} 0.0' in text
+
+
+def test_ready_follows_a_killed_worker(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(["E_SAMPLE"], **ONE_WORKER)
+    server = HTTPServer(engine, ("127.0.0.1", 0), ready=lambda: not_ready(engine))
+    server.start()
+    conn = http.client.HTTPConnection(*server.address, timeout=10)
+
+    def ready() -> tuple[int, bytes]:
+        conn.request("GET", "/ready")
+        response = conn.getresponse()
+        return response.status, response.read()
+
+    try:
+        eventually(lambda: ready()[0] == 200, what="ready at start")
+        pid = engine.statistics().workers[0].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        seen = []
+        for _ in range(100_000):  # until the restarted worker is ready again
+            status, body = ready()
+            seen.append(status)
+            if status == 503:
+                assert b"worker 0 is" in body
+            elif seen.count(503):
+                break
+        assert 503 in seen and seen[-1] == 200, seen[-5:]
+        assert engine.statistics().workers[0].restarts == 1
+    finally:
+        conn.close()
+        server.stop()
+    engine.stop()
+    assert not_ready(engine) == ["the engine is not running"]
