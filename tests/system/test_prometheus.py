@@ -3,8 +3,11 @@
 its MI and of notifications (valid and not) sent to its ingest socket and
 published to its `[[amqp]]` queue on a real RabbitMQ (tests.broker_support), with an
 `[[upstream]]` that is the engine's own MI (so the upstream series exist, up 1),
-Prometheus scraping its `GET /metrics` every second, then every panel query of
-the dashboard evaluated through Prometheus's HTTP API.
+Prometheus scraping its `GET /metrics` every second on the metrics listener of its
+own (`[metrics] listen`), through TLS and basic auth (a `scrape_config` with
+`scheme: https`, `basic_auth` and `tls_config`, the production layout of
+docs/security-http.md), then every panel query of the dashboard evaluated
+through Prometheus's HTTP API.
 
 Prometheus comes from the Debian package `prometheus` (`.ci/run` installs it).
 Where it is missing the test FAILS with the command to install it; set
@@ -21,6 +24,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -37,6 +41,7 @@ import pytest
 from engine.bench.broker import LocalBroker
 from tests.dashboard_support import dashboard, panel_queries
 from tests.support import udp_receiver, unix_receiver
+from tests.tls_support import PASSWORD, USER, TLSFiles, web_config
 
 WINDOW = "15s"  # stands in for Grafana's $__rate_interval
 INSTALL = (
@@ -146,6 +151,10 @@ class Running:
     """The ingest socket as bound (named by the ready line)."""
     broker_url: str
     """The RabbitMQ its [[amqp]] source consumes from (exchange AMQP_EXCHANGE)."""
+    metrics_address: str
+    """The host:port of its metrics listener (TLS + basic auth)."""
+    tls: TLSFiles
+    """The CA, certificates and keys made for it."""
 
     @property
     def ingest_text(self) -> str:
@@ -162,6 +171,9 @@ def engine_process(workdir: Path, broker: LocalBroker) -> Iterator[Running]:
     upstream for E_IDLE (never raised, so nothing loops back), and a queue on the
     broker's AMQP_EXCHANGE; yields where it listens."""
     address = f"127.0.0.1:{free_port()}"
+    metrics_address = f"127.0.0.1:{free_port()}"
+    tls = TLSFiles.make(workdir)
+    web = web_config(workdir / "web.yml", tls)
     config = workdir / "engine.toml"
     config.write_text(
         'events = ["E_LOAD", "E_OTHER", "E_IDLE"]\n'
@@ -177,6 +189,8 @@ def engine_process(workdir: Path, broker: LocalBroker) -> Iterator[Running]:
         "enabled = false\n"
         "[metrics]\n"
         "per_subscriber = true\n"
+        f'listen = "{metrics_address}"\n'
+        f'web_config = "{web}"\n'
         "[ingest]\n"
         'listen = ["udp:127.0.0.1:0"]\n'
         "[[upstream]]\n"
@@ -215,7 +229,8 @@ def engine_process(workdir: Path, broker: LocalBroker) -> Iterator[Running]:
         )
         found = READY_INGEST.search(log.read_bytes())
         assert found, "the ready line names no ingest socket:\n" + log.read_text()[-3000:]
-        yield Running(address, (found.group(1).decode(), int(found.group(2))), broker.url)
+        ingest = (found.group(1).decode(), int(found.group(2)))
+        yield Running(address, ingest, broker.url, metrics_address, tls)
     finally:
         mi.close()
         end_process(proc, grace=15)  # SIGTERM: the engine drains and exits
@@ -278,8 +293,11 @@ def load(engine: Running, seconds: float = 60.0) -> Iterator[None]:
 
 # -- a real Prometheus ---------------------------------------------------------------------------
 @contextlib.contextmanager
-def prometheus(binary: str, target: str, workdir: Path) -> Iterator[str]:
-    """A Prometheus scraping `target` every second; yields its base URL."""
+def prometheus(binary: str, target: str, workdir: Path, ca: Path) -> Iterator[str]:
+    """A Prometheus scraping `target` every second, over TLS (the server certificate
+    checked against `ca`) with basic auth; yields its base URL."""
+    password = workdir / "scrape.password"
+    password.write_text(PASSWORD)
     config = workdir / "prometheus.yml"
     config.write_text(
         "global:\n"
@@ -288,6 +306,12 @@ def prometheus(binary: str, target: str, workdir: Path) -> Iterator[str]:
         "  evaluation_interval: 1s\n"
         "scrape_configs:\n"
         "  - job_name: event-datagram\n"
+        "    scheme: https\n"
+        "    basic_auth:\n"
+        f"      username: {USER}\n"
+        f"      password_file: {password}\n"
+        "    tls_config:\n"
+        f"      ca_file: {ca}\n"
         "    static_configs:\n"
         f"      - targets: ['{target}']\n"
     )
@@ -338,8 +362,11 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
             mi.call("event_subscribe", ["E_OTHER", rx_udp.socket_text])
             mi.call("event_subscribe", ["E_OTHER", rx_unix.socket_text])
             mi.close()
-            with load(engine), prometheus(binary, engine.address, tmp_path) as url:
+            refuse_some(engine)
+            target, ca = engine.metrics_address, engine.tls.ca.path
+            with load(engine), prometheus(binary, target, tmp_path, ca) as url:
                 check_panels(url, tmp_path / "prometheus.log")
+                check_security(url)
                 check_sources(url, engine)
                 # [metrics] per_subscriber = true reached the exposition (the upstream
                 # subscribed the ingest socket to E_IDLE, with its expire as TTL).
@@ -448,6 +475,45 @@ def check_sources(url: str, engine: Running) -> None:
         "exchange_missing",
         "queue_refused",
     }, errors
+
+
+def refuse_some(engine: Running) -> None:
+    """A scrape without credentials (401 on the metrics listener) and a browser's
+    cross-origin text/plain POST to the MI (415), for the security panels."""
+    host, port = engine.metrics_address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(engine.tls.ca.path))
+    conn = http.client.HTTPSConnection(host, int(port), timeout=10, context=context)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 401 and response.getheader("WWW-Authenticate")
+        response.read()
+    finally:
+        conn.close()
+    host, port = engine.address.rsplit(":", 1)
+    plain = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        plain.request("POST", "/mi", b"{}", {"Content-Type": "text/plain", "Origin": "null"})
+        assert plain.getresponse().status == 403  # the Origin is checked first
+    finally:
+        plain.close()
+
+
+def check_security(url: str) -> None:
+    """The refusals above, and none of Prometheus's own authenticated scrapes."""
+
+    def value(expr: str) -> float:
+        return float(query(url, expr)["data"]["result"][0]["value"][1])
+
+    auth = 'event_datagram_http_auth_failures_total{listener="metrics",reason="missing"}'
+    assert value(auth) == 1.0
+    assert value('sum(event_datagram_http_auth_failures_total{reason="bad_credentials"})') == 0
+    assert value('event_datagram_http_requests_refused_total{listener="mi",reason="origin"}') == 1
+    rows = query(url, concrete(panel_expr("HTTP authentication failures by reason")))
+    assert {(r["metric"]["listener"], r["metric"]["reason"]) for r in rows["data"]["result"]} >= {
+        ("metrics", "missing"),
+        ("mi", "bad_credentials"),
+    }
 
 
 def panel_expr(title: str) -> str:
