@@ -23,7 +23,7 @@ from engine.config import Config
 from engine.errors import ConfigError, EngineError, RunError
 from engine.mi.fifo import FifoServer
 from engine.mi.health import not_ready
-from engine.mi.http import RequestPolicy, SecurityCounters, is_loopback_bind
+from engine.mi.http import RequestPolicy, SecurityCounters, exposure_warning, is_loopback_bind
 from engine.mi.server import DatagramServer, HTTPServer
 from engine.mi.webconfig import WebConfig
 from engine.producer import Engine
@@ -171,14 +171,10 @@ class Runner:
             )
         except OSError as exc:
             raise RunError(f"cannot listen on {text} ({what}): {exc.strerror}") from None
-        if not loopback and (web is None or not web.auth_required):
-            log.warning(
-                "%s listens on %s beyond loopback without authentication: anyone who reaches"
-                " it can %s; set basic_auth_users in a web config (docs/security-http.md)",
-                what,
-                text,
-                "drive the MI" if mi else "read the metrics",
-            )
+        authenticated = web is not None and web.auth_required
+        warning = exposure_warning(what, text, address[0], authenticated)
+        if warning:
+            log.warning("%s", warning)
         return server
 
     def not_ready(self) -> list[str]:

@@ -74,6 +74,18 @@ def is_loopback_bind(host: str) -> bool:
         return host.lower() == "localhost"
 
 
+def exposure_warning(what: str, listen: str, host: str, authenticated: bool) -> str | None:
+    """The start-up warning for an HTTP listener bound beyond loopback without
+    authentication, or None."""
+    if authenticated or is_loopback_bind(host):
+        return None
+    return (
+        f"{what} listens on {listen} beyond loopback without authentication: anyone who"
+        " reaches it can use it; set basic_auth_users in its web config"
+        " (docs/security-http.md)"
+    )
+
+
 def host_name(header: str) -> str:
     """The name in a Host header, without its port: "[::1]:8888" -> "::1"."""
     text = header.strip().lower()

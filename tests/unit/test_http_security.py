@@ -82,6 +82,15 @@ def test_content_type_of_post_mi(content_type: str | None, ok: bool) -> None:
         assert refusal is not None and (refusal.status, refusal.reason) == (415, "content_type")
 
 
+def test_a_warning_for_every_listener_beyond_loopback_without_authentication() -> None:
+    for host in ("0.0.0.0", "::", "10.1.2.3", "mi.example"):
+        warning = checks.exposure_warning("HTTP MI", f"{host}:8888", host, False)
+        assert warning is not None and f"{host}:8888" in warning and "HTTP MI" in warning
+        assert checks.exposure_warning("HTTP MI", f"{host}:8888", host, True) is None
+    for host in ("127.0.0.1", "127.0.0.53", "::1", "localhost"):
+        assert checks.exposure_warning("metrics listener", f"{host}:1", host, False) is None
+
+
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     return TLSFiles.make(tmp_path_factory.mktemp("tls"))
