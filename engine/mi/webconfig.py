@@ -309,10 +309,10 @@ class WebConfig:
             return MISSING
         if _credentials(header) is None:
             return MALFORMED
+        key = self._key(header)
         with self._lock:
-            user = self._verified.get(self._key(header))
-            if user is not None:
-                self._verified.move_to_end(self._key(header))
+            if key in self._verified:
+                self._verified.move_to_end(key)
                 return OK
         return VERIFY
 
