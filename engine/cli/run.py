@@ -177,6 +177,11 @@ class Runner:
             log.warning("%s", warning)
         return server
 
+    def reload_web_configs(self) -> bool:
+        """Read every web config file and its certificates again (for SIGHUP). False
+        when one does not load: that one keeps its running version (logged)."""
+        return all([web.reload() for web in self.web_configs])
+
     def not_ready(self) -> list[str]:
         """Why the engine is not ready (GET /ready); [] when it is."""
         return not_ready(self.engine)
