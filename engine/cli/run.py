@@ -53,6 +53,7 @@ class Runner:
         self.metrics_http: HTTPServer | None = None  # [metrics] listen
         self.web_configs: list[WebConfig] = []  # reload() them on SIGHUP
         self.security = SecurityCounters()
+        self._webs: dict[str, WebConfig | None] = {}
         self.datagram: DatagramServer | None = None
         self.fifo: FifoServer | None = None
         self.ingest: Ingest | None = None
@@ -63,6 +64,10 @@ class Runner:
         """Start everything; on any failure stop what was started and raise
         ConfigError (bad static subscription) or RunError."""
         cfg = self.config
+        # The web config files first: a bad one is a config error before anything starts.
+        self._webs = {
+            path: self._web_config(path) for path in (cfg.mi.web_config, cfg.metrics.web_config)
+        }
         state = cfg.state_path()
         if state is not None:
             os.makedirs(os.path.dirname(os.path.abspath(state)), mode=0o700, exist_ok=True)
@@ -153,7 +158,7 @@ class Runner:
         address = parse_listen(text)
         if address is None:
             return None
-        web = self._web_config(web_path)
+        web = self._webs.get(web_path) if web_path else None
         loopback = is_loopback_bind(address[0])
         cfg = self.config.mi
         try:

@@ -30,6 +30,7 @@ import binascii
 import hashlib
 import logging
 import os
+import re
 import secrets
 import ssl
 import threading
@@ -86,6 +87,8 @@ _CLIENT_AUTH: Final = {
     "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
+# A bcrypt hash: version, cost, 22 characters of salt and 31 of hash.
+_BCRYPT: Final = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 # Checked when the user is unknown, so that costs what a wrong password costs.
 _DUMMY_HASH: Final = bcrypt.hashpw(b"unknown user", bcrypt.gensalt(10))
 
@@ -228,12 +231,10 @@ def _users(path: str, users: Any) -> dict[str, bytes]:
         key = f"basic_auth_users.{name}"
         if not isinstance(name, str) or not name or ":" in name:
             raise _fail(path, key, "a user name is a non-empty string without ':'")
-        text = _string(path, key, hashed).encode()
-        try:
-            bcrypt.checkpw(b"", text)  # a malformed hash raises: at load, not per request
-        except ValueError:
-            raise _fail(path, key, "not a bcrypt hash ($2a$, $2b$ or $2y$)") from None
-        out[name] = text
+        text = _string(path, key, hashed)
+        if not _BCRYPT.fullmatch(text):  # checked here, not at the first request
+            raise _fail(path, key, "not a bcrypt hash ($2a$, $2b$ or $2y$, cost 04-31)")
+        out[name] = text.encode()
     return out
 
 
