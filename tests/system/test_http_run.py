@@ -8,6 +8,7 @@ import base64
 import http.client
 import json
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -94,3 +95,30 @@ def test_tls_and_auth_on_the_mi_and_a_metrics_listener_of_its_own(tmp_path: Path
             assert _get(url, "/ready", context, AUTH) == (200, b"ready\n")
         assert proc.stop() == 0
     assert "beyond loopback" not in proc.stderr  # both on loopback: no warning
+
+
+def test_ready_names_an_upstream_that_is_not_subscribed(tmp_path: Path) -> None:
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    upstream = f"udp:127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()  # nothing answers there: the upstream never subscribes
+    config = _config(tmp_path)
+    with processes() as started:
+        proc = RunProc(
+            "--config", str(config), "--ingest", "udp:127.0.0.1:0", "--upstream", upstream
+        )
+        started.append(proc)
+        assert proc.http is not None
+        host, port = re.match(r"http://([\d.]+):(\d+)", proc.http).groups()  # type: ignore[union-attr]
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request("GET", "/ready")
+            response = conn.getresponse()
+            body = response.read()
+            assert response.status == 503, body
+            assert f"upstream {upstream} is not subscribed".encode() in body
+            conn.request("GET", "/health")
+            assert conn.getresponse().read() == b"OK\n"
+        finally:
+            conn.close()
+        assert proc.stop() == 0
