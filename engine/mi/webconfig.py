@@ -19,8 +19,9 @@ version that does not load is logged and the running one kept.
 bcrypt is slow on purpose (tens of milliseconds at cost 10): a verified
 ``Authorization`` header is remembered (keyed by a salted SHA-256 of it, a
 bounded table), so only a new or wrong credential costs a bcrypt check. An
-unknown user is checked against a dummy hash, so its answer takes as long as a
-wrong password's.
+unknown user is checked against a dummy hash of the same cost, so its answer
+takes as long as a wrong password's (bcrypt's own comparison is constant-time;
+the table is looked up by a salted hash the client cannot steer).
 """
 
 from __future__ import annotations
@@ -89,8 +90,18 @@ _CLIENT_AUTH: Final = {
 }
 # A bcrypt hash: version, cost, 22 characters of salt and 31 of hash.
 _BCRYPT: Final = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
-# Checked when the user is unknown, so that costs what a wrong password costs.
-_DUMMY_HASH: Final = bcrypt.hashpw(b"unknown user", bcrypt.gensalt(10))
+# Checked when the user is unknown, so that costs what a wrong password costs: one
+# per bcrypt cost, made on first use (on a worker thread, never at import or on the loop).
+_dummies: dict[int, bytes] = {}
+_dummies_lock = threading.Lock()
+
+
+def _dummy_hash(cost: int) -> bytes:
+    with _dummies_lock:
+        hashed = _dummies.get(cost)
+        if hashed is None:
+            hashed = _dummies[cost] = bcrypt.hashpw(b"unknown user", bcrypt.gensalt(cost))
+        return hashed
 
 
 class WebConfigError(ConfigError):
@@ -327,8 +338,12 @@ class WebConfig:
             return MALFORMED
         user, password = parsed
         hashed = users.get(user)
+        if hashed is None:  # as slow as a known user's check: no hint which names exist
+            hashed_or_dummy = _dummy_hash(max(int(h[4:6]) for h in users.values()))
+        else:
+            hashed_or_dummy = hashed
         try:
-            good = bcrypt.checkpw(password, hashed if hashed is not None else _DUMMY_HASH)
+            good = bcrypt.checkpw(password, hashed_or_dummy)
         except ValueError:  # a password over bcrypt's 72 bytes
             good = False
         if not good or hashed is None:
