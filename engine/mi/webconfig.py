@@ -292,6 +292,9 @@ class WebConfig:
         except WebConfigError as exc:
             log.error("%s; keeping the running web config", exc)
             return False
+        except Exception:  # never let a strange file stop a listener's loop
+            log.exception("web config %s: cannot load it; keeping the running one", self.path)
+            return False
         with self._lock:
             self._state = state
             self._verified.clear()  # users or hashes may have changed
