@@ -3,6 +3,7 @@
 protocol.py JSON-RPC 2.0 envelope: parse a request, dispatch, build the reply
 commands.py the commands (evi:subscribe, evi:list, ...), OpenSIPS's replies
 server.py   HTTP (POST /mi, GET /metrics) and UDP datagram listeners
+datagram_guard.py  which datagrams the UDP MI answers (no reflection), error rate limit
 fifo.py     the mi_fifo transport
 client.py   an MI client (http, udp, fifo targets) for the CLI and the sources
 """
