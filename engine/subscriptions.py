@@ -117,13 +117,13 @@ class AllowList:
         UNIX path with its symbolic links resolved: SubscriptionError for a dangling one)."""
         if dest.transport == "unix":
             real = dest.sockaddr if isinstance(dest.sockaddr, str) else dest.path
+            path = os.path.normpath(real)
+            if not path.startswith(self.unix_prefixes):
+                raise NotAllowed(dest.key, self, "" if path == dest.path else f" (= {path})")
             if os.path.islink(dest.path) and not os.path.exists(dest.path):
                 raise SubscriptionError(
                     f"destination {dest.key} is a dangling symbolic link (to {real})"
                 )
-            path = os.path.normpath(real)
-            if not path.startswith(self.unix_prefixes):
-                raise NotAllowed(dest.key, self, "" if path == dest.path else f" (= {path})")
             return
         try:
             ip = ipaddress.ip_address(dest.sockaddr[0])
@@ -269,12 +269,12 @@ class Registry:
         if expire == 0:
             return self.unsubscribe(event, socket)
         dest = socket if isinstance(socket, Destination) else parse_destination(_text(socket))
-        self._allow.check(dest)
-        try:
+        try:  # first: a loop is named as one, even when the allow-list refuses it too
             self.guards.own.check(dest)
         except SelfSubscription:
             self.guards.count_self_refused("subscribe")
             raise
+        self._allow.check(dest)
         now = self._clock()
         self._sweep(now)  # an expired subscriber of this socket is gone: this one is new
         subs, name, key = self._subs[eid], self._names[eid], dest.key
@@ -408,8 +408,8 @@ class Registry:
         for entry in live:
             try:
                 dest = parse_destination(entry.socket)
-                self._allow.check(dest)
                 self.guards.own.check(dest)
+                self._allow.check(dest)
             except SelfSubscription as exc:  # a saved loop: never resumed, dropped
                 log.warning(
                     "state file %s: dropped %s %s: %s", path, entry.event, entry.socket, exc
