@@ -142,11 +142,14 @@ class OwnSockets:
         with self._lock:
             return list(self._endpoints)
 
-    def match_ip(self, ip: IPAddress, port: int) -> Endpoint | None:
-        """The own listener a datagram to (ip, port) reaches, or None."""
+    def match_ip(
+        self, ip: IPAddress, port: int, among: list[Endpoint] | None = None
+    ) -> Endpoint | None:
+        """The own listener (of `among`, default all) a datagram to (ip, port)
+        reaches, or None."""
         ip = normalise_ip(ip)
         local: set[IPAddress] | None = None
-        for ep in self.endpoints:
+        for ep in self.endpoints if among is None else among:
             if ep.ip is None or ep.port != port:
                 continue
             if not ep.ip.is_unspecified:
@@ -163,23 +166,24 @@ class OwnSockets:
                 return ep
         return None
 
-    def match_path(self, path: str) -> Endpoint | None:
+    def match_path(self, path: str, among: list[Endpoint] | None = None) -> Endpoint | None:
         real = _real(path)
-        for ep in self.endpoints:
+        for ep in self.endpoints if among is None else among:
             if ep.ip is None and (ep.path == real or _same_file(ep.path, real)):
                 return ep
         return None
 
-    def match(self, dest: Destination) -> Endpoint | None:
-        """The own listener `dest` (as parsed and resolved) reaches, or None."""
+    def match(self, dest: Destination, among: list[Endpoint] | None = None) -> Endpoint | None:
+        """The own listener (of `among`, default all) `dest` (as parsed and resolved)
+        reaches, or None."""
         if dest.transport == "unix":
             target = dest.sockaddr if isinstance(dest.sockaddr, str) else dest.path
-            return self.match_path(target)
+            return self.match_path(target, among)
         try:
             ip = ipaddress.ip_address(str(dest.sockaddr[0]).split("%", 1)[0])
         except ValueError:  # not resolved (parse_destination(resolve=False)): by name
             return None
-        return self.match_ip(ip, dest.port)
+        return self.match_ip(ip, dest.port, among)
 
     def check(self, dest: Destination) -> None:
         """Raise SelfSubscription naming the listener `dest` reaches."""

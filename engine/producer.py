@@ -258,9 +258,12 @@ class Engine:
         """Register one of the engine's own listeners (as bound) and unsubscribe
         whoever now points at it (a listener opened after they subscribed: logged,
         counted). Returns how many were unsubscribed."""
-        self.guards.own.add(what, address)
+        known = self.guards.own.endpoints
+        endpoint = self.guards.own.add(what, address)
+        if endpoint is None or endpoint in known:  # known before: nobody points at it
+            return 0
         with self.lock:
-            return len(self.registry.drop_own())
+            return len(self.registry.drop_own(endpoint))
 
     def raise_event(self, name: str, params: Params = None) -> RaiseResult:
         """Queue one event for every subscriber of `name`.

@@ -48,7 +48,7 @@ from engine.errors import (
     SubscriptionError,
     UnknownEvent,
 )
-from engine.guards import Guards, reason
+from engine.guards import Endpoint, Guards, reason
 from engine.state import MAX_EXPIRE, DelRecord, Record, SetRecord, StateEntry, StateStore
 from engine.wire import check_event_name
 
@@ -471,21 +471,19 @@ class Registry:
         log.warning("state file %s: registered events it names: %s", path, listed)
         return entries
 
-    def drop_own(self) -> list[Change]:
-        """Unsubscribe every subscriber that now points at one of the engine's own
-        sockets (a listener opened after it subscribed); logged and counted."""
+    def drop_own(self, endpoint: Endpoint) -> list[Change]:
+        """Unsubscribe every subscriber that points at `endpoint`, one of the engine's
+        own sockets opened after it subscribed; logged and counted. O(n)."""
+        among = [endpoint]
         doomed = [
             (name, sub.dest)
             for eid, name in enumerate(self._names)
-            for sub in list(self._subs[eid].values())
-            if self.guards.own.match(sub.dest) is not None
+            for sub in self._subs[eid].values()
+            if self.guards.own.match(sub.dest, among) is not None
         ]
         changes = []
         for name, dest in doomed:
-            ep = self.guards.own.match(dest)
-            if ep is None:
-                continue
-            log.warning("unsubscribed %s %s: %s", name, dest.key, reason(dest, ep))
+            log.warning("unsubscribed %s %s: %s", name, dest.key, reason(dest, endpoint))
             change = self.unsubscribe(name, dest)
             if change is not None:
                 self.guards.count_self_refused("listener")
