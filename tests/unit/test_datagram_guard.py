@@ -7,7 +7,8 @@ import ipaddress
 
 import pytest
 
-from engine.errors import AddressError
+from engine import config
+from engine.errors import AddressError, ConfigError
 from engine.mi.datagram_guard import (
     LOOPBACK,
     DatagramGuard,
@@ -108,3 +109,11 @@ def test_the_bucket_table_is_bounded() -> None:
         assert guard.may_reply(error, f"127.0.0.{i}")
     assert len(guard._buckets) == 3
     assert not guard.may_reply(error, "127.0.0.9")  # still remembered: empty
+
+
+def test_the_config_key_is_checked() -> None:
+    assert config.loads('[mi]\ndatagram_allow = ["10.0.0.0/8"]\n').mi.datagram_allow == [
+        "10.0.0.0/8"
+    ]
+    with pytest.raises(ConfigError, match=r"'10.0.0.0/33'.* - at `\$\.mi\.datagram_allow`"):
+        config.loads('[mi]\ndatagram_allow = ["10.0.0.0/33"]\n')
