@@ -8,6 +8,7 @@ The core, flat (the main process, or an application embedding the engine):
   wire.py           the JSON-RPC notification: encode once, the event-name rule, MAX_PAYLOAD
   address.py        socket syntax: subscriber sockets and listen addresses
   subscriptions.py  events, subscribers, expiry, allow-list (state.py: the file)
+  guards.py         the engine's own sockets (no self-subscription), refusal counters
   options.py        the engine's settings ([engine] in the config)
   producer.py       the Engine: the public raise path and its accounting
   routing.py        which worker holds whom; control records, expiry, restart snapshots

@@ -19,12 +19,14 @@ rejected, not wrapped; relative UNIX paths are rejected. A host made only of
 digits and dots must be a strict IPv4 literal (``256.1.1.1``, ``127.1`` and
 ``010.0.0.1`` are rejected without DNS). A NAME is ASCII letters, digits, ``-``
 and ``_`` in dot-separated labels of 1-63 characters (253 in all, optional
-trailing dot). Names are resolved once, at parse time, preferring IPv4.
+trailing dot). Names are resolved once, at parse time, preferring IPv4; a UNIX path's
+symbolic links too (``sockaddr`` is the real path, the key stays as written).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -78,7 +80,7 @@ def _fail(text: str, msg: str) -> AddressError:
     return AddressError(f"{text if plain else repr(text)}: {msg}")
 
 
-def _parse_unix(text: str, path: str) -> Destination:
+def _parse_unix(text: str, path: str, resolve: bool = False) -> Destination:
     if not path:
         raise _fail(text, "unix socket path is empty")
     if "\x00" in path:
@@ -91,7 +93,12 @@ def _parse_unix(text: str, path: str) -> Destination:
         raise _fail(text, "unix socket path is not valid UTF-8 text") from None
     if size > UNIX_PATH_MAX:
         raise _fail(text, f"unix socket path is {size} bytes, at most {UNIX_PATH_MAX} allowed")
-    return Destination("unix", "", 0, path, socket.AF_UNIX, path)
+    # Resolved: the allow-list judges, and the workers send to, the real path, so a
+    # symbolic link cannot point the engine outside the allow-list.
+    real = os.path.realpath(path) if resolve else path
+    if len(real.encode("utf-8", "surrogateescape")) > UNIX_PATH_MAX:
+        raise _fail(text, f"unix socket path resolves to {real!r}, over {UNIX_PATH_MAX} bytes")
+    return Destination("unix", "", 0, path, socket.AF_UNIX, real)
 
 
 def _parse_port(text: str, port: str) -> int:
@@ -168,19 +175,20 @@ def parse_destination(text: str, *, resolve: bool = True) -> Destination:
     """Parse a subscriber socket; raise AddressError naming the bad part.
 
     With ``resolve=False`` host names are not looked up (family AF_INET and
-    sockaddr ``(host, port)`` are placeholders): use it only to compute a key.
+    sockaddr ``(host, port)`` are placeholders) and UNIX paths are not resolved:
+    use it only to compute a key.
     """
     if not text:
         raise _fail(text, "destination is empty")
     if text.strip() != text:
         raise _fail(text, "leading or trailing whitespace is not allowed")
     if text.startswith("/"):
-        return _parse_unix(text, text)
+        return _parse_unix(text, text, resolve)
     transport, sep, rest = text.partition(":")
     if not sep:
         raise _fail(text, "transport missing (expected udp:HOST:PORT, unix:/PATH or /PATH)")
     if transport == "unix":
-        return _parse_unix(text, rest)
+        return _parse_unix(text, rest, resolve)
     if transport == "udp":
         return _parse_udp(text, rest, resolve)
     raise _fail(text, f"unknown transport {transport!r} (only 'udp' and 'unix', lowercase)")

@@ -21,6 +21,7 @@ import msgspec
 
 from engine.address import parse_destination, parse_listen
 from engine.errors import BadEventName, ConfigError
+from engine.mi.datagram_guard import parse_datagram_allow
 from engine.options import EngineOptions
 from engine.shm.segment import check_instance_name
 from engine.sources.amqp import AmqpConfig
@@ -61,6 +62,8 @@ class MIConfig(_Section):
     """HTTP listener for POST /mi and GET /metrics; "" disables it."""
     datagram: str = "127.0.0.1:8080"
     """UDP listener for MI datagrams; "" disables it."""
+    datagram_allow: list[str] = msgspec.field(default_factory=list)
+    """Source networks the MI datagram socket answers; [] = loopback only."""
     fifo: str = ""
     """Path of the MI FIFO to create; "" = no FIFO."""
     fifo_reply_dir: str = "/tmp"
@@ -172,6 +175,10 @@ class Config(_Section):
             self.allow_list()
         except ValueError as exc:
             raise ConfigError(f"{exc} - at `$.allow`") from None
+        try:
+            parse_datagram_allow(self.mi.datagram_allow)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} - at `$.mi.datagram_allow`") from None
         for i, text in enumerate(self.ingest.listen):
             try:
                 parse_ingest_socket(text)

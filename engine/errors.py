@@ -14,7 +14,7 @@ class, so existing `except` clauses keep working.
         BadEventName                  an event name outside the rule
         PayloadTooLarge               over MAX_PAYLOAD; nothing is truncated
       SubscriptionError               a subscription request refused
-        UnknownEvent, BadExpire, NotAllowed
+        UnknownEvent, BadExpire, NotAllowed, SelfSubscription
       StateFileError                  the state file is unreadable or cannot be written
       MIError                         an MI error reply (code, message, data)
         BadRequest                    not a valid JSON-RPC request
@@ -95,6 +95,14 @@ class BadExpire(SubscriptionError):
 class NotAllowed(SubscriptionError):
     def __init__(self, dest: str, allow: object, detail: str = "") -> None:
         super().__init__(f"destination {dest}{detail} is not in the allow-list ({allow})")
+        self.dest = dest
+
+
+class SelfSubscription(SubscriptionError):
+    """A destination that is one of the engine's own sockets (it would loop)."""
+
+    def __init__(self, dest: str, reason: str) -> None:
+        super().__init__(reason)
         self.dest = dest
 
 

@@ -119,6 +119,7 @@ class EngineCollector(Collector):
         yield from _worker_families(stats)
         yield from _histograms(stats)
         yield from _source_families(stats)
+        yield from _guard_families(engine)
         yield from _subscriber_families(stats, subscribers, self.per_subscriber)
         if self.per_subscriber:
             yield from _subscriber_counters(subscribers, engine.subscriber_counts())
@@ -362,6 +363,35 @@ def _source_families(stats: EngineStatistics) -> Iterator[Metric]:
             errors.add_metric([s.name, reason], n)
     yield from (up, events, errors)
     yield from _amqp_families([s for s in stats.sources if s.kind == "amqp"])
+
+
+def _guard_families(engine: Engine) -> Iterator[Metric]:
+    """The control plane's refusals (engine/guards.py, docs/security-guards.md)."""
+    refused, dropped, suppressed = engine.guards.snapshot()
+    family = CounterMetricFamily(
+        PREFIX + "self_subscriptions_refused_total",
+        "Subscriptions refused because they point at one of the engine's own sockets, by"
+        " origin (subscribe: MI, API or config; state: dropped at load; listener: dropped"
+        " when a listener opened at their address).",
+        labels=["origin"],
+    )
+    for origin, n in refused.items():
+        family.add_metric([origin], n)
+    yield family
+    family = CounterMetricFamily(
+        PREFIX + "mi_datagrams_dropped_total",
+        "UDP MI datagrams not answered, by reason (source_not_allowed, empty, response,"
+        " rate_limited).",
+        labels=["reason"],
+    )
+    for reason, n in dropped.items():
+        family.add_metric([reason], n)
+    yield family
+    yield CounterMetricFamily(
+        PREFIX + "mi_error_replies_suppressed_total",
+        "UDP MI error replies not sent: over the per-source rate limit.",
+        value=suppressed,
+    )
 
 
 def _amqp_families(sources: list[SourceStatistics]) -> Iterator[Metric]:

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Protocol
 
 from engine.address import Destination, parse_destination
 from engine.errors import EngineError, PayloadTooLarge
+from engine.guards import Guards
 from engine.options import EngineOptions
 from engine.routing import Router
 from engine.shm.counters import CounterBlock, CounterLayout, Region
@@ -105,6 +106,7 @@ class Engine:
         allow: AllowList | None = None,
         state_file: str | None = None,
         unknown_events: UnknownEvents = "error",
+        guards: Guards | None = None,
     ) -> None:
         self.options = options or EngineOptions()
         # Two locks, always taken in this order: `lock` guards the registry (the
@@ -125,7 +127,11 @@ class Engine:
             on_change=self._on_change,
             max_events=self.options.max_events,
             unknown_events=unknown_events,
+            guards=guards,
         )
+        # The engine's own sockets (no subscription may point at one) and the control
+        # plane's refusal counters: listeners register here (engine/guards.py).
+        self.guards = self.registry.guards
         self._clock = self.registry.clock  # expiry's clock: steady, in wall seconds
         for name in events or ():
             self.registry.register_event(name)
@@ -247,6 +253,17 @@ class Engine:
     def unsubscribe(self, event: str, socket: str | Destination) -> Change | None:
         with self.lock:
             return self.registry.unsubscribe(event, socket)
+
+    def own_socket(self, what: str, address: tuple[str, int] | str) -> int:
+        """Register one of the engine's own listeners (as bound) and unsubscribe
+        whoever now points at it (a listener opened after they subscribed: logged,
+        counted). Returns how many were unsubscribed."""
+        known = self.guards.own.endpoints
+        endpoint = self.guards.own.add(what, address)
+        if endpoint is None or endpoint in known:  # known before: nobody points at it
+            return 0
+        with self.lock:
+            return len(self.registry.drop_own(endpoint))
 
     def raise_event(self, name: str, params: Params = None) -> RaiseResult:
         """Queue one event for every subscriber of `name`.

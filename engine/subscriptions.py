@@ -40,7 +40,15 @@ from typing import Final, Literal
 import msgspec
 
 from engine.address import AddressError, Destination, parse_destination
-from engine.errors import BadExpire, NotAllowed, StateFileError, SubscriptionError, UnknownEvent
+from engine.errors import (
+    BadExpire,
+    NotAllowed,
+    SelfSubscription,
+    StateFileError,
+    SubscriptionError,
+    UnknownEvent,
+)
+from engine.guards import Endpoint, Guards, reason
 from engine.state import MAX_EXPIRE, DelRecord, Record, SetRecord, StateEntry, StateStore
 from engine.wire import check_event_name
 
@@ -91,8 +99,10 @@ class AllowList:
                 raise ValueError(f"allow-list item {item!r}: expected a network or a directory")
             path = item.removeprefix("unix:")
             if path.startswith("/"):
-                path = os.path.normpath(path)
-                prefixes[path if path.endswith("/") else path + "/"] = None
+                # As written and as resolved: destinations are judged by their real
+                # path, so a prefix that is itself a symbolic link still admits them.
+                for form in (os.path.normpath(path), os.path.realpath(path)):
+                    prefixes[form if form.endswith("/") else form + "/"] = None
             elif path != item:
                 raise ValueError(f"allow-list item {item!r}: a UNIX prefix must be absolute")
             else:
@@ -103,11 +113,17 @@ class AllowList:
         return cls(tuple(networks), tuple(prefixes))
 
     def check(self, dest: Destination) -> None:
-        """Raise NotAllowed unless the resolved address or normalised path is allowed."""
+        """Raise NotAllowed unless the resolved address or real path is allowed (a
+        UNIX path with its symbolic links resolved: SubscriptionError for a dangling one)."""
         if dest.transport == "unix":
-            path = os.path.normpath(dest.path)
+            real = dest.sockaddr if isinstance(dest.sockaddr, str) else dest.path
+            path = os.path.normpath(real)
             if not path.startswith(self.unix_prefixes):
                 raise NotAllowed(dest.key, self, "" if path == dest.path else f" (= {path})")
+            if os.path.islink(dest.path) and not os.path.exists(dest.path):
+                raise SubscriptionError(
+                    f"destination {dest.key} is a dangling symbolic link (to {real})"
+                )
             return
         try:
             ip = ipaddress.ip_address(dest.sockaddr[0])
@@ -191,8 +207,11 @@ class Registry:
         on_change: Callable[[Change], None] | None = None,
         max_events: int = 256,
         unknown_events: UnknownEvents = "error",
+        guards: Guards | None = None,
     ) -> None:
         self._allow = AllowList.default() if allow is None else allow
+        # The engine's own sockets: no subscriber may point at one (it would loop).
+        self.guards = Guards() if guards is None else guards
         self._store = None if state_file is None else StateStore(os.fspath(state_file))
         self.clock = self._clock = clock or steady_clock()
         self._unknown_events = unknown_events
@@ -250,6 +269,11 @@ class Registry:
         if expire == 0:
             return self.unsubscribe(event, socket)
         dest = socket if isinstance(socket, Destination) else parse_destination(_text(socket))
+        try:  # first: a loop is named as one, even when the allow-list refuses it too
+            self.guards.own.check(dest)
+        except SelfSubscription:
+            self.guards.count_self_refused("subscribe")
+            raise
         self._allow.check(dest)
         now = self._clock()
         self._sweep(now)  # an expired subscriber of this socket is gone: this one is new
@@ -384,7 +408,14 @@ class Registry:
         for entry in live:
             try:
                 dest = parse_destination(entry.socket)
+                self.guards.own.check(dest)
                 self._allow.check(dest)
+            except SelfSubscription as exc:  # a saved loop: never resumed, dropped
+                log.warning(
+                    "state file %s: dropped %s %s: %s", path, entry.event, entry.socket, exc
+                )
+                self.guards.count_self_refused("state")
+                continue
             except (ValueError, OSError, SubscriptionError) as exc:
                 log.warning(
                     "state file %s: cannot restore %s %s now (%s); kept in the file until "
@@ -439,6 +470,25 @@ class Registry:
             )
         log.warning("state file %s: registered events it names: %s", path, listed)
         return entries
+
+    def drop_own(self, endpoint: Endpoint) -> list[Change]:
+        """Unsubscribe every subscriber that points at `endpoint`, one of the engine's
+        own sockets opened after it subscribed; logged and counted. O(n)."""
+        among = [endpoint]
+        doomed = [
+            (name, sub.dest)
+            for eid, name in enumerate(self._names)
+            for sub in self._subs[eid].values()
+            if self.guards.own.match(sub.dest, among) is not None
+        ]
+        changes = []
+        for name, dest in doomed:
+            log.warning("unsubscribed %s %s: %s", name, dest.key, reason(dest, endpoint))
+            change = self.unsubscribe(name, dest)
+            if change is not None:
+                self.guards.count_self_refused("listener")
+                changes.append(change)
+        return changes
 
     def save(self) -> None:
         """Write every expiring subscription to the state file, atomically (a snapshot:

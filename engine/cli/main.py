@@ -13,10 +13,11 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -86,7 +87,15 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         metavar="URL",
         help='consume from a queue of this engine\'s own on the exchange "opensips" of the '
         "RabbitMQ at amqp://USER:PASS@HOST:PORT/VHOST, every routing key (repeat; adds to "
-        "[[amqp]]; needs the amqp extra)",
+        "[[amqp]]; needs the amqp extra). A password here is rewritten out of the "
+        "process title, but prefer --amqp-url-file",
+    )
+    run.add_argument(
+        "--amqp-url-file",
+        action="append",
+        metavar="PATH",
+        help="as --amqp, the URL read from the first line of PATH (keeps the password "
+        "out of argv; repeat)",
     )
 
     sub = verbs.add_parser("subscribe", parents=[client], help="subscribe a socket to an event")
@@ -242,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    _hide_passwords(sys.argv)
     try:
         cfg = config_mod.load(args.config)
         _apply_flags(cfg, args)
@@ -272,6 +282,34 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
 
+_PASSWORD: Final = re.compile(r"(amqps?://[^:/@\s]*:)[^@\s]*@")
+
+
+def _hide_passwords(argv: list[str]) -> bool:
+    """Rewrite the process title without the password of a URL in argv (run --amqp
+    URL), so /proc/PID/cmdline and ps no longer show it, and warn once pointing at
+    the file and environment ways. True when there was one to hide."""
+    redacted = [_PASSWORD.sub(r"\1***@", arg) for arg in argv]
+    if redacted == argv:
+        return False
+    try:
+        import setproctitle
+    except ImportError:
+        log.warning(
+            "a broker password is on the command line, readable by every local user in "
+            "ps (install setproctitle, the amqp extra, to hide it): use [[amqp]] url_file "
+            "or url_env, or run --amqp-url-file PATH"
+        )
+        return True
+    setproctitle.setproctitle(" ".join([os.path.basename(sys.executable), *redacted]))
+    log.warning(
+        "a broker password was on the command line (now rewritten out of the process "
+        "title, but briefly readable in ps): use [[amqp]] url_file or url_env, or run "
+        "--amqp-url-file PATH"
+    )
+    return True
+
+
 def _apply_flags(cfg: config_mod.Config, args: argparse.Namespace) -> None:
     """Command-line flags override the config file."""
     if args.http is not None:
@@ -295,6 +333,8 @@ def _apply_flags(cfg: config_mod.Config, args: argparse.Namespace) -> None:
         cfg.upstream.append(config_mod.UpstreamConfig(mi=mi, events=["*"]))
     for url in args.amqp or []:
         cfg.amqp.append(config_mod.AmqpConfig(url=url))
+    for path in args.amqp_url_file or []:
+        cfg.amqp.append(config_mod.AmqpConfig(url="", url_file=path))
     engine: dict[str, Any] = msgspec.structs.asdict(cfg.engine)
     if args.workers is not None:
         engine["workers"] = args.workers

@@ -14,13 +14,17 @@ reading, then the engine drains its rings and frees its shared memory.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import socket
+import urllib.parse
 from typing import Protocol
 
 from engine.address import AddressError, parse_listen
 from engine.config import Config
 from engine.errors import ConfigError, EngineError, RunError
+from engine.guards import Endpoint, Guards, OwnSockets
 from engine.mi.fifo import FifoServer
 from engine.mi.health import not_ready
 from engine.mi.http import RequestPolicy, SecurityCounters, exposure_warning, is_loopback_bind
@@ -28,7 +32,7 @@ from engine.mi.server import DatagramServer, HTTPServer
 from engine.mi.webconfig import WebConfig
 from engine.producer import Engine
 from engine.sources.amqp import AmqpSource
-from engine.sources.ingest import Ingest
+from engine.sources.ingest import Ingest, parse_ingest_socket
 from engine.sources.upstream import Upstream, stop_all
 from engine.subscriptions import StateFileError, SubscriptionError
 
@@ -42,6 +46,72 @@ class _Listener(Protocol):
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
+
+
+def _configured_sockets(cfg: Config, own: OwnSockets) -> None:
+    """Register the listeners the config names (port 0 ones once bound)."""
+    for text in cfg.ingest.listen:
+        with contextlib.suppress(ValueError):  # Config.validate checked them
+            own.add("ingest socket", parse_ingest_socket(text)[1])
+    for what, text in (("HTTP MI", cfg.mi.http), ("MI datagram", cfg.mi.datagram)):
+        with contextlib.suppress(ValueError):
+            address = parse_listen(text)
+            if address is not None:
+                own.add(what, address)
+    if cfg.mi.fifo:
+        own.add("MI FIFO", cfg.mi.fifo)
+
+
+def _mi_target_endpoint(target: str, own: OwnSockets) -> Endpoint | None:
+    """The own listener an MI target (udp:, http(s)://, fifo:) reaches, or None."""
+    if target.startswith("fifo:"):
+        return own.match_path(target[5:]) if target[5:] else None
+    if target.startswith("udp:"):
+        host, port = target[4:].rsplit(":", 1)
+        default = 0
+    else:
+        parts = urllib.parse.urlsplit(target)
+        try:
+            host, port = parts.hostname or "", str(parts.port or "")
+        except ValueError:
+            return None
+        default = 443 if parts.scheme == "https" else 80
+    host = host.strip("[]")
+    number = int(port) if port.isdigit() else default
+    try:  # every address the name has: the client may try any of them
+        infos = socket.getaddrinfo(host, number, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    for info in infos:
+        with contextlib.suppress(ValueError):
+            ep = own.match_ip(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]), number)
+            if ep is not None:
+                return ep
+    return None
+
+
+def _warn_open(what: str, names: list[str], allow: list[str], key: str) -> None:
+    """A UDP listener bound beyond loopback that answers (or takes from) everyone,
+    or that names no networks: said once at start."""
+    for name in names:
+        if not name.startswith("udp:"):
+            continue
+        host = name[4:].rsplit(":", 1)[0].strip("[]")
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(host).is_loopback:
+                continue
+        if not allow:
+            log.warning(
+                "%s %s is bound beyond loopback and %s is empty: only loopback sources"
+                " are served; name the networks that may send",
+                what, name, key,
+            )  # fmt: skip
+        elif any(ipaddress.ip_network(a, strict=False).prefixlen == 0 for a in allow):
+            log.warning(
+                "%s %s is bound beyond loopback and %s lets every address send"
+                " (a forged source makes it a reflector): narrow it",
+                what, name, key,
+            )  # fmt: skip
 
 
 class Runner:
@@ -71,6 +141,11 @@ class Runner:
         state = cfg.state_path()
         if state is not None:
             os.makedirs(os.path.dirname(os.path.abspath(state)), mode=0o700, exist_ok=True)
+        # The listeners the config names, known before the state file is loaded and
+        # the static subscriptions made, so that none of those can point at them.
+        guards = Guards()
+        _configured_sockets(cfg, guards.own)
+        self._check_upstreams(guards.own)
         try:
             self.engine = Engine(
                 cfg.engine,
@@ -78,6 +153,7 @@ class Runner:
                 allow=cfg.allow_list(),
                 state_file=state,
                 unknown_events=cfg.state.unknown_events,
+                guards=guards,
             )
         except (ValueError, SubscriptionError) as exc:
             raise ConfigError(f"config error in {self.source}: {exc}") from None
@@ -113,6 +189,10 @@ class Runner:
                 why = exc.strerror or str(exc)
                 raise RunError(f"cannot listen for ingest on {cfg.listen}: {why}") from None
             self.engine.add_source(self.ingest)
+            for sock in self.ingest.sockets:  # as bound (port 0: its real port)
+                bound = sock.path or sock.sock.getsockname()[:2]
+                self.engine.own_socket("ingest socket", bound)
+            _warn_open("ingest socket", self.ingest.names, cfg.allow, "ingest.allow")
             self.ingest.start()
         self._start_upstreams()
         self._start_amqp()
@@ -203,7 +283,7 @@ class Runner:
         )
         if datagram is not None:
             try:
-                self.datagram = DatagramServer(self.engine, datagram)
+                self.datagram = DatagramServer(self.engine, datagram, allow=cfg.datagram_allow)
             except OSError as exc:
                 why = exc.strerror
                 raise RunError(f"cannot listen on {cfg.datagram} (MI datagram): {why}") from None
@@ -212,8 +292,27 @@ class Runner:
                 self.fifo = FifoServer(self.engine, cfg.fifo, cfg.fifo_reply_dir)
             except OSError as exc:
                 raise RunError(f"cannot create the MI FIFO {cfg.fifo}: {exc}") from None
+        if self.http is not None:
+            self.engine.own_socket("HTTP MI", self.http.address)
+        if self.datagram is not None:
+            self.engine.own_socket("MI datagram", self.datagram.address)
+            _warn_open("MI datagram", [self.datagram.url], cfg.datagram_allow, "mi.datagram_allow")
+        if self.fifo is not None:
+            self.engine.own_socket("MI FIFO", self.fifo.path)
         for listener in self._listeners():
             listener.start()
+
+    def _check_upstreams(self, own: OwnSockets) -> None:
+        """An [[upstream]] whose MI is this engine's own (in any spelling) would feed
+        the engine its own events: a config error."""
+        for i, up in enumerate(self.config.upstream):
+            ep = _mi_target_endpoint(up.mi, own)
+            if ep is not None:
+                raise ConfigError(
+                    f"config error in {self.source}: upstream MI {up.mi!r} is this engine's"
+                    f" own {ep.what} {ep.name}: it would feed the engine its own events"
+                    f" - at `$.upstream[{i}].mi`"
+                )
 
     def _listeners(self) -> list[_Listener]:
         listeners = (self.http, self.metrics_http, self.datagram, self.fifo)

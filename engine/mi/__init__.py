@@ -6,6 +6,7 @@ server.py   HTTP (POST /mi, GET /metrics, /health, /ready) and UDP datagram list
 http.py     the HTTP request checks (Origin, Host, Content-Type), pure; refusal counters
 health.py   what GET /ready answers: the reasons the engine is not ready
 webconfig.py the web config file: TLS context and basic auth (exporter-toolkit format)
+datagram_guard.py  which datagrams the UDP MI answers (no reflection), error rate limit
 fifo.py     the mi_fifo transport
 client.py   an MI client (http, udp, fifo targets) for the CLI and the sources
 """

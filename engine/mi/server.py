@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Final
 from engine.address import format_listen
 from engine.mi import http as checks
 from engine.mi import webconfig
+from engine.mi.datagram_guard import DatagramGuard, parse_datagram_allow
 from engine.mi.protocol import error_reply, handle
 
 if TYPE_CHECKING:
@@ -1036,7 +1037,9 @@ class HTTPServer:
 
 class DatagramServer:
     """MI over UDP, like OpenSIPS mi_datagram: one request per datagram, the
-    reply sent back to the sender's address."""
+    reply sent back to the sender's address, never a reflector: what it answers
+    is engine/mi/datagram_guard.py's decision (`allow`: source networks answered;
+    None = loopback), its drops counted in ``engine.guards``."""
 
     def __init__(
         self,
@@ -1044,9 +1047,13 @@ class DatagramServer:
         address: tuple[str, int],
         *,
         handler: Callable[[Engine, bytes], bytes | None] = handle,
+        allow: list[str] | None = None,
     ) -> None:
         self._engine = engine
         self._handler = handler
+        self.guard = DatagramGuard(
+            parse_datagram_allow(allow or []), count=engine.guards.count_mi_datagram_dropped
+        )
         self._sock = socket.socket(_family(address[0]), socket.SOCK_DGRAM)
         try:
             self._sock.bind(address)
@@ -1085,12 +1092,14 @@ class DatagramServer:
                 continue
             if self._stop.is_set():
                 return
+            if not self.guard.admit(data, sender[0]):
+                continue
             if len(data) > MAX_DATAGRAM:
                 why = f"request is over the {MAX_DATAGRAM}-byte datagram limit"
                 reply: bytes | None = error_reply(-32600, "Invalid Request", why)
             else:
                 reply = self._handler(self._engine, data)
-            if reply is not None:
+            if reply is not None and self.guard.may_reply(reply, sender[0]):
                 self._reply(reply, sender)
 
     def _reply(self, reply: bytes, sender: Any) -> None:

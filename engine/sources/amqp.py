@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import threading
 import urllib.parse
@@ -87,11 +88,18 @@ HEARTBEAT: Final = 10  # seconds: a silent broker is noticed within two of these
 EXCHANGE_TYPES = Literal["topic", "direct", "fanout", "headers"]
 
 
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
 class AmqpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One `[[amqp]]` section (SPEC section 9)."""
 
-    url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    url: str = DEFAULT_URL
     """The broker: amqp://USER:PASS@HOST:PORT/VHOST (vhost "/" is %2F)."""
+    url_file: str = ""
+    """Or: read the URL from this file (its first line): no password in argv or config."""
+    url_env: str = ""
+    """Or: read the URL from this environment variable."""
     exchange: str = "opensips"
     """The exchange OpenSIPS publishes to; must exist unless declare = true."""
     exchange_type: EXCHANGE_TYPES = "topic"
@@ -108,12 +116,40 @@ class AmqpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     unknown_events: Literal["reject", "register"] = "reject"
     """A notification of an event not registered: reject it (counted) or register it."""
 
+    def _url_key(self) -> str:
+        return "url_file" if self.url_file else "url_env" if self.url_env else "url"
+
+    def url_value(self) -> str:
+        """The broker URL, from `url_file`, `url_env` or `url`. Raises ValueError
+        saying why (never with the URL's text: it holds the password)."""
+        if self.url_file:
+            try:
+                with open(self.url_file, encoding="utf-8") as f:
+                    lines = f.read(65536).strip().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = getattr(exc, "strerror", None) or type(exc).__name__
+                raise ValueError(f"cannot read {self.url_file!r}: {why}") from None
+            if not lines or not lines[0].strip():
+                raise ValueError(f"{self.url_file!r} is empty: expected the broker URL")
+            return lines[0].strip()
+        if self.url_env:
+            url = os.environ.get(self.url_env, "").strip()
+            if not url:
+                raise ValueError(f"the environment variable {self.url_env} is not set or empty")
+            return url
+        return self.url
+
     def problem(self) -> tuple[str, str] | None:
         """(key, why) for the first bad value, or None."""
+        given = [k for k in ("url_file", "url_env") if getattr(self, k)]
+        if given and self.url not in ("", DEFAULT_URL):
+            given.insert(0, "url")
+        if len(given) > 1:
+            return given[-1], f"set one of url, url_file, url_env, not {' and '.join(given)}"
         try:
-            _parse_url(self.url)
+            _parse_url(self.url_value())
         except ValueError as exc:
-            return "url", str(exc)
+            return self._url_key(), str(exc)
         if not self.exchange:
             return "exchange", "expected an exchange name (the default exchange cannot be bound)"
         if not self.binding_keys:
@@ -127,7 +163,7 @@ class AmqpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def display_name(self) -> str:
         """The source's name in metrics and logs: the URL without credentials, the
         exchange, and the queue when named."""
-        parts = _parse_url(self.url)
+        parts = _parse_url(self.url_value())
         name = f"amqp://{parts.hostname}:{parts.port or 5672}{parts.path or '/'} {self.exchange}"
         return f"{name} queue={self.queue}" if self.queue else name
 
@@ -158,6 +194,7 @@ class AmqpSource:
         if problem:
             raise ValueError(f"amqp {problem[0]}: {problem[1]}")
         self.config = config
+        self._url = config.url_value()  # read once: a file or variable changed later is not
         self.name = config.display_name()
         pika_log = logging.getLogger("pika")
         if pika_log.level == logging.NOTSET:  # it logs every connection and every failed
@@ -215,7 +252,7 @@ class AmqpSource:
     def _run(self) -> None:
         import pika  # the optional extra: imported by the thread, not at start-up
 
-        params = pika.URLParameters(self.config.url)
+        params = pika.URLParameters(self._url)
         params.connection_attempts = 1
         params.socket_timeout = CONNECT_TIMEOUT
         params.stack_timeout = CONNECT_TIMEOUT

@@ -2,7 +2,8 @@
 `event-datagram run` (its own config) under a steady load of events raised over
 its MI and of notifications (valid and not) sent to its ingest socket and
 published to its `[[amqp]]` queue on a real RabbitMQ (tests.broker_support), with an
-`[[upstream]]` that is the engine's own MI (so the upstream series exist, up 1),
+`[[upstream]]` that is a second engine's MI in this process (so the upstream series
+exist, up 1; the engine's own MI would be a self-subscription, refused),
 Prometheus scraping its `GET /metrics` every second on the metrics listener of its
 own (`[metrics] listen`), through TLS and basic auth (a `scrape_config` with
 `scheme: https`, `basic_auth` and `tls_config`, the production layout of
@@ -39,8 +40,9 @@ import pika
 import pytest
 
 from engine.bench.broker import LocalBroker
+from engine.mi.server import HTTPServer
 from tests.dashboard_support import dashboard, panel_queries
-from tests.support import udp_receiver, unix_receiver
+from tests.support import running_engine, udp_receiver, unix_receiver
 from tests.tls_support import PASSWORD, USER, TLSFiles, web_config
 
 WINDOW = "15s"  # stands in for Grafana's $__rate_interval
@@ -155,6 +157,8 @@ class Running:
     """The host:port of its metrics listener (TLS + basic auth)."""
     tls: TLSFiles
     """The CA, certificates and keys made for it."""
+    upstream: str
+    """The MI of its [[upstream]]."""
 
     @property
     def ingest_text(self) -> str:
@@ -166,10 +170,10 @@ AMQP_EXCHANGE = f"edg-prom-{os.getpid()}"
 
 
 @contextlib.contextmanager
-def engine_process(workdir: Path, broker: LocalBroker) -> Iterator[Running]:
-    """`event-datagram run` with its own config: an ingest socket, its own MI as its
-    upstream for E_IDLE (never raised, so nothing loops back), and a queue on the
-    broker's AMQP_EXCHANGE; yields where it listens."""
+def engine_process(workdir: Path, broker: LocalBroker, upstream: str) -> Iterator[Running]:
+    """`event-datagram run` with its own config: an ingest socket, `upstream` (an MI)
+    as its upstream for E_IDLE, and a queue on the broker's AMQP_EXCHANGE; yields
+    where it listens."""
     address = f"127.0.0.1:{free_port()}"
     metrics_address = f"127.0.0.1:{free_port()}"
     tls = TLSFiles.make(workdir)
@@ -194,7 +198,7 @@ def engine_process(workdir: Path, broker: LocalBroker) -> Iterator[Running]:
         "[ingest]\n"
         'listen = ["udp:127.0.0.1:0"]\n'
         "[[upstream]]\n"
-        f'mi = "http://{address}/mi"\n'
+        f'mi = "{upstream}"\n'
         'events = ["E_IDLE"]\n'
         "expire = 60\n"
         "[[amqp]]\n"
@@ -230,7 +234,7 @@ def engine_process(workdir: Path, broker: LocalBroker) -> Iterator[Running]:
         found = READY_INGEST.search(log.read_bytes())
         assert found, "the ready line names no ingest socket:\n" + log.read_text()[-3000:]
         ingest = (found.group(1).decode(), int(found.group(2)))
-        yield Running(address, ingest, broker.url, metrics_address, tls)
+        yield Running(address, ingest, broker.url, metrics_address, tls, upstream)
     finally:
         mi.close()
         end_process(proc, grace=15)  # SIGTERM: the engine drains and exits
@@ -356,11 +360,17 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     binary = prometheus_binary()
     rx_udp, rx_unix = udp_receiver(), unix_receiver(tmp_path)
     try:
-        with engine_process(tmp_path, rabbitmq) as engine:
+        with (
+            running_engine(["E_IDLE"], pin=False, workers=1) as upstream,
+            upstream_mi(upstream) as upstream_url,
+            engine_process(tmp_path, rabbitmq, upstream_url) as engine,
+        ):
             mi = MI(engine.address)
             mi.call("event_subscribe", ["E_LOAD", rx_udp.socket_text])
             mi.call("event_subscribe", ["E_OTHER", rx_udp.socket_text])
             mi.call("event_subscribe", ["E_OTHER", rx_unix.socket_text])
+            with pytest.raises(AssertionError, match="this engine's own ingest socket"):
+                mi.call("event_subscribe", ["E_OTHER", engine.ingest_text])  # a loop
             mi.close()
             refuse_some(engine)
             target, ca = engine.metrics_address, engine.tls.ca.path
@@ -368,11 +378,11 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
                 check_panels(url, tmp_path / "prometheus.log")
                 check_security(url)
                 check_sources(url, engine)
-                # [metrics] per_subscriber = true reached the exposition (the upstream
-                # subscribed the ingest socket to E_IDLE, with its expire as TTL).
+                check_guards(url)
+                # [metrics] per_subscriber = true reached the exposition.
                 ttl = query(url, "event_datagram_subscriber_ttl_seconds")["data"]["result"]
                 sockets = {r["metric"]["socket"] for r in ttl}
-                assert sockets == {rx_udp.socket_text, rx_unix.socket_text, engine.ingest_text}
+                assert sockets == {rx_udp.socket_text, rx_unix.socket_text}
         assert rx_udp.datagrams and rx_unix.datagrams
         assert any(b'"ingested"' in d for d in rx_udp.datagrams), "no ingested event relayed"
         assert any(b'"amqp"' in d for d in rx_unix.datagrams), "no broker message relayed"
@@ -391,7 +401,7 @@ def check_panels(url: str, log: Path) -> None:
         what="five scrapes of the engine",
         log=log,
     )
-    # The upstream (the engine's own MI) subscribed: it may have missed the MI at start
+    # The upstream (a second engine's MI) subscribed: it may have missed the MI at start
     # (it retries every 2 s), and its rate panel needs two samples of it as up.
     up_for = 'min_over_time(event_datagram_upstream_up{job="event-datagram"}[3s])'
     wait_until(
@@ -453,7 +463,7 @@ def check_sources(url: str, engine: Running) -> None:
     assert rejected.get((sock, "malformed"), 0) > 0, rejected
     assert rejected.get((sock, "unknown_event"), 0) > 0, rejected
     assert by("Ingest kernel drops by socket", "socket") == {(sock,): 0.0}
-    mi = f"http://{engine.address}/mi"
+    mi = engine.upstream
     assert by("Upstream up", "mi") == {(mi,): 1.0}
     assert by("Upstream subscribed events", "mi") == {(mi,): 1.0}
     errors = by("Upstream errors by reason", "mi", "reason")
@@ -514,6 +524,28 @@ def check_security(url: str) -> None:
         ("metrics", "missing"),
         ("mi", "bad_credentials"),
     }
+
+
+@contextlib.contextmanager
+def upstream_mi(engine: Any) -> Iterator[str]:
+    """An HTTP MI for `engine` (the upstream the engine under test subscribes at)."""
+    server = HTTPServer(engine, ("127.0.0.1", 0))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def check_guards(url: str) -> None:
+    """The control plane's refusals: every reason and origin is a series (0 or more),
+    and the one self-subscription the test tried is counted."""
+    refused = query(url, "event_datagram_self_subscriptions_refused_total")["data"]["result"]
+    counts = {r["metric"]["origin"]: float(r["value"][1]) for r in refused}
+    assert counts == {"subscribe": 1.0, "state": 0.0, "listener": 0.0}, counts
+    dropped = query(url, concrete(panel_expr("UDP MI datagrams dropped by reason")))
+    reasons = {r["metric"].get("reason") for r in dropped["data"]["result"]}
+    assert reasons == {"source_not_allowed", "empty", "response", "rate_limited"}, reasons
 
 
 def panel_expr(title: str) -> str:
