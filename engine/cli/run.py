@@ -53,7 +53,12 @@ def _configured_sockets(cfg: Config, own: OwnSockets) -> None:
     for text in cfg.ingest.listen:
         with contextlib.suppress(ValueError):  # Config.validate checked them
             own.add("ingest socket", parse_ingest_socket(text)[1])
-    for what, text in (("HTTP MI", cfg.mi.http), ("MI datagram", cfg.mi.datagram)):
+    listeners = (
+        ("HTTP MI", cfg.mi.http),
+        ("MI datagram", cfg.mi.datagram),
+        ("metrics listener", cfg.metrics.listen),
+    )
+    for what, text in listeners:
         with contextlib.suppress(ValueError):
             address = parse_listen(text)
             if address is not None:
@@ -294,6 +299,8 @@ class Runner:
                 raise RunError(f"cannot create the MI FIFO {cfg.fifo}: {exc}") from None
         if self.http is not None:
             self.engine.own_socket("HTTP MI", self.http.address)
+        if self.metrics_http is not None:
+            self.engine.own_socket("metrics listener", self.metrics_http.address)
         if self.datagram is not None:
             self.engine.own_socket("MI datagram", self.datagram.address)
             _warn_open("MI datagram", [self.datagram.url], cfg.datagram_allow, "mi.datagram_allow")
