@@ -57,9 +57,9 @@ class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class MIConfig(_Section):
-    http: str = "127.0.0.1:8888"
+    http: str = "127.0.0.1:8558"
     """HTTP listener for POST /mi and GET /metrics; "" disables it."""
-    datagram: str = "127.0.0.1:8080"
+    datagram: str = "127.0.0.1:8559"
     """UDP listener for MI datagrams; "" disables it."""
     fifo: str = ""
     """Path of the MI FIFO to create; "" = no FIFO."""

@@ -1,14 +1,16 @@
 """What ``event-datagram run`` runs: the engine from a Config, and its MI listeners.
 
 Start order: the engine (with the config's events, static subscriptions and
-allow-list; the state file is loaded by ``Engine.start``), then the sources
-(datagram ingest, then the upstreams, which subscribe the ingest socket at
-their OpenSIPS MI in threads of their own, never holding up the start, then
-the broker queues, each consumed in a thread of its own), then the MI
-listeners. Stop order is the reverse: the MI stops taking requests, the
-upstreams unsubscribe (about a second at most, for MIs that do not answer),
-the broker sources acknowledge what they raised and close, the ingest stops
-reading, then the engine drains its rings and frees its shared memory.
+allow-list; the state file is loaded by ``Engine.start``), then the MI
+listeners are bound (so a port in use fails the start before any upstream has
+subscribed anywhere), then the sources (datagram ingest, then the upstreams,
+which subscribe the ingest socket at their OpenSIPS MI in threads of their
+own, never holding up the start, then the broker queues, each consumed in a
+thread of its own), then the MI listeners serve. Stop order is the reverse:
+the MI stops taking requests, the upstreams unsubscribe (about a second at
+most, for MIs that do not answer), the broker sources acknowledge what they
+raised and close, the ingest stops reading, then the engine drains its rings
+and frees its shared memory.
 """
 
 from __future__ import annotations
@@ -82,8 +84,13 @@ class Runner:
             self.engine.stop()
             raise RunError(str(exc)) from None
         try:
+            # Bind the MI listeners before any source starts: a port in use then
+            # fails the start before an upstream has subscribed anywhere (and so
+            # before a stop would report unsubscribing from it).
+            self._bind_listeners()
             self._start_sources()
-            self._start_listeners()
+            for listener in self._listeners():
+                listener.start()
         except BaseException:
             self.stop()
             raise
@@ -131,7 +138,7 @@ class Runner:
             self.engine.add_source(upstream)
             upstream.start()
 
-    def _start_listeners(self) -> None:
+    def _bind_listeners(self) -> None:
         cfg = self.config.mi
         http = parse_listen(cfg.http)
         datagram = parse_listen(cfg.datagram)
@@ -152,8 +159,6 @@ class Runner:
                 self.fifo = FifoServer(self.engine, cfg.fifo, cfg.fifo_reply_dir)
             except OSError as exc:
                 raise RunError(f"cannot create the MI FIFO {cfg.fifo}: {exc}") from None
-        for listener in self._listeners():
-            listener.start()
 
     def _listeners(self) -> list[_Listener]:
         return [x for x in (self.http, self.datagram, self.fifo) if x is not None]

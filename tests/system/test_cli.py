@@ -191,8 +191,8 @@ def _default_ports_free() -> bool:
     try:
         with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            tcp.bind(("127.0.0.1", 8888))
-            udp.bind(("127.0.0.1", 8080))
+            tcp.bind(("127.0.0.1", 8558))
+            udp.bind(("127.0.0.1", 8559))
     except OSError:
         return False
     return not list_segments("default")
@@ -204,7 +204,7 @@ def test_run_with_no_arguments(tmp_path: Path) -> None:
     When the default ports (or the default instance) are taken on this machine,
     the same built-in config is run with only those replaced.
     """
-    args, http, udp = [], "127.0.0.1:8888", "127.0.0.1:8080"
+    args, http, udp = [], "127.0.0.1:8558", "127.0.0.1:8559"
     if not _default_ports_free():
         text = config.default_text().replace(f'"{http}"', '"127.0.0.1:0"')
         text = text.replace(f'"{udp}"', '"127.0.0.1:0"')

@@ -47,8 +47,8 @@ def test_default_toml_is_the_struct_defaults() -> None:
         k for k in struct_keys(config.Config) if k not in ("subscription", "upstream", "amqp")
     )
     assert config.Config().events[0] == "E_PIKE_BLOCKED"
-    assert config.Config().mi.http == "127.0.0.1:8888"
-    assert config.Config().mi.datagram == "127.0.0.1:8080"
+    assert config.Config().mi.http == "127.0.0.1:8558"
+    assert config.Config().mi.datagram == "127.0.0.1:8559"
 
 
 def test_every_key_is_documented_in_the_readme() -> None:
