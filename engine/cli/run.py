@@ -96,6 +96,14 @@ class Runner:
             raise
 
     def _start_sources(self) -> None:
+        # pika before any upstream subscribes: a start that fails subscribes nothing.
+        if self.config.amqp:
+            try:
+                import pika  # noqa: F401  # the optional extra
+            except ImportError:
+                raise RunError(
+                    "[[amqp]] needs the amqp extra: pip install 'event-datagram[amqp]'"
+                ) from None
         cfg = self.config.ingest
         if cfg.listen:
             try:
@@ -112,14 +120,7 @@ class Runner:
 
     def _start_amqp(self) -> None:
         """Each [[amqp]] consumes in a thread of its own; a broker that is down is
-        retried there, never waited for here."""
-        if self.config.amqp:
-            try:
-                import pika  # noqa: F401  # the optional extra
-            except ImportError:
-                raise RunError(
-                    "[[amqp]] needs the amqp extra: pip install 'event-datagram[amqp]'"
-                ) from None
+        retried there, never waited for here (pika is checked by _start_sources)."""
         for cfg in self.config.amqp:
             source = AmqpSource(self.engine, cfg)
             self.amqp.append(source)
