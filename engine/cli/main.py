@@ -97,6 +97,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="event-datagram",
         description="OpenSIPS event_datagram as a fan-out engine: run it, or talk to its MI.",
+        epilog="Each command has its own help, with an example: event-datagram COMMAND --help",
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     client = _client_options()

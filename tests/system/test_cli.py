@@ -218,7 +218,12 @@ def test_usage_and_help_per_verb() -> None:
     assert "unrecognized arguments: --exprie 5" in err
     done = client("events", "--bogus")
     assert done.returncode == 2 and done.stderr.decode().startswith("usage: event-datagram events ")
-    for verb in ("run", "subscribe", "unsubscribe", "events", "subscribers", "raise", "listen"):
+    verbs = ("run", "subscribe", "unsubscribe", "events", "subscribers", "raise", "listen", "bench")
+    top = client("--help").stdout.decode()
+    assert "event-datagram COMMAND --help" in top and all(
+        re.search(rf"^    {v}\b", top, re.M) for v in verbs
+    )
+    for verb in verbs:
         done = client(verb, "--help")
         out = done.stdout.decode()
         assert done.returncode == 0, verb

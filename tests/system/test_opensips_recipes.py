@@ -212,6 +212,32 @@ def test_recipe_1_datagram_ingest_and_upstream_as_written(tmp_path: Path) -> Non
         )
         assert flags_only.stop(signal.SIGTERM) == 0, flags_only.stderr
         assert subscribed_at(opensips_mi, "E_PIKE_BLOCKED") == []
+
+        # Without an upstream: "only `events` and `[ingest]`", and OpenSIPS subscribes
+        # the engine (the page's opensips-cli line, sent by our client to the same MI).
+        cli = re.search(r"^    opensips-cli -x mi (event_subscribe \S+ \S+ \d+)$", text, re.M)
+        assert cli, "no opensips-cli event_subscribe line"
+        _, event, sock, expire = apply(cli[1], subs).split()
+        assert (event, sock) == ("E_PIKE_BLOCKED", ingest)
+        (tmp_path / "event-datagram.toml").write_text(
+            apply(toml[: toml.index("\n[[upstream]]")], subs)
+        )
+        args = [*documented(run_with_file, tmp_path, subs), *engine_flags(tmp_path, "rec1c")]
+        plain = Proc([EXE, *args], env=env)
+        procs.append(plain)
+        plain_mi = http_mi(ready(plain))
+        assert f"ingest {ingest}," in plain.stderr
+        done = client("subscribe", event, sock, expire, "--mi", opensips_mi)
+        assert done.returncode == 0, done.stderr
+        listener = Proc([EXE, "listen", "udp:127.0.0.1:0", event, "--mi", plain_mi])
+        procs.append(listener)
+        listener.wait_err(r"listening on udp:")
+        raised = client("raise", event, '{"ip":"192.168.2.11"}', "--mi", opensips_mi)
+        assert raised.returncode == 0, raised.stderr
+        assert listener.wait_out(1) == [PIKE + b"\n"]
+        assert listener.stop(signal.SIGINT) == 0
+        assert plain.stop(signal.SIGTERM) == 0, plain.stderr
+        assert "upstream" not in plain.stderr
         assert opensips.stop() == 0
 
 
