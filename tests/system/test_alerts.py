@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.dashboard_support import RULES, rule_selectors
 from tests.support import REPO
 
-RULES = REPO / "grafana" / "alerts" / "event-datagram.rules.yml"
 TESTS = Path(__file__).with_name("alerts.test.yml")
 # Series the rules use that engine/metrics.py does not define: Prometheus's own
 # `up`, and the reload gauge the reload code exports (issue 18, item 2).
@@ -80,10 +80,7 @@ def test_rules_use_metrics_the_engine_exports() -> None:
     """Every series a rule reads is one engine/metrics.py defines (no typo in a name)."""
     source = (REPO / "engine" / "metrics.py").read_text()
     defined = {"event_datagram_" + n for n in re.findall(r'"([a-z_]+)"', source)}
-    exprs = re.findall(r"expr: (?:>-\n)?((?:.+\n)+?)\s+(?:for|labels):", RULES.read_text())
-    used = set()
-    for expr in exprs:
-        used |= set(re.findall(r"\b(event_datagram_\w+|up)\{", expr))
+    used = {selector.partition("{")[0] for selector in rule_selectors()}
     assert {"up", "event_datagram_upstream_up", "event_datagram_amqp_up"} <= used
     assert used - NOT_OURS <= defined, sorted(used - NOT_OURS - defined)
 

@@ -35,7 +35,7 @@ import pika
 import pytest
 
 from engine.bench.broker import LocalBroker
-from tests.dashboard_support import dashboard, panel_queries
+from tests.dashboard_support import dashboard, panel_queries, rule_selectors
 from tests.support import udp_receiver, unix_receiver
 
 WINDOW = "15s"  # stands in for Grafana's $__rate_interval
@@ -341,6 +341,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
             with load(engine), prometheus(binary, engine.address, tmp_path) as url:
                 check_panels(url, tmp_path / "prometheus.log")
                 check_sources(url, engine)
+                check_alert_series(url)
                 # [metrics] per_subscriber = true reached the exposition (the upstream
                 # subscribed the ingest socket to E_IDLE, with its expire as TTL).
                 ttl = query(url, "event_datagram_subscriber_ttl_seconds")["data"]["result"]
@@ -406,6 +407,21 @@ def check_panels(url: str, log: Path) -> None:
     sleeps = query(url, concrete(panel_expr("Worker sleeps")))["data"]["result"]
     assert sorted(r["metric"]["worker"] for r in sleeps) == ["0", "1"], sleeps
     assert all(float(r["value"][1]) >= 0 for r in sleeps), sleeps
+
+
+def check_alert_series(url: str) -> None:
+    """Every series the alert rules read exists, with the labels they select on
+    (grafana/alerts; the rules' logic is unit-tested in test_alerts.py). The reload
+    gauge comes with the reload code (issue 18, item 2)."""
+    selectors = rule_selectors()
+    assert len(selectors) >= 10, selectors
+    missing = []
+    for selector in sorted(selectors):
+        if selector.startswith("event_datagram_config_last_reload"):
+            continue
+        if not query(url, selector)["data"]["result"]:
+            missing.append(selector)
+    assert not missing, f"alert rules read series the engine does not expose: {missing}"
 
 
 def check_sources(url: str, engine: Running) -> None:
