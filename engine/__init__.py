@@ -25,7 +25,7 @@ The folders:
                     sockets), upstream.py (subscribing at an OpenSIPS MI)
   mi/               the OpenSIPS control interface: protocol.py, commands.py,
                     server.py (HTTP + datagram), fifo.py, client.py
-  cli/              the `event-datagram` command: main.py (verbs), run.py, listen.py
+  cli/              the `event-datagram` command: main.py (verbs), run.py, listen.py, explain.py
   bench/            the stress run behind `make bench` (and metrics_overhead.py)
 The worker side lives in the sibling package `workers`. The import rules between
 these are import-linter contracts in pyproject.toml, checked by `make lint`.

@@ -204,7 +204,7 @@ def parse_listen(text: str, what: str = "address") -> tuple[str, int] | None:
         return None
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit() or not port_text.isascii():
-        raise AddressError(f"{what} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8888")
+        raise AddressError(f"{what} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8558")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:

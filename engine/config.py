@@ -58,9 +58,9 @@ class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class MIConfig(_Section):
-    http: str = "127.0.0.1:8888"
+    http: str = "127.0.0.1:8558"
     """HTTP listener for POST /mi and GET /metrics; "" disables it."""
-    datagram: str = "127.0.0.1:8080"
+    datagram: str = "127.0.0.1:8559"
     """UDP listener for MI datagrams; "" disables it."""
     datagram_allow: list[str] = msgspec.field(default_factory=list)
     """Source networks the MI datagram socket answers; [] = loopback only."""

@@ -1,8 +1,9 @@
-"""The Grafana dashboard and its provisioning files, as shipped in grafana/."""
+"""The Grafana dashboard, its provisioning files and the alert rules, as shipped in grafana/."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from tests.support import REPO
@@ -11,6 +12,7 @@ GRAFANA = REPO / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "event-datagram.json"
 DATASOURCE = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
 PROVIDER = GRAFANA / "provisioning" / "dashboards" / "event-datagram.yaml"
+RULES = GRAFANA / "alerts" / "event-datagram.rules.yml"
 
 
 def dashboard() -> dict[str, Any]:
@@ -27,3 +29,9 @@ def panel_queries() -> list[tuple[str, str]]:
         stack.extend(panel.get("panels", []))
         out += [(panel["title"], t["expr"]) for t in panel.get("targets", [])]
     return out
+
+
+def rule_selectors() -> set[str]:
+    """Every series selector (`name{labels}`) the alert rules' expressions read."""
+    exprs = re.findall(r"expr: (?:>-\n)?((?:.+\n)+?)\s+(?:for|labels):", RULES.read_text())
+    return {m for e in exprs for m in re.findall(r"\b(?:event_datagram_\w+|up)\{[^}]*\}", e)}

@@ -104,7 +104,7 @@ def _event(entries: list[tuple[str, int]], name: str = "E_SAMPLE", eid: int = 9)
 
 
 def _our_mi_json() -> dict[str, str]:
-    """Our replies where mi.json shows an OpenSIPS quirk (README: deliberate differences)."""
+    """Our replies where mi.json shows an OpenSIPS quirk (docs/mi.md: deliberate differences)."""
     ip6 = _resolves("udp:ip6-localhost:9000")  # the capture's host could not resolve it
     sample = [
         *([("udp:ip6-localhost:9000", 60)] if ip6 else []),

@@ -1,6 +1,6 @@
 """The bench's results: the JSON document, the table, the system limits.
 
-The JSON schema (version 1) is documented in README.md, section "Benchmark";
+The JSON schema (version 1) is documented in docs/benchmark.md, "bench.json";
 `summarize()` builds it from the per-round dicts the orchestrator collected.
 """
 

@@ -24,6 +24,7 @@ from typing import BinaryIO
 import msgspec
 
 from engine.address import format_listen, parse_listen
+from engine.cli.explain import explain
 from engine.errors import ListenError, MIClientError, MIReplyError
 from engine.mi.client import call
 from engine.signals import SignalCatcher
@@ -116,7 +117,15 @@ def run_listener(
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + refresh_every
                 _refresh(target, me, subscribed, expire, timeout)
-    except (MIReplyError, MIClientError) as exc:
+    except MIReplyError as exc:
+        if len(subscribed) < len(events):  # refused while subscribing: say why
+            params: list[object] = [events[len(subscribed)], me, expire]
+            why = explain(target, "event_subscribe", params, exc, timeout)
+        else:
+            why = str(exc)
+        print(f"event-datagram listen: {why}", file=sys.stderr)
+        status = 1
+    except MIClientError as exc:
         print(f"event-datagram listen: {exc}", file=sys.stderr)
         status = 1
     except BrokenPipeError:  # the reader of our output went away: stop quietly

@@ -22,6 +22,7 @@ from typing import Any, Final
 import msgspec
 
 from engine import config as config_mod
+from engine.cli.explain import explain, socket_problem
 from engine.errors import ListenError, MIClientError, MIReplyError, RunError
 from engine.mi.client import DEFAULT_TARGET, call
 from engine.signals import SignalCatcher
@@ -45,15 +46,64 @@ def _client_options() -> argparse.ArgumentParser:
     return parent
 
 
+# Each verb's --help: what it does in one line, then an example (argparse's epilog).
+_HELP: dict[str, tuple[str, str]] = {
+    "run": (
+        "Start the engine and its MI listeners (loopback only by default).",
+        "event-datagram run --config /etc/event-datagram.toml\n"
+        "  event-datagram run --ingest udp:127.0.0.1:9050 --upstream udp:127.0.0.1:8080",
+    ),
+    "subscribe": (
+        "Subscribe a UDP or UNIX datagram socket to an event (event_subscribe).",
+        "event-datagram subscribe E_PIKE_BLOCKED udp:127.0.0.1:9999 --expire 600",
+    ),
+    "unsubscribe": (
+        "Remove a subscription (event_subscribe with expire 0).",
+        "event-datagram unsubscribe E_PIKE_BLOCKED udp:127.0.0.1:9999",
+    ),
+    "events": ("List the events the MI knows (events_list).", "event-datagram events"),
+    "subscribers": (
+        "List subscribers: of every event, of one event, or one socket (subscribers_list).",
+        "event-datagram subscribers E_PIKE_BLOCKED",
+    ),
+    "raise": (
+        "Raise an event with optional parameters (raise_event).",
+        'event-datagram raise E_PIKE_BLOCKED \'{"ip":"192.168.2.11"}\'',
+    ),
+    "listen": (
+        "Bind a socket, subscribe it to events and print each datagram as it arrives.",
+        "event-datagram listen udp:127.0.0.1:0 E_PIKE_BLOCKED E_CORE_THRESHOLD",
+    ),
+    "bench": (
+        "The stress run behind `make bench`: the engine against a naive baseline.",
+        "event-datagram bench --subscribers 16 --json bench.json",
+    ),
+}
+
+
+def _verb(verbs: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A verb's parser, with its one-line description and example."""
+    description, example = _HELP[name]
+    parser: argparse.ArgumentParser = verbs.add_parser(
+        name,
+        description=description,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
+    )
+    return parser
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="event-datagram",
         description="OpenSIPS event_datagram as a fan-out engine: run it, or talk to its MI.",
+        epilog="Each command has its own help, with an example: event-datagram COMMAND --help",
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     client = _client_options()
 
-    run = verbs.add_parser("run", help="start the engine and its MI listeners")
+    run = _verb(verbs, "run", help="start the engine and its MI listeners")
     run.add_argument("--config", metavar="PATH", help="TOML config (default: the built-in one)")
     run.add_argument("--http", metavar="HOST:PORT", help='HTTP MI + /metrics ("" = off)')
     run.add_argument("--mi-datagram", metavar="HOST:PORT", help='UDP MI ("" = off)')
@@ -98,30 +148,33 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         "out of argv; repeat)",
     )
 
-    sub = verbs.add_parser("subscribe", parents=[client], help="subscribe a socket to an event")
+    sub = _verb(verbs, "subscribe", parents=[client], help="subscribe a socket to an event")
     sub.add_argument("event")
-    sub.add_argument("socket")
+    sub.add_argument("socket", help="udp:HOST:PORT, udp:[IPV6]:PORT, unix:/PATH or /PATH")
     sub.add_argument("expire", nargs="?", type=int, help="seconds (default 3600; 0 = remove)")
-    unsub = verbs.add_parser("unsubscribe", parents=[client], help="remove a subscription")
+    sub.add_argument(
+        "--expire", dest="expire_flag", type=int, metavar="N", help="the same as EXPIRE"
+    )
+    unsub = _verb(verbs, "unsubscribe", parents=[client], help="remove a subscription")
     unsub.add_argument("event")
     unsub.add_argument("socket")
-    verbs.add_parser("events", parents=[client], help="list the events")
-    subs = verbs.add_parser("subscribers", parents=[client], help="list subscribers")
+    _verb(verbs, "events", parents=[client], help="list the events")
+    subs = _verb(verbs, "subscribers", parents=[client], help="list subscribers")
     subs.add_argument("event", nargs="?")
     subs.add_argument("socket", nargs="?")
-    raise_ = verbs.add_parser("raise", parents=[client], help="raise an event")
+    raise_ = _verb(verbs, "raise", parents=[client], help="raise an event")
     raise_.add_argument("event")
     raise_.add_argument("params", nargs="?", metavar="JSON-PARAMS", help="a JSON object or array")
-    listen = verbs.add_parser("listen", parents=[client], help="receive events on a socket")
+    listen = _verb(verbs, "listen", parents=[client], help="receive events on a socket")
     listen.add_argument("socket", help="udp:IP:PORT (port 0 = any), unix:/PATH or /PATH")
     listen.add_argument("events", nargs="+", metavar="EVENT")
     listen.add_argument("--expire", type=int, default=60, help="seconds (default 60)")
 
     if argv and argv[0] == "bench":
-        bench = verbs.add_parser("bench", help="stress run (make bench)")
+        bench = _verb(verbs, "bench", help="stress run (make bench)")
         importlib.import_module("engine.bench.main").add_arguments(bench)
     else:
-        verbs.add_parser("bench", help="stress run (see: event-datagram bench --help)")
+        _verb(verbs, "bench", help="stress run (see: event-datagram bench --help)")
     return parser
 
 
@@ -132,7 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         print(f"event-datagram bench is not available: {exc}", file=sys.stderr)
         return 2
-    args = parser.parse_args(args_list)
+    args, extra = parser.parse_known_args(args_list)
+    if extra:  # an option of the verb's that does not exist: the verb's own usage
+        _verb_parser(parser, args.verb).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.verb == "run":
         return run(args)
     if args.verb == "bench":
@@ -141,6 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb == "listen":
         return _listen(args)
     return _client(args)
+
+
+def _verb_parser(parser: argparse.ArgumentParser, verb: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[verb]
+            return found
+    return parser
 
 
 # -- client verbs ---------------------------------------------------------------------------
@@ -152,7 +215,11 @@ def _client(args: argparse.Namespace) -> int:
         return 2
     try:
         result = call(args.mi, method, params, timeout=args.timeout)
-    except (MIReplyError, MIClientError) as exc:
+    except MIReplyError as exc:
+        why = explain(args.mi, method, params, exc, args.timeout)
+        print(f"event-datagram {args.verb}: {why}", file=sys.stderr)
+        return 1
+    except MIClientError as exc:
         print(f"event-datagram {args.verb}: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -164,8 +231,16 @@ def _client(args: argparse.Namespace) -> int:
 
 def _request(args: argparse.Namespace) -> tuple[str | None, list[Any]]:
     verb = args.verb
+    socket = getattr(args, "socket", None)
+    if socket is not None and (problem := socket_problem(socket, ours_only=True)):
+        print(f"event-datagram {verb}: {problem}", file=sys.stderr)  # never sent
+        return None, []
     if verb == "subscribe":
-        extra = [] if args.expire is None else [args.expire]
+        if args.expire is not None and args.expire_flag is not None:
+            print("event-datagram subscribe: give EXPIRE or --expire, not both", file=sys.stderr)
+            return None, []
+        expire = args.expire if args.expire_flag is None else args.expire_flag
+        extra = [] if expire is None else [expire]
         return "event_subscribe", [args.event, args.socket, *extra]
     if verb == "unsubscribe":
         return "event_subscribe", [args.event, args.socket, 0]

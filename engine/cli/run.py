@@ -1,14 +1,16 @@
 """What ``event-datagram run`` runs: the engine from a Config, and its MI listeners.
 
 Start order: the engine (with the config's events, static subscriptions and
-allow-list; the state file is loaded by ``Engine.start``), then the sources
-(datagram ingest, then the upstreams, which subscribe the ingest socket at
-their OpenSIPS MI in threads of their own, never holding up the start, then
-the broker queues, each consumed in a thread of its own), then the MI
-listeners. Stop order is the reverse: the MI stops taking requests, the
-upstreams unsubscribe (about a second at most, for MIs that do not answer),
-the broker sources acknowledge what they raised and close, the ingest stops
-reading, then the engine drains its rings and frees its shared memory.
+allow-list; the state file is loaded by ``Engine.start``), then the MI
+listeners are bound (so a port in use fails the start before any upstream has
+subscribed anywhere), then the sources (datagram ingest, then the upstreams,
+which subscribe the ingest socket at their OpenSIPS MI in threads of their
+own, never holding up the start, then the broker queues, each consumed in a
+thread of its own), then the MI listeners serve. Stop order is the reverse:
+the MI stops taking requests, the upstreams unsubscribe (about a second at
+most, for MIs that do not answer), the broker sources acknowledge what they
+raised and close, the ingest stops reading, then the engine drains its rings
+and frees its shared memory.
 """
 
 from __future__ import annotations
@@ -177,13 +179,26 @@ class Runner:
             self.engine.stop()
             raise RunError(str(exc)) from None
         try:
+            # Bind the MI listeners before any source starts: a port in use then
+            # fails the start before an upstream has subscribed anywhere (and so
+            # before a stop would report unsubscribing from it).
+            self._bind_listeners()
             self._start_sources()
-            self._start_listeners()
+            for listener in self._listeners():
+                listener.start()
         except BaseException:
             self.stop()
             raise
 
     def _start_sources(self) -> None:
+        # pika before any upstream subscribes: a start that fails subscribes nothing.
+        if self.config.amqp:
+            try:
+                import pika  # noqa: F401  # the optional extra
+            except ImportError:
+                raise RunError(
+                    "[[amqp]] needs the amqp extra: pip install 'event-datagram[amqp]'"
+                ) from None
         cfg = self.config.ingest
         if cfg.listen:
             try:
@@ -204,14 +219,7 @@ class Runner:
 
     def _start_amqp(self) -> None:
         """Each [[amqp]] consumes in a thread of its own; a broker that is down is
-        retried there, never waited for here."""
-        if self.config.amqp:
-            try:
-                import pika  # noqa: F401  # the optional extra
-            except ImportError:
-                raise RunError(
-                    "[[amqp]] needs the amqp extra: pip install 'event-datagram[amqp]'"
-                ) from None
+        retried there, never waited for here (pika is checked by _start_sources)."""
         for cfg in self.config.amqp:
             source = AmqpSource(self.engine, cfg)
             self.amqp.append(source)
@@ -276,7 +284,7 @@ class Runner:
         """Why the engine is not ready (GET /ready); [] when it is."""
         return not_ready(self.engine)
 
-    def _start_listeners(self) -> None:
+    def _bind_listeners(self) -> None:
         cfg = self.config.mi
         datagram = parse_listen(cfg.datagram)
         metrics_cfg = self.config.metrics
@@ -306,8 +314,6 @@ class Runner:
             _warn_open("MI datagram", [self.datagram.url], cfg.datagram_allow, "mi.datagram_allow")
         if self.fifo is not None:
             self.engine.own_socket("MI FIFO", self.fifo.path)
-        for listener in self._listeners():
-            listener.start()
 
     def _check_upstreams(self, own: OwnSockets) -> None:
         """An [[upstream]] whose MI is this engine's own (in any spelling) would feed

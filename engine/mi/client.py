@@ -1,6 +1,6 @@
 """A small MI client: send one JSON-RPC request to a running engine, get the result.
 
-Targets: ``http://HOST:PORT/mi`` (the default, http://127.0.0.1:8888/mi),
+Targets: ``http://HOST:PORT/mi`` (the default, http://127.0.0.1:8558/mi),
 ``udp:HOST:PORT`` (the MI datagram socket) or ``fifo:PATH`` (the MI FIFO;
 the reply FIFO is created in /tmp, or in ``reply_dir``). The same client works
 against a real OpenSIPS.
@@ -24,7 +24,7 @@ import msgspec
 from engine.address import parse_listen
 from engine.errors import MIClientError, MIReplyError
 
-DEFAULT_TARGET: Final = "http://127.0.0.1:8888/mi"
+DEFAULT_TARGET: Final = "http://127.0.0.1:8558/mi"
 _ids = itertools.count(1)
 
 

@@ -217,7 +217,7 @@ _decode_object: Final = msgspec.json.Decoder().decode
 def _event_params(value: object) -> list[Any] | dict[str, Any] | None:
     """OpenSIPS's raise_event ``params``: a JSON-object string or an array.
 
-    Differences (README): an array is sent as a JSON array with its values as
+    Differences (docs/mi.md): an array is sent as a JSON array with its values as
     given, and the object's values are kept as given (no stringifying, no int32).
     """
     if isinstance(value, list):

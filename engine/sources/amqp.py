@@ -6,7 +6,7 @@ that exchange (`[[amqp]]`), so every engine sees every event and fans it out to
 the subscribers that subscribed at that engine.
 
 One thread per `[[amqp]]` runs a pika SelectConnection (pika: the fastest of the
-clients measured here; README, "Engines on many hosts"). Per connection:
+clients measured here; docs/design.md, "The broker client"). Per connection:
 
 - declare the exchange when `declare = true` (else it must exist: a missing one
   is an error counted "exchange_missing", retried with back-off);

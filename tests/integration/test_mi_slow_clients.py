@@ -6,7 +6,7 @@ again): most send half a request head and then nothing, some send a complete hea
 `Content-Length: 1000` and then trickle the body a byte a second. Meanwhile 60 MI
 requests (fresh connections and one keep-alive connection) and 20 `GET /metrics` scrapes
 are made over ~10 s: every one must be answered, correctly. Every slow connection must
-then be closed by the server within its documented deadline (README, Transports: no
+then be closed by the server within its documented deadline (docs/mi.md, Transports: no
 complete head 5 s after the connection opened, no complete body 10 s after its head),
 and the engine still raises events.
 

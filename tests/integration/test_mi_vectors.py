@@ -4,7 +4,7 @@ Each engine is set up like the captured session (same events in the same id
 order, the same static subscription). Replies are compared byte for byte,
 except ttl numbers (they depend on elapsed time: compared structurally,
 1 <= ttl <= expire), ``uptime``'s clock strings, and the cases where the
-capture shows an OpenSIPS quirk we deliberately fix (README, "Deliberate
+capture shows an OpenSIPS quirk we deliberately fix (docs/mi.md, "Deliberate
 differences"): there the test asserts our documented behaviour instead.
 Where the capture waited (expiry), the replay waits too.
 """
@@ -98,7 +98,7 @@ def test_expire0_replayed() -> None:
         assert engine.drops["no_subscribers"] == 2
 
 
-# Our datagrams where OpenSIPS's show a quirk (README: deliberate differences).
+# Our datagrams where OpenSIPS's show a quirk (docs/mi.md: deliberate differences).
 _HEAD = b'{"jsonrpc":"2.0","method":"E_SAMPLE","params":'
 OUR_DATAGRAMS = {
     "positional: array params (strings)": _HEAD + b'["a","b"]}',

@@ -101,9 +101,8 @@ def test_the_whole_story(tmp_path: Path) -> None:
         assert subscribers(run.http) == {}
         done = client("raise", "E_STORY", '{"ip":"192.168.2.11","count":7}', "--mi", run.http)
         assert done.returncode == 1
-        assert (
-            done.stderr.decode().strip()
-            == "event-datagram raise: error 480: Temporarily Unavailable"
+        assert done.stderr.decode().strip() == (
+            "event-datagram raise: no subscribers for E_STORY (error 480: Temporarily Unavailable)"
         )
         time.sleep(0.3)
         for proc in listeners:
@@ -157,6 +156,83 @@ def test_client_verbs_and_their_errors(tmp_path: Path) -> None:
     assert done.returncode == 1 and "MI" in done.stderr.decode()
 
 
+def test_errors_say_what_is_wrong(tmp_path: Path) -> None:
+    """Each refusal names its cause; sockets in our syntax are checked before sending."""
+    with processes() as procs:
+        run = RunProc(*run_args(tmp_path, unique_instance("errs")))
+        procs.append(run)
+        assert run.http and run.udp
+        known = "known: E_STORY, E_OTHER"
+        cases = [
+            (["subscribe", "E_NOPE", "udp:127.0.0.1:9311"], 1,
+             f"unknown event E_NOPE; {known} (error 400: Bad parameter value)"),
+            (["subscribe", "E_OTHER", "udp:127.0.0.1:70000"], 2,
+             "bad socket udp:127.0.0.1:70000: port must be 1-65535, got '70000'"),
+            (["subscribe", "E_OTHER", "unix:rel/x.sock"], 2,
+             "bad socket unix:rel/x.sock: unix socket path must be absolute, got 'rel/x.sock'"),
+            (["subscribe", "E_OTHER", "rel/x.sock"], 2,
+             "bad socket rel/x.sock: transport missing (expected udp:HOST:PORT, unix:/PATH"),
+            # Another transport is sent (an OpenSIPS may take it); our 400 is explained.
+            (["subscribe", "E_OTHER", "tcp:127.0.0.1:5"], 1,
+             "bad socket tcp:127.0.0.1:5: unknown transport 'tcp' (only 'udp' and 'unix', "
+             "lowercase) (error 400: Bad parameter value)"),
+            (["raise", "E_OTHER"], 1,
+             "no subscribers for E_OTHER (error 480: Temporarily Unavailable)"),
+            (["raise", "E_NOPE"], 1,
+             f"unknown event E_NOPE; {known} (error 404: Event not registered)"),
+            (["subscribers", "E_NOPE"], 1,
+             f"unknown event E_NOPE; {known} (error 404: Event not published)"),
+            (["subscribers", "E_OTHER", "udp:127.0.0.1:9311"], 1,
+             "udp:127.0.0.1:9311 is not subscribed to E_OTHER (error 404: Subscriber does not"),
+            (["subscribe", "E_OTHER", "udp:127.0.0.1:9311", "5", "--expire", "6"], 2,
+             "give EXPIRE or --expire, not both"),
+        ]  # fmt: skip
+        for target in (run.http, run.udp):
+            for args, code, text in cases:
+                done = client(*args, "--mi", target)
+                err = done.stderr.decode()
+                assert (done.returncode, f"event-datagram {args[0]}: {text}" in err) == (
+                    code,
+                    True,
+                ), (args, err)
+        # A listener refused for an unknown event says so too.
+        bad = client("listen", "udp:127.0.0.1:0", "E_NOPE", "--mi", run.http)
+        assert bad.returncode == 1
+        assert f"unknown event E_NOPE; {known}" in bad.stderr.decode()
+
+        # subscribe takes --expire as listen does.
+        done = client(
+            "subscribe", "E_OTHER", "udp:127.0.0.1:9312", "--expire", "77", "--mi", run.http
+        )
+        assert done.returncode == 0, done.stderr
+        assert subscribers(run.http, "E_OTHER")["udp:127.0.0.1:9312"]["expire"] == 77
+        assert run.stop() == 0
+
+
+def test_usage_and_help_per_verb() -> None:
+    """A verb's bad option prints that verb's usage; each --help has a line and an example."""
+    done = client("subscribe", "E_X", "udp:127.0.0.1:5", "--exprie", "5")
+    err = done.stderr.decode()
+    assert done.returncode == 2
+    assert err.startswith("usage: event-datagram subscribe "), err
+    assert "unrecognized arguments: --exprie 5" in err
+    done = client("events", "--bogus")
+    assert done.returncode == 2 and done.stderr.decode().startswith("usage: event-datagram events ")
+    verbs = ("run", "subscribe", "unsubscribe", "events", "subscribers", "raise", "listen", "bench")
+    top = client("--help").stdout.decode()
+    assert "event-datagram COMMAND --help" in top and all(
+        re.search(rf"^    {v}\b", top, re.M) for v in verbs
+    )
+    for verb in verbs:
+        done = client(verb, "--help")
+        out = done.stdout.decode()
+        assert done.returncode == 0, verb
+        description = out.split("\n\n")[1]
+        assert "\n" not in description.strip() and description.strip().endswith("."), out
+        example = out.rsplit("example:\n", 1)[1]
+        assert example.split()[:2] == ["event-datagram", verb], out
+
+
 def test_listen_refreshes_and_prints_json(tmp_path: Path) -> None:
     with processes() as procs:
         run = RunProc(*run_args(tmp_path, unique_instance("listen")))
@@ -191,8 +267,8 @@ def _default_ports_free() -> bool:
     try:
         with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            tcp.bind(("127.0.0.1", 8888))
-            udp.bind(("127.0.0.1", 8080))
+            tcp.bind(("127.0.0.1", 8558))
+            udp.bind(("127.0.0.1", 8559))
     except OSError:
         return False
     return not list_segments("default")
@@ -204,7 +280,7 @@ def test_run_with_no_arguments(tmp_path: Path) -> None:
     When the default ports (or the default instance) are taken on this machine,
     the same built-in config is run with only those replaced.
     """
-    args, http, udp = [], "127.0.0.1:8888", "127.0.0.1:8080"
+    args, http, udp = [], "127.0.0.1:8558", "127.0.0.1:8559"
     if not _default_ports_free():
         text = config.default_text().replace(f'"{http}"', '"127.0.0.1:0"')
         text = text.replace(f'"{udp}"', '"127.0.0.1:0"')

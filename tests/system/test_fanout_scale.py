@@ -1,5 +1,5 @@
 """`python -m engine.bench.fanout_scale`: the many-subscriber measurement runs and
-reports what it claims (a small run; the README quotes the 50,000 figure)."""
+reports what it claims (a small run; docs/benchmark.md quotes the 50,000 figure)."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ import pytest
 
 from engine.bench.broker import LocalBroker
 from engine.mi.server import HTTPServer
-from tests.dashboard_support import dashboard, panel_queries
+from tests.dashboard_support import dashboard, panel_queries, rule_selectors
 from tests.support import running_engine, udp_receiver, unix_receiver
 from tests.tls_support import PASSWORD, USER, TLSFiles, web_config
 
@@ -379,6 +379,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
                 check_security(url)
                 check_sources(url, engine)
                 check_guards(url)
+                check_alert_series(url)
                 # [metrics] per_subscriber = true reached the exposition.
                 ttl = query(url, "event_datagram_subscriber_ttl_seconds")["data"]["result"]
                 sockets = {r["metric"]["socket"] for r in ttl}
@@ -413,6 +414,8 @@ def check_panels(url: str, log: Path) -> None:
     up = query(url, 'up{job="event-datagram"}')["data"]["result"]
     assert [r["value"][1] for r in up] == ["1"]
     for variable in dashboard()["templating"]["list"]:  # label_values(metric, label)
+        if variable["type"] == "datasource":  # $DS_PROMETHEUS: Grafana's, not a query
+            continue
         found = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable["query"])
         assert found, f"unexpected variable query {variable['query']!r}"
         metric, label = found.groups()
@@ -441,6 +444,21 @@ def check_panels(url: str, log: Path) -> None:
     sleeps = query(url, concrete(panel_expr("Worker sleeps")))["data"]["result"]
     assert sorted(r["metric"]["worker"] for r in sleeps) == ["0", "1"], sleeps
     assert all(float(r["value"][1]) >= 0 for r in sleeps), sleeps
+
+
+def check_alert_series(url: str) -> None:
+    """Every series the alert rules read exists, with the labels they select on
+    (grafana/alerts; the rules' logic is unit-tested in test_alerts.py). The reload
+    gauge comes with the reload code (issue 18, item 2)."""
+    selectors = rule_selectors()
+    assert len(selectors) >= 10, selectors
+    missing = []
+    for selector in sorted(selectors):
+        if selector.startswith("event_datagram_config_last_reload"):
+            continue
+        if not query(url, selector)["data"]["result"]:
+            missing.append(selector)
+    assert not missing, f"alert rules read series the engine does not expose: {missing}"
 
 
 def check_sources(url: str, engine: Running) -> None:

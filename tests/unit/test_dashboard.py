@@ -9,13 +9,38 @@ from tests.dashboard_support import DASHBOARD, DATASOURCE, PROVIDER, dashboard, 
 
 
 def test_dashboard_is_provisionable_as_is() -> None:
-    """Fixed uids, the datasource by uid, no import placeholders, rates over $__rate_interval."""
+    """Fixed uids; every query on the datasource variable $DS_PROMETHEUS, whose default is
+    the provisioned datasource (so provisioning works as is, and a manual import lets
+    the user pick a Prometheus); no import-time __inputs; rates over $__rate_interval."""
     text = DASHBOARD.read_text()
     board = dashboard()
     assert board["uid"] == "event-datagram"
-    assert "${DS_" not in text and "__inputs" not in board
+    assert "__inputs" not in board and "event-datagram-prom" not in text.replace(
+        '"value": "event-datagram-prom"', ""
+    )
     uid = re.search(r"^\s*uid:\s*(\S+)", DATASOURCE.read_text(), re.MULTILINE)
     assert uid is not None and uid.group(1) == "event-datagram-prom"
+    ds_vars = [v for v in board["templating"]["list"] if v["type"] == "datasource"]
+    assert ds_vars == [
+        {
+            "name": "DS_PROMETHEUS",
+            "label": "Data source",
+            "type": "datasource",
+            "query": "prometheus",
+            "current": {
+                "selected": False,
+                "text": "Prometheus (event-datagram)",
+                "value": "event-datagram-prom",
+            },
+            "regex": "",
+            "refresh": 1,
+            "includeAll": False,
+            "multi": False,
+            "options": [],
+            "hide": 0,
+        }
+    ]
+    ours = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
     provider = PROVIDER.read_text()
     assert re.search(r"^\s*type:\s*file\s*$", provider, re.MULTILINE)
     assert re.search(r"^\s*path:\s*\S+", provider, re.MULTILINE)
@@ -27,9 +52,9 @@ def test_dashboard_is_provisionable_as_is() -> None:
         titles.append(panel["title"])
         if panel["type"] == "row":
             continue
-        assert panel["datasource"] == {"type": "prometheus", "uid": "event-datagram-prom"}
+        assert panel["datasource"] == ours
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == "event-datagram-prom"
+            assert target["datasource"] == ours
     assert len(titles) == len(set(titles)), "panel titles must be unique"
     queries = panel_queries()
     assert len(queries) >= 15
@@ -38,7 +63,8 @@ def test_dashboard_is_provisionable_as_is() -> None:
         assert all(w == "$__rate_interval" for w in windows), f"{title}: fixed window in {expr}"
         assert 'instance=~"$instance"' in expr, f"{title}: not filtered by $instance"
     for variable in board["templating"]["list"]:
-        assert variable["datasource"]["uid"] == "event-datagram-prom"
+        if variable["type"] != "datasource":
+            assert variable["datasource"] == ours
 
 
 def test_dashboard_shows_stale_datagrams_by_event_and_worker_sleeps() -> None:

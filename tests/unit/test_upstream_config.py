@@ -1,5 +1,5 @@
-"""[[upstream]]: its config keys, their errors, `run --upstream`, and the README
-recipe (the processes themselves: tests/integration/test_upstream.py)."""
+"""[[upstream]]: its config keys, their errors, `run --upstream`, and the documented
+recipe (docs/opensips.md) (the processes themselves: tests/integration/test_upstream.py)."""
 
 from __future__ import annotations
 
@@ -92,13 +92,13 @@ def test_run_upstream_flags_add_upstreams_of_every_event() -> None:
     assert [(u.mi, u.events, u.socket) for u in cfg.upstream] == [("udp:127.0.0.1:8080", ["*"], "")]
 
 
-def test_the_readme_recipe_is_a_valid_config() -> None:
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Feeding the engine from OpenSIPS") :]
+def test_the_documented_recipe_is_a_valid_config() -> None:
+    text = (REPO / "docs" / "opensips.md").read_text()
+    section = text[text.index("## Recipe 1") :]
     section = section[: section.index("\n## ", 3)]
     blocks = re.findall(r"```toml\n(.*?)```", section, re.S)
-    assert len(blocks) == 2
-    cfg = config.loads("".join(blocks), "the README")
+    assert len(blocks) == 1
+    cfg = config.loads(blocks[0], "docs/opensips.md")
     assert cfg.ingest.listen == ["udp:127.0.0.1:9050"]
     assert [(u.mi, u.events, u.socket, u.expire) for u in cfg.upstream] == [
         ("udp:127.0.0.1:8080", ["E_PIKE_BLOCKED"], "", 120)
