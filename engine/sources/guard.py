@@ -161,7 +161,7 @@ class Guard:
                     self.stop_event.wait(self.backoff.next())
         finally:
             if self.stop_event.is_set() and self._final is not None:
-                self._final()
+                self._safe(self._final)
 
     def _failed(self, exc: Exception) -> None:
         self._safe(self._count, "internal")

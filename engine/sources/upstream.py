@@ -428,17 +428,18 @@ class Upstream:
         subscribed (none refused, here or there); logged when what is subscribed
         changed (not at each refresh)."""
         n, total = len(self._subscribed), len(self._wanted)
-        if (n, total) != self._reported and (n or not total):
+        asked = total + self._refused_here  # refused here are asked for too
+        if (n, asked) != self._reported and (n or not total):
             self._log.info(
                 "upstream %s: %s %s to %s event(s) (expire %d s)",
                 self.mi,
                 "resubscribed" if self._ever_up else "subscribed",
                 self.socket,
-                n if n == total else f"{n} of {total}",
+                f"{n:,}" if n == asked else f"{n:,} of {asked:,}",
                 self.expire,
             )
             self._ever_up = True
-            self._reported = (n, total)
+            self._reported = (n, asked)
         with self._lock:
             self._up = n == total and not self._refused_here
 

@@ -197,7 +197,7 @@ def test_every_event_of_the_upstream_and_events_it_refuses(
         " (e.g. E_C); not taken (up stays 0)"
     ]
     assert messages(caplog, " subscribed ") == [
-        f"upstream {MI}: subscribed {SOCK} to 1 of 2 event(s) (expire 120 s)"
+        f"upstream {MI}: subscribed {SOCK} to 1 of 3 event(s) (expire 120 s)"
     ]
     assert upstream.statistics()[0].refused == 2  # E_C here, E_B there
     mi.refuse = set()
