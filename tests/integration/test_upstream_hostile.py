@@ -65,7 +65,9 @@ def hostile() -> Iterator[list[HostileMI]]:
         mi.close()
 
 
-def runner_for(tmp_path: Path, mi: str, *, events: str = '["*"]', expire: int = 120) -> Runner:
+def runner_for(
+    tmp_path: Path, mi: str, *, events: str = '["*"]', expire: int = 120, extra: str = ""
+) -> Runner:
     text = (
         "events = []\n"
         "[engine]\n"
@@ -75,7 +77,7 @@ def runner_for(tmp_path: Path, mi: str, *, events: str = '["*"]', expire: int = 
         '[mi]\nhttp = ""\ndatagram = ""\n'
         "[state]\nenabled = false\n"
         '[ingest]\nlisten = ["udp:127.0.0.1:0"]\n'
-        f'[[upstream]]\nmi = "{mi}"\nevents = {events}\nexpire = {expire}\n'
+        f'[[upstream]]\nmi = "{mi}"\nevents = {events}\nexpire = {expire}\n{extra}'
     )
     runner = Runner(config.loads(text))
     runner.start()
@@ -185,6 +187,7 @@ def test_more_events_than_fit_are_one_summary_line_and_not_up(
     mi = HostileMI("good", events)
     hostile.append(mi)
     runner = runner_for(tmp_path, mi.http, expire=6)  # refreshed every 2 s
+    runners.append(runner)
     (upstream,) = runner.upstreams
     eventually(lambda: stats(upstream).events == 256, 30, "256 events subscribed")
     # Three refreshes later: each re-read the list and refused the same events again.
@@ -202,6 +205,20 @@ def test_more_events_than_fit_are_one_summary_line_and_not_up(
     assert len(said) == 2, said  # that line and "subscribed ... 256 event(s)"
 
 
+def test_max_reply_bytes_is_the_upstreams_limit(
+    tmp_path: Path, hostile: list[HostileMI], runners: list[Runner]
+) -> None:
+    """upstream.max_reply_bytes = 4096: an events_list of 2,000 events (about 70 KB)
+    is refused, counted too_large; the upstream is down and keeps retrying."""
+    mi = HostileMI("good", 2000)
+    hostile.append(mi)
+    runner = runner_for(tmp_path, mi.http, extra="max_reply_bytes = 4096\n")
+    runners.append(runner)
+    (upstream,) = runner.upstreams
+    eventually(lambda: stats(upstream).errors["too_large"] >= 2, 30, "two too_large")
+    assert (stats(upstream).up, stats(upstream).events) == (0, 0) and upstream.guard.alive
+
+
 def test_an_upstream_that_renames_its_events_at_every_call(
     tmp_path: Path,
     hostile: list[HostileMI],
@@ -212,6 +229,7 @@ def test_an_upstream_that_renames_its_events_at_every_call(
     mi = HostileMI("renaming", 300)
     hostile.append(mi)
     runner = runner_for(tmp_path, mi.udp, expire=6)  # refreshed every 2 s
+    runners.append(runner)
     (upstream,) = runner.upstreams
     eventually(lambda: upstream.rounds >= 5, 60, "five rounds")
     s = stats(upstream)
