@@ -12,6 +12,7 @@ Modes (HTTP unless named udp_):
   huge_chunked  the same, chunked, without a Content-Length
   udp_garbage   UDP replies that are not JSON-RPC (bytes, JSON nested 32,000 deep)
   renaming      good, but events_list names new events at every call
+  chunked       good, each reply after a 100 Continue and in 7-byte chunks
 EVENTS is how many events events_list shows (default 3).
 """
 
@@ -136,6 +137,14 @@ def http_handler(mi: MI) -> type[socketserver.BaseRequestHandler]:
                     frame = f"{len(block):x}\r\n".encode() + block + b"\r\n"
                     for _ in range(HUGE // len(block)):
                         sock.sendall(frame)
+            elif mode == "chunked":  # well-behaved, in the less common form
+                body = mi.answer(request)
+                out = b"HTTP/1.1 100 Continue\r\n\r\n"
+                out += b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                for i in range(0, len(body), 7):
+                    piece = body[i : i + 7]
+                    out += f"{len(piece):x};ext=1\r\n".encode() + piece + b"\r\n"
+                sock.sendall(out + b"0\r\nX-Trailer: 1\r\n\r\n")
             else:
                 body = mi.answer(request)
                 head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"

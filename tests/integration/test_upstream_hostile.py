@@ -278,3 +278,17 @@ def test_the_client_keeps_a_whole_call_deadline_and_a_size_limit(
             (exc,) = outcome
             assert isinstance(exc, MIClientError), (mode, exc)
             assert exc.reason == reason, (mode, exc)
+
+
+def test_the_client_reads_chunked_replies_after_an_interim_answer(
+    hostile: list[HostileMI],
+) -> None:
+    """The HTTP forms a real server may use: 100 Continue first, chunked bodies with
+    chunk extensions and a trailer; and the size limit counts the decoded body."""
+    mi = HostileMI("chunked", 3)
+    hostile.append(mi)
+    result = call(mi.http, "events_list", timeout=5.0)
+    assert [e["name"] for e in result["Events"]] == [f"E_HOSTILE_{i}" for i in range(3)]
+    with pytest.raises(MIClientError) as err:
+        call(mi.http, "events_list", timeout=5.0, max_reply=64)
+    assert err.value.reason == "too_large"
