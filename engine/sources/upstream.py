@@ -117,7 +117,7 @@ class Upstream:
         self._said_there: tuple[int, str] = (0, "")
         self._reachable: bool | None = None  # did the MI answer the last call? (None: not asked)
         self._ever_up = False
-        self._reported: tuple[int, int] | None = None  # (subscribed, wanted) last logged
+        self._reported: tuple[int, int] | None = None  # (subscribed, asked) last logged
         self._refresh_at = 0.0
         self._check_at = 0.0
         self._stop_at = 0.0
@@ -203,6 +203,8 @@ class Upstream:
         when the MI does not answer (a refusal of one event, mi_error, does not)."""
         if self.all:
             self._wanted = self._register(self._events_list())
+        elif refresh and self._refused_here:  # named events with no slot here: try again
+            self._wanted = self._register(self.events)
         targets = (
             self._wanted if refresh else [e for e in self._wanted if e not in self._subscribed]
         )
