@@ -226,3 +226,23 @@ def test_stop_with_a_dead_upstream_is_quick(started: list[Upstream]) -> None:
     up_mod.stop_all([upstream])
     assert time.monotonic() - start < 0.5
     assert mi.count("event_subscribe") - before == 1  # one try, not one per event
+
+
+def test_named_events_with_no_slot_here_are_not_up_and_tried_again_at_refresh(
+    started: list[Upstream], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "event_datagram.upstream")
+    mi = FakeMI(["E_A", "E_B"])
+    engine = FakeEngine(limit=1)
+    mi.engine = engine
+    upstream = Upstream(engine, MI, ["E_A", "E_B"], SOCK, 1, call=mi)  # type: ignore[arg-type]
+    started.append(upstream)
+    upstream.start()  # refreshed every 1/3 s
+    eventually(lambda: state(upstream)[1] == 1, 5, "E_A subscribed")
+    assert state(upstream)[0] == 0 and upstream.statistics()[0].refused == 1
+    eventually(lambda: upstream.rounds >= 3, 5, "refreshes")
+    assert len(messages(caplog, "refused")) == 1  # the same refusal: one line
+    engine.limit = 2
+    eventually(lambda: state(upstream)[:2] == (1, 2), 5, "E_B taken at a refresh")
+    assert upstream.statistics()[0].refused == 0
+    assert messages(caplog, "can be registered here again")
