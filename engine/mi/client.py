@@ -3,7 +3,9 @@
 Targets: ``http://HOST:PORT/mi`` (the default, http://127.0.0.1:8888/mi),
 ``udp:HOST:PORT`` (the MI datagram socket) or ``fifo:PATH`` (the MI FIFO;
 the reply FIFO is created in /tmp, or in ``reply_dir``). The same client works
-against a real OpenSIPS.
+against a real OpenSIPS, and against a broken or hostile one: every call has one
+deadline for all of it and a reply-size limit, and every failure is an
+MIClientError whose ``reason`` says which kind (the upstream counts by it).
 """
 
 from __future__ import annotations
