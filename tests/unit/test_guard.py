@@ -56,7 +56,10 @@ def test_what_escapes_the_loop_is_counted_logged_once_per_change_and_retried(
 ) -> None:
     caplog.set_level(logging.INFO, log.name)
     same = [RecursionError("deep")] * 5 + [KeyError("x")] * 3
-    loop, counts, downs, finals = Loop(list(same)), {}, [], []
+    loop = Loop(list(same))
+    counts: dict[str, int] = {}
+    downs: list[int] = []
+    finals: list[int] = []
     guard = make(loop, counts, down=lambda: downs.append(1), final=lambda: finals.append(1))
     guard.start()
     eventually(lambda: loop.rounds >= 3, 10, "running after the failures")
@@ -79,7 +82,8 @@ def test_a_thread_that_dies_anyway_is_revived_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, log.name)
-    loop, counts = Loop([ValueError("bad")]), {}
+    loop = Loop([ValueError("bad")])
+    counts: dict[str, int] = {}
 
     def down() -> None:  # the handler itself fails past what it catches: the thread ends
         if counts.get("internal") == 1 and not counts.get("thread_died"):
