@@ -113,9 +113,12 @@ class UpstreamConfig(_Section):
     """What the upstream sends to; "" = the first ingest.listen socket, as bound."""
     expire: int = 120
     """Seconds the subscription lasts at the upstream; refreshed every expire/3."""
+    max_reply_bytes: int = 4 << 20
+    """Bytes of one MI reply at most; a larger one is refused unread (too_large)."""
 
 
 UPSTREAM_MIN_EXPIRE = 6  # refreshed every expire/3: not more often than the 2 s checks
+UPSTREAM_REPLY_BYTES = (4096, 1 << 30)  # max_reply_bytes: an events_list fits; memory bounded
 
 
 class MetricsConfig(_Section):
@@ -249,6 +252,12 @@ class Config(_Section):
                 raise ConfigError(
                     f"expire {up.expire}: expected {UPSTREAM_MIN_EXPIRE} to 2147483647 seconds"
                     f" - at `{where}.expire`"
+                )
+            low, high = UPSTREAM_REPLY_BYTES
+            if not low <= up.max_reply_bytes <= high:
+                raise ConfigError(
+                    f"max_reply_bytes {up.max_reply_bytes}: expected {low} to {high}"
+                    f" - at `{where}.max_reply_bytes`"
                 )
 
 

@@ -135,7 +135,14 @@ class BadRequest(MIError):
 
 
 class MIClientError(EventDatagramError):
-    """The MI could not be reached, or its answer was not a JSON-RPC reply."""
+    """The MI could not be reached, or its answer was not a JSON-RPC reply.
+
+    `reason` says which: "unreachable", "timeout" (no whole answer by the call's
+    deadline), "bad_reply" (not HTTP, cut short, not JSON-RPC) or "too_large"."""
+
+    def __init__(self, message: str, reason: str = "unreachable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class MIReplyError(EventDatagramError):

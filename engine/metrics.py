@@ -335,16 +335,26 @@ def _source_families(stats: EngineStatistics) -> Iterator[Metric]:
         "Datagrams the kernel dropped at a full ingest socket (SO_RXQ_OVFL).",
         labels=["socket"],
     )
+    ingest_errors = CounterMetricFamily(
+        PREFIX + "ingest_errors_total",
+        "Failures reading an ingest socket, by reason (receive_failed, internal, "
+        "thread_died); the socket is read again with back-off.",
+        labels=["socket", "reason"],
+    )
     for s in ingest:
         received.add_metric([s.name], s.received)
         raised.add_metric([s.name], s.raised)
         drops.add_metric([s.name], s.kernel_drops)
         for reason, n in s.rejected.items():
             rejected.add_metric([s.name, reason], n)
-    yield from (received, raised, rejected, drops)
+        for reason, n in s.errors.items():
+            ingest_errors.add_metric([s.name, reason], n)
+    yield from (received, raised, rejected, drops, ingest_errors)
     upstreams = [s for s in stats.sources if s.kind == "upstream"]
     up = GaugeMetricFamily(
-        PREFIX + "upstream_up", "1 while subscribed at the upstream MI, else 0.", labels=["mi"]
+        PREFIX + "upstream_up",
+        "1 while every event asked for is subscribed at the upstream MI, else 0.",
+        labels=["mi"],
     )
     events = GaugeMetricFamily(
         PREFIX + "upstream_subscribed_events",
@@ -353,15 +363,23 @@ def _source_families(stats: EngineStatistics) -> Iterator[Metric]:
     )
     errors = CounterMetricFamily(
         PREFIX + "upstream_errors_total",
-        "Failed upstream MI calls, by reason (unreachable, mi_error, bad_reply).",
+        "Failed upstream MI calls, by reason (unreachable, timeout, mi_error, bad_reply, "
+        "too_large), and failures of its thread (internal, thread_died).",
         labels=["mi", "reason"],
+    )
+    refused = GaugeMetricFamily(
+        PREFIX + "upstream_refused_events",
+        "Events asked of the upstream that are not taken: no event slot or a bad name "
+        "here, or refused by its MI (upstream_up is 0 while this is not 0).",
+        labels=["mi"],
     )
     for s in upstreams:
         up.add_metric([s.name], s.up or 0)
         events.add_metric([s.name], s.events)
+        refused.add_metric([s.name], s.refused)
         for reason, n in s.errors.items():
             errors.add_metric([s.name, reason], n)
-    yield from (up, events, errors)
+    yield from (up, events, errors, refused)
     yield from _amqp_families([s for s in stats.sources if s.kind == "amqp"])
 
 

@@ -52,6 +52,7 @@ class SourceStatistics:
     errors: dict[str, int] = field(default_factory=dict)  # reason -> failures of its own
     reconnects: int = 0  # connections made again after one was lost (a broker source)
     lag: int | None = None  # messages waiting at the broker for it; None: not known
+    refused: int = 0  # events asked for that it cannot take (an upstream's: here or there)
 
     def identity_errors(self) -> list[str]:
         if self.received != self.raised + sum(self.rejected.values()):

@@ -349,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
         while not caught.wait(0.25):
             if runner.engine.failure:
                 break
+            runner.revive_sources()
         failure = runner.engine.failure
         runner.stop()
         if failure:

@@ -233,7 +233,9 @@ class Runner:
             if self.ingest is None:  # Config.validate refuses this
                 raise RunError(f"upstream {up.mi}: no ingest socket to subscribe")
             socket = up.socket or self.ingest.names[0]
-            upstream = Upstream(self.engine, up.mi, up.events, socket, up.expire)
+            upstream = Upstream(
+                self.engine, up.mi, up.events, socket, up.expire, max_reply=up.max_reply_bytes
+            )
             self.upstreams.append(upstream)
             self.engine.add_source(upstream)
             upstream.start()
@@ -346,6 +348,16 @@ class Runner:
             self.ingest = None
         if self.engine is not None:
             self.engine.stop()
+
+    def revive_sources(self) -> None:
+        """Start again any source thread that died (each guard counts and logs it);
+        the `run` command's main loop calls this a few times a second."""
+        guards = [u.guard for u in self.upstreams]
+        if self.ingest is not None:
+            guards.append(self.ingest.guard)
+        guards += [g for g in (getattr(s, "guard", None) for s in self.amqp) if g is not None]
+        for guard in guards:
+            guard.revive()
 
     def describe(self) -> str:
         """The ready line: where the MI and metrics are, and the engine's shape."""

@@ -9,4 +9,5 @@ webconfig.py the web config file: TLS context and basic auth (exporter-toolkit f
 datagram_guard.py  which datagrams the UDP MI answers (no reflection), error rate limit
 fifo.py     the mi_fifo transport
 client.py   an MI client (http, udp, fifo targets) for the CLI and the sources
+http_client.py  its HTTP POST: a whole-call deadline and a reply-size limit
 """

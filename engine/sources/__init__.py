@@ -7,4 +7,5 @@ relay.py     the step they share: validate, raise byte for byte, count every out
 amqp.py      a RabbitMQ queue per engine on the exchange OpenSIPS publishes to
 amqp_frames.py  its fast path: whole deliveries read off pika's buffer
 upstream.py  subscribing those sockets at an OpenSIPS MI, and keeping them there
+guard.py     what keeps a source's thread alive (caught, counted, back-off) and its log short
 """

@@ -18,6 +18,12 @@ come with every datagram as SO_RXQ_OVFL and are counted too. Per socket, always:
 
 An event raised is then the engine's to account (queued, or dropped for a full
 ring or no subscribers). Nothing is logged per datagram.
+
+The thread never dies (guard.Guard): a socket whose reading fails (an OSError,
+or anything raised while handling its batch) is counted in its errors
+("receive_failed", "internal"; datagrams of that batch not yet accounted for are
+rejected "internal"), logged once per change, and rested with back-off while
+the other sockets are read on; an error of the loop itself is the guard's.
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from engine.address import AddressError, parse_destination, parse_listen
 from engine.shm.mmsg import RECVMMSG, IoVec, MMsgHdr, MsgHdr
+from engine.sources.guard import Backoff, Guard, LogBudget
 from engine.sources.relay import Relay, UnknownEvents
 from engine.statistics import SourceStatistics
 
@@ -56,6 +64,7 @@ MSG_TRUNC: Final = int(getattr(socket, "MSG_TRUNC", 0x20))  # an int: enum & cos
 NAME_SIZE: Final = 128  # sockaddr_storage
 CONTROL_SIZE: Final = 64
 LOOPBACK: Final = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+ERROR_REASONS: Final = ("receive_failed", "internal", "thread_died")
 
 
 # Word offsets (u32) inside one mmsghdr, for reading results without ctypes
@@ -166,6 +175,9 @@ class IngestSocket:
         self._used = BATCH  # entries to reset before the next recvmmsg (all, at first)
         self.relay = Relay(engine, "ingest", self.name, unknown_events)
         self.kernel_drops = 0
+        self.errors = dict.fromkeys(ERROR_REASONS, 0)  # under relay.lock
+        self.backoff = Backoff()
+        self.failing: str | None = None  # the last failure, until a read goes well
 
     def receive(self) -> int:
         """One recvmmsg: up to BATCH datagrams into the tables; returns how many."""
@@ -277,7 +289,9 @@ class IngestSocket:
             pos += (length + 7) & ~7
 
     def statistics(self) -> SourceStatistics:
-        return self.relay.statistics(kernel_drops=self.kernel_drops)
+        with self.relay.lock:
+            errors = dict(self.errors)
+        return self.relay.statistics(kernel_drops=self.kernel_drops, errors=errors)
 
     def close(self) -> None:
         views = (self._words, self._data_view, self._name_words, self._names_view)
@@ -334,21 +348,23 @@ class Ingest:
         except BaseException:
             self.close()
             raise
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edg-ingest", daemon=True)
+        self._log = LogBudget(log)
+        self.guard = Guard(
+            "ingest", self._loop, logger=log, count=self._count_thread, budget=self._log
+        )
+        self._stop = self.guard.stop_event
 
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.sockets]
 
     def start(self) -> None:
-        self._thread.start()
+        self.guard.start()
 
     def stop(self) -> None:
         """Stop reading (what the kernel still holds is not read), close the sockets."""
-        self._stop.set()
-        if self._thread.ident is not None:
-            self._thread.join(5)
+        self.guard.request_stop()
+        self.guard.join(5)
         self.close()
 
     def close(self) -> None:
@@ -359,28 +375,78 @@ class Ingest:
     def statistics(self) -> list[SourceStatistics]:
         return [s.statistics() for s in self.sockets]
 
-    def _run(self) -> None:
+    def _loop(self, stop: threading.Event) -> None:
+        """The guard's loop: poll every socket, read the ready ones in batches; a
+        socket that fails rests (unpolled) for its back-off."""
         poller = select.poll()
         by_fd = {s.sock.fileno(): s for s in self.sockets}
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
-        while not self._stop.is_set():
+        resting: dict[int, float] = {}  # fd -> when to poll it again
+        while not stop.is_set():
+            if resting:
+                now = time.monotonic()
+                for fd in [fd for fd, at in resting.items() if at <= now]:
+                    del resting[fd]
+                    poller.register(fd, select.POLLIN)
             for fd, _ in poller.poll(200):
                 sock = by_fd[fd]
                 try:
-                    while (n := sock.receive()) and not self._stop.is_set():
+                    while (n := sock.receive()) and not stop.is_set():
                         with sock.relay.lock:
                             self._handle(sock, n)
                         if n < BATCH:
                             break
-                except OSError as exc:  # never seen in practice; do not spin on it
-                    log.warning("ingest %s: receive failed: %s", sock.name, exc)
-                    self._stop.wait(0.1)
+                except Exception as exc:
+                    poller.unregister(fd)
+                    resting[fd] = time.monotonic() + self._failed(sock, exc)
+                    continue
+                if sock.failing is not None:
+                    sock.failing = None
+                    sock.backoff.reset()
+                    self._log.info("ingest %s: reading again", sock.name)
 
     def _handle(self, sock: IngestSocket, n: int) -> None:
         """One recvmmsg batch (under the relay's lock): the source and size checks,
-        then the rest validated and raised as one batch (Relay.forward_batch)."""
-        sock.relay.forward_batch(sock.take(n, self._source_allowed))
+        then the rest validated and raised as one batch (Relay.forward_batch). If
+        that raises, the batch's datagrams not yet accounted for are counted
+        rejected "internal", so the identity still holds."""
+        relay = sock.relay
+        before = relay.received
+        try:
+            relay.forward_batch(sock.take(n, self._source_allowed))
+        except Exception:
+            if relay.received == before:  # read from the kernel, but not yet counted
+                relay.received += n
+            lost = relay.received - relay.raised - sum(relay.rejected.values())
+            if lost > 0:
+                relay.rejected["internal"] = relay.rejected.get("internal", 0) + lost
+            raise
+
+    def _failed(self, sock: IngestSocket, exc: Exception) -> float:
+        """Count a socket's failure, log it when it is new; its back-off delay."""
+        reason = "receive_failed" if isinstance(exc, OSError) else "internal"
+        with sock.relay.lock:
+            sock.errors[reason] += 1
+        what = f"{type(exc).__name__}: {exc}"[:300]
+        delay = sock.backoff.next()
+        if what != sock.failing:
+            self._log.log(
+                logging.ERROR,
+                "ingest %s: %s (counted; reading it again in %.1f s, with back-off)",
+                sock.name,
+                what,
+                delay,
+                exc_info=exc if reason == "internal" and sock.failing is None else None,
+            )
+        sock.failing = what
+        return delay
+
+    def _count_thread(self, reason: str) -> None:
+        """The guard's count: the thread reads every socket, so each counts it."""
+        for sock in self.sockets:
+            with sock.relay.lock:
+                sock.errors[reason] = sock.errors.get(reason, 0) + 1
 
     def _source_allowed(self, raw: bytes) -> bool:
         allowed = self._allowed.get(raw)

@@ -12,14 +12,21 @@ never holds up start-up, stop or the raise path:
   subscription is gone (an OpenSIPS restart forgets every subscription), and
   it is made again at once;
 - every expire/3, subscribe again (refresh; "*" re-reads `events_list`);
-- an MI that does not answer is retried every RETRY_INTERVAL;
+- an MI that does not answer (or answers something broken: cut short, not
+  HTTP, not JSON-RPC, over `max_reply` bytes, not whole within CALL_TIMEOUT) is
+  retried with back-off (guard.Backoff: 1 s growing to 10 s);
 - on stop, `event_subscribe EVENT SOCKET 0` for each, within STOP_BUDGET.
 
 The datagrams themselves arrive at the ingest socket and are counted there, so
 this source's received/raised stay 0; its statistics() carry its state: up
-(1 while every event is subscribed), the events subscribed, and failed MI
-calls by reason (ERROR_REASONS). A line is logged on each change of state
-(subscribed, down, gone, resubscribed, an event refused), never per retry.
+(1 only while every event asked for is subscribed), the events subscribed, the
+events refused (here: no slot left, a bad name; there: the MI said no), and
+failures by reason (ERROR_REASONS; "internal" and "thread_died" are the
+guard's). A line is logged on each change of state (subscribed, down, gone,
+resubscribed, how many events are refused and why: one summary line, never one
+per event), never per retry, and at most guard.LOG_PER_MINUTE lines a minute.
+Nothing here remembers event names beyond the events subscribed, which the
+engine's max_events bounds; events_list replies are bounded by max_reply.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from engine.errors import MIClientError, MIReplyError, SubscriptionError, WireError
 from engine.mi import client
+from engine.sources.guard import Backoff, Guard, LogBudget
 from engine.statistics import SourceStatistics
 
 if TYPE_CHECKING:
@@ -42,10 +50,21 @@ log = logging.getLogger("event_datagram.upstream")
 ALL: Final = "*"  # events = ["*"]: every event the upstream's events_list shows
 CALL_TIMEOUT: Final = 1.0  # seconds per MI call
 CHECK_INTERVAL: Final = 2.0  # seconds between checks that the subscriptions are listed
-RETRY_INTERVAL: Final = 1.0  # seconds between attempts while the MI does not answer
+RETRY_INTERVAL: Final = 1.0  # seconds before the first retry of an MI that failed
+MAX_RETRY_INTERVAL: Final = 10.0  # ...growing 1.5x per failure up to this
+MAX_REPLY: Final = 4 << 20  # bytes of one MI reply at most (upstream.max_reply_bytes)
 STOP_BUDGET: Final = 1.0  # seconds stop() gives the unsubscribing (plus one short call)
 LAST_CALL: Final = 0.2  # the least timeout of the one unsubscribe stop always tries
-ERROR_REASONS: Final = ("unreachable", "mi_error", "bad_reply")
+ERROR_REASONS: Final = (
+    "unreachable",
+    "timeout",
+    "mi_error",
+    "bad_reply",
+    "too_large",
+    "internal",
+    "thread_died",
+)
+EXAMPLES: Final = 3  # event names a refusal summary shows
 GONE: Final = ("Subscriber does not exist", "Event not published")
 
 MICall = Callable[..., Any]
@@ -75,6 +94,7 @@ class Upstream:
         socket: str,
         expire: int = 120,
         *,
+        max_reply: int = MAX_REPLY,
         call: MICall = client.call,
     ) -> None:
         self.engine = engine
@@ -84,22 +104,37 @@ class Upstream:
         self.all = ALL in self.events
         self.socket = socket
         self.expire = expire
+        self.max_reply = max_reply
         self._call_mi = call
         self._lock = threading.Lock()  # guards the counters statistics() reads
         self._errors = dict.fromkeys(ERROR_REASONS, 0)
         self._up = False
         self._wanted: list[str] = [] if self.all else list(self.events)
-        self._subscribed: set[str] = set()
-        self._refused: dict[str, str] = {}  # event -> why the upstream refused it (logged once)
-        self._local_refused: set[str] = set()  # events that cannot be registered here
+        self._subscribed: set[str] = set()  # at most the engine's max_events
+        self._refused_here = 0  # events asked for that cannot be registered here
+        self._refused_there = 0  # wanted events the MI refused in the last round
+        self._said_here: tuple[tuple[str, int], ...] = ()  # the refusal summaries last logged
+        self._said_there: tuple[int, str] = (0, "")
         self._reachable: bool | None = None  # did the MI answer the last call? (None: not asked)
         self._ever_up = False
-        self._reported: tuple[int, int] | None = None  # (subscribed, wanted) last logged
+        self._reported: tuple[int, int] | None = None  # (subscribed, asked) last logged
         self._refresh_at = 0.0
         self._check_at = 0.0
-        self._stop = threading.Event()
         self._stop_at = 0.0
-        self._thread = threading.Thread(target=self._run, name=f"edg-upstream {mi}", daemon=True)
+        self.rounds = 0  # subscribing rounds the MI answered (tests and the bench read it)
+        self._backoff = Backoff(RETRY_INTERVAL, cap=MAX_RETRY_INTERVAL)
+        self._log = LogBudget(log)
+        self.guard = Guard(
+            f"upstream {mi}",
+            self._loop,
+            logger=log,
+            count=self._count,
+            down=self._mark_down,
+            final=self._unsubscribe,
+            budget=self._log,
+            backoff=self._backoff,
+        )
+        self._stop = self.guard.stop_event
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -107,7 +142,7 @@ class Upstream:
         """Register the named events and start the thread; never waits for the MI."""
         if not self.all:
             self._wanted = self._register(self.events)
-        self._thread.start()
+        self.guard.start()
 
     def request_stop(self) -> None:
         """Ask the thread to unsubscribe and end (see join)."""
@@ -117,10 +152,7 @@ class Upstream:
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread (it unsubscribes first); True when it has ended."""
-        if self._thread.ident is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self.guard.join(timeout)
 
     def stop(self) -> None:
         self.request_stop()
@@ -139,22 +171,18 @@ class Upstream:
                     up=1 if self._up else 0,
                     events=len(self._subscribed),
                     errors=dict(self._errors),
+                    refused=self._refused_here + self._refused_there,
                 )
             ]
 
     # -- the thread --------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                delay = self._step()
-                self._stop.wait(max(0.0, delay))
-        except Exception:  # never seen; the engine keeps running without this upstream
-            log.exception("upstream %s: stopped by an unexpected error", self.mi)
-            with self._lock:
-                self._up = False
-        finally:
-            self._unsubscribe()
+    def _loop(self, stop: threading.Event) -> None:
+        """The guard's loop: one step at a time until stopped (what escapes a step is
+        the guard's to count and retry)."""
+        while not stop.is_set():
+            delay = self._step()
+            stop.wait(max(0.0, delay))
 
     def _step(self) -> float:
         """Do what is due; return the seconds until the next thing to do."""
@@ -166,49 +194,50 @@ class Upstream:
                 self._check()
         except _Failed as exc:  # the MI did not answer (or not in JSON-RPC)
             self._set_down(exc.message)
-            return RETRY_INTERVAL
+            return self._backoff.next()
+        self.guard.ok()
         return min(self._refresh_at, self._check_at) - time.monotonic()
 
     def _subscribe(self, *, refresh: bool) -> None:
         """Subscribe every wanted event (refresh) or the missing ones; raises _Failed
-        when the MI does not answer."""
+        when the MI does not answer (a refusal of one event, mi_error, does not)."""
         if self.all:
             self._wanted = self._register(self._events_list())
+        elif refresh and self._refused_here:  # named events with no slot here: try again
+            self._wanted = self._register(self.events)
         targets = (
             self._wanted if refresh else [e for e in self._wanted if e not in self._subscribed]
         )
+        refused: list[str] = []
+        why = ""
         for event in targets:
             if self._stop.is_set():
                 return
             try:
                 self._call("event_subscribe", [event, self.socket, self.expire])
             except _Failed as exc:
-                if exc.reason == "unreachable":
+                if exc.reason != "mi_error":
                     raise
                 with self._lock:
                     self._subscribed.discard(event)
-                if self._refused.get(event) != exc.message:
-                    log.warning(
-                        "upstream %s: cannot subscribe %s to %s: %s (retrying every %g s)",
-                        self.mi,
-                        self.socket,
-                        event,
-                        exc.message,
-                        CHECK_INTERVAL,
-                    )
-                self._refused[event] = exc.message
+                why = why or exc.message
+                if len(refused) < EXAMPLES:
+                    refused.append(event)
                 continue
             with self._lock:
                 self._subscribed.add(event)
-            self._refused.pop(event, None)
+        wanted = set(self._wanted)
         with self._lock:  # an event gone from the upstream's events_list is no longer ours
-            self._subscribed &= set(self._wanted)
+            self._subscribed &= wanted
+            self._refused_there = sum(1 for e in self._wanted if e not in self._subscribed)
+        self._say_refused_there(refused, why)
         now = time.monotonic()
         self._check_at = now + CHECK_INTERVAL
         if refresh:
             self._refresh_at = now + self.expire / 3
         self._reachable = True
-        self._set_up(all(e in self._subscribed for e in self._wanted))
+        self.rounds += 1
+        self._set_up()
 
     def _check(self) -> None:
         """Is each subscription still listed? Subscribe again at once when one is not."""
@@ -218,7 +247,7 @@ class Upstream:
             try:
                 result = self._call("subscribers_list", [event, self.socket], gone_ok=True)
             except _Gone:
-                log.warning(
+                self._log.warning(
                     "upstream %s: %s is no longer subscribed to %s (did it restart?): "
                     "subscribing again",
                     self.mi,
@@ -232,7 +261,7 @@ class Upstream:
                 self._subscribe(refresh=True)
                 return
             except _Failed as exc:
-                if exc.reason == "unreachable":
+                if exc.reason != "mi_error":
                     raise
                 continue  # counted; the next check asks again
             if not isinstance(result, dict) or not isinstance(result.get("Event"), dict):
@@ -265,8 +294,8 @@ class Upstream:
             except _Gone:
                 pass
             except _Failed as exc:
-                if exc.reason == "unreachable":
-                    log.warning(
+                if exc.reason != "mi_error":
+                    self._log.warning(
                         "upstream %s: could not unsubscribe %s: %s", self.mi, self.socket, exc
                     )
                     break
@@ -278,9 +307,11 @@ class Upstream:
             self._subscribed.clear()
             self._up = False
         if done:
-            log.info("upstream %s: unsubscribed %s from %d event(s)", self.mi, self.socket, done)
+            self._log.info(
+                "upstream %s: unsubscribed %s from %d event(s)", self.mi, self.socket, done
+            )
         if done < len(events):
-            log.warning(
+            self._log.warning(
                 "upstream %s: %d subscription(s) of %s left to expire there (in %d s at most)",
                 self.mi,
                 len(events) - done,
@@ -297,26 +328,73 @@ class Upstream:
             self._count("bad_reply")
             raise _Failed("bad_reply", f"events_list answered {str(result)[:200]}")
         names = [r.get("name") for r in rows if isinstance(r, dict)]
-        return [n for n in names if isinstance(n, str)]
+        return list(dict.fromkeys(n for n in names if isinstance(n, str)))  # each once
 
     def _register(self, events: list[str]) -> list[str]:
-        """Register `events` here (known ones are kept); return those that could be."""
+        """Register `events` here (known ones are kept); return those that could be.
+        The others are counted (refused) and summed up in one line when that changes."""
         registered = []
+        why: dict[str, int] = {}
+        examples: dict[str, list[str]] = {}
         for event in events:
             try:
                 self.engine.register_event(event)
             except (SubscriptionError, WireError) as exc:
-                if event not in self._local_refused:
-                    self._local_refused.add(event)
-                    log.warning(
-                        "upstream %s: event %s not taken: cannot register it here: %s",
-                        self.mi,
-                        event,
-                        exc,
-                    )
+                reason = self._why_not_here(exc)
+                why[reason] = why.get(reason, 0) + 1
+                shown = examples.setdefault(reason, [])
+                if len(shown) < EXAMPLES:
+                    shown.append(event[:64])
                 continue
             registered.append(event)
+        with self._lock:
+            self._refused_here = sum(why.values())
+        said = tuple(sorted(why.items()))
+        if said != self._said_here:
+            self._said_here = said
+            if why:
+                self._log.warning(
+                    "upstream %s: refused %s of %s event(s): %s; not taken (up stays 0)",
+                    self.mi,
+                    f"{sum(why.values()):,}",
+                    f"{len(events):,}",
+                    "; ".join(
+                        (f"{n:,} " if len(why) > 1 else "")
+                        + f"{reason} (e.g. {', '.join(examples[reason])})"
+                        for reason, n in why.items()
+                    ),
+                )
+            else:
+                self._log.info("upstream %s: every event can be registered here again", self.mi)
         return registered
+
+    def _why_not_here(self, exc: Exception) -> str:
+        if isinstance(exc, WireError):
+            return "not a valid event name"
+        options = getattr(self.engine, "options", None)
+        limit = getattr(options, "max_events", None)
+        if isinstance(limit, int):
+            return f"more than engine.max_events ({limit})"
+        return "no event slot left here (engine.max_events)"
+
+    def _say_refused_there(self, examples: list[str], why: str) -> None:
+        """One line when the number of events the MI refuses (or its reason) changes."""
+        n = self._refused_there
+        said = (n, why if n else "")
+        if said == self._said_there:
+            return
+        self._said_there = said
+        if n:
+            self._log.warning(
+                "upstream %s: cannot subscribe %s to %s event(s) (e.g. %s): %s "
+                "(retrying every %g s)",
+                self.mi,
+                self.socket,
+                f"{n:,}",
+                ", ".join(e[:64] for e in examples),
+                why,
+                CHECK_INTERVAL,
+            )
 
     def _call(
         self,
@@ -329,50 +407,53 @@ class Upstream:
         """One MI call; failures are counted and raised as _Failed (or _Gone, for a
         404 that says the subscription or the event is not there, when gone_ok)."""
         try:
-            return self._call_mi(self.mi, method, params, timeout=timeout)
+            return self._call_mi(self.mi, method, params, timeout=timeout, max_reply=self.max_reply)
         except MIReplyError as exc:
             if gone_ok and exc.code == 404 and exc.message in GONE:
                 raise _Gone() from None
             self._count("mi_error")
-            raise _Failed("mi_error", str(exc)) from None
+            raise _Failed("mi_error", str(exc)[:300]) from None
         except MIClientError as exc:
-            # The client says "cannot reach"/"no answer" for a dead MI, "answered ..."
-            # for one that answered something that is not a JSON-RPC reply.
-            reason = "bad_reply" if "answered" in str(exc) else "unreachable"
+            reason = exc.reason if exc.reason in ERROR_REASONS else "bad_reply"
             self._count(reason)
-            raise _Failed(reason, str(exc)) from None
+            raise _Failed(reason, str(exc)[:300]) from None
         except OSError as exc:  # e.g. a FIFO client that cannot create its reply FIFO
             self._count("unreachable")
             raise _Failed("unreachable", f"{self.mi}: {exc}") from None
 
     def _count(self, reason: str) -> None:
         with self._lock:
-            self._errors[reason] += 1
+            self._errors[reason] = self._errors.get(reason, 0) + 1
 
-    def _set_up(self, up: bool) -> None:
-        """After a round the MI answered: up when every event is subscribed; logged
-        when what is subscribed changed (not at each refresh)."""
+    def _set_up(self) -> None:
+        """After a round the MI answered: up only when every event asked for is
+        subscribed (none refused, here or there); logged when what is subscribed
+        changed (not at each refresh)."""
         n, total = len(self._subscribed), len(self._wanted)
-        if (n, total) != self._reported and (n or not total):
-            log.info(
+        asked = total + self._refused_here  # refused here are asked for too
+        if (n, asked) != self._reported and (n or not total):
+            self._log.info(
                 "upstream %s: %s %s to %s event(s) (expire %d s)",
                 self.mi,
                 "resubscribed" if self._ever_up else "subscribed",
                 self.socket,
-                n if n == total else f"{n} of {total}",
+                f"{n:,}" if n == asked else f"{n:,} of {asked:,}",
                 self.expire,
             )
             self._ever_up = True
-            self._reported = (n, total)
+            self._reported = (n, asked)
         with self._lock:
-            self._up = up
+            self._up = n == total and not self._refused_here
 
     def _set_down(self, message: str) -> None:
         """The MI did not answer: logged when it did before (or at the first try)."""
         if self._reachable is not False:
-            log.warning(
+            self._log.warning(
                 "upstream %s: down: %s (subscribing again when it answers)", self.mi, message
             )
+        self._mark_down()
+
+    def _mark_down(self) -> None:
         self._reachable = False
         self._reported = None
         with self._lock:

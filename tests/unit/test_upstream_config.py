@@ -28,6 +28,9 @@ def test_an_upstream_and_its_defaults() -> None:
     cfg = config.loads(text)
     assert [u.mi for u in cfg.upstream] == ["http://127.0.0.1:8888/mi", "fifo:/run/opensips/fifo"]
     assert cfg.upstream[0].events == ["E_A", "E_B"] and cfg.upstream[0].expire == 3600
+    assert cfg.upstream[0].max_reply_bytes == 4 << 20  # the default
+    text = INGEST + '[[upstream]]\nmi = "udp:127.0.0.1:1"\nmax_reply_bytes = 65536\n'
+    assert config.loads(text).upstream[0].max_reply_bytes == 65536
 
 
 @pytest.mark.parametrize(
@@ -53,6 +56,10 @@ def test_an_upstream_and_its_defaults() -> None:
          "at `$.upstream[0].socket`"),
         (INGEST + '[[upstream]]\nmi = "udp:127.0.0.1:1"\nexpire = 5\n',
          "expire 5: expected 6 to 2147483647 seconds - at `$.upstream[0].expire`"),
+        (INGEST + '[[upstream]]\nmi = "udp:127.0.0.1:1"\nmax_reply_bytes = 100\n',
+         "max_reply_bytes 100: expected 4096 to 1073741824 - at `$.upstream[0].max_reply_bytes`"),
+        (INGEST + '[[upstream]]\nmi = "udp:127.0.0.1:1"\nmax_reply_bytes = 2147483648\n',
+         "at `$.upstream[0].max_reply_bytes`"),
         ('[ingest]\nlisten = ["udp:0.0.0.0:9050"]\n[[upstream]]\nmi = "udp:127.0.0.1:1"\n',
          "is a wildcard address"),
         (INGEST + '[[upstream]]\nmi = "udp:127.0.0.1:1"\nsockets = ""\n',

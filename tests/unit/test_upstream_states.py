@@ -16,6 +16,7 @@ from engine.sources import upstream as up_mod
 from engine.sources.upstream import Upstream
 from tests.support import eventually
 
+ZERO = dict.fromkeys(up_mod.ERROR_REASONS, 0)
 SOCK = "udp:127.0.0.1:9050"
 MI = "udp:127.0.0.1:8080"
 
@@ -47,14 +48,16 @@ class FakeMI:
         self.registered_before: list[bool] = []  # at each event_subscribe: known locally?
         self.engine: FakeEngine | None = None
 
-    def __call__(self, target: str, method: str, params: list[Any], *, timeout: float) -> Any:
-        assert target == MI and timeout <= up_mod.CALL_TIMEOUT
+    def __call__(
+        self, target: str, method: str, params: list[Any], *, timeout: float, max_reply: int
+    ) -> Any:
+        assert target == MI and timeout <= up_mod.CALL_TIMEOUT and max_reply == up_mod.MAX_REPLY
         with self.lock:
             self.calls.append((method, params))
             if self.down:
                 raise MIClientError(f"cannot reach the MI at {target}: Connection refused")
             if self.garbage:
-                raise MIClientError(f"{target} answered with non-JSON: b'<html>'")
+                raise MIClientError(f"{target} answered with non-JSON: b'<html>'", "bad_reply")
             if method == "events_list":
                 return {"Events": [{"name": n, "id": i} for i, n in enumerate(self.events)]}
             event, sock = params[0], params[1]
@@ -130,7 +133,7 @@ def test_named_events_are_registered_then_subscribed_and_unsubscribed_on_stop(
     assert mi.subs == {("E_A", SOCK): 120, ("E_B", SOCK): 120}
     assert all(mi.registered_before)
     eventually(lambda: mi.count("subscribers_list") >= 6, 5, "checks")
-    assert state(upstream)[2] == {"unreachable": 0, "mi_error": 0, "bad_reply": 0}
+    assert state(upstream)[2] == ZERO
     up_mod.stop_all([upstream])
     assert mi.subs == {} and state(upstream)[:2] == (0, 0)
     assert messages(caplog, "subscribed") == [
@@ -151,7 +154,7 @@ def test_a_forgotten_subscription_is_made_again_at_the_next_check(
         eventually(lambda: ("E_A", SOCK) in mi.subs, 5, "subscribed again")
     eventually(lambda: len(messages(caplog, "resubscribed")) == 3, 5, "three lines")
     assert len(messages(caplog, "no longer subscribed")) == 3
-    assert state(upstream) == (1, 1, {"unreachable": 0, "mi_error": 0, "bad_reply": 0})
+    assert state(upstream) == (1, 1, ZERO)
 
 
 def test_down_is_logged_once_and_counted_per_call(
@@ -189,13 +192,20 @@ def test_every_event_of_the_upstream_and_events_it_refuses(
     eventually(lambda: state(upstream)[2]["mi_error"] >= 3, 5, "E_B retried")
     assert state(upstream)[:2] == (0, 1)  # not every event: not up
     assert len(messages(caplog, "cannot subscribe")) == 1
-    assert len(messages(caplog, "cannot register it here")) == 1
-    assert messages(caplog, " subscribed ") == [
-        f"upstream {MI}: subscribed {SOCK} to 1 of 2 event(s) (expire 120 s)"
+    assert messages(caplog, "refused") == [
+        f"upstream {MI}: refused 1 of 3 event(s): no event slot left here (engine.max_events)"
+        " (e.g. E_C); not taken (up stays 0)"
     ]
+    assert messages(caplog, " subscribed ") == [
+        f"upstream {MI}: subscribed {SOCK} to 1 of 3 event(s) (expire 120 s)"
+    ]
+    assert upstream.statistics()[0].refused == 2  # E_C here, E_B there
     mi.refuse = set()
-    eventually(lambda: state(upstream)[:2] == (1, 2), 5, "E_B too")
+    eventually(lambda: state(upstream)[1] == 2, 5, "E_B too")
+    # E_C is still refused here: not every event asked for is taken, so not up.
+    assert state(upstream)[0] == 0 and upstream.statistics()[0].refused == 1
     assert mi.count("events_list") >= 2  # read again at each (re)subscription
+    assert len(messages(caplog, "refused")) == 1  # one line per change, none per retry
 
 
 def test_a_reply_that_is_not_json_rpc_is_a_bad_reply(started: list[Upstream]) -> None:
@@ -216,3 +226,23 @@ def test_stop_with_a_dead_upstream_is_quick(started: list[Upstream]) -> None:
     up_mod.stop_all([upstream])
     assert time.monotonic() - start < 0.5
     assert mi.count("event_subscribe") - before == 1  # one try, not one per event
+
+
+def test_named_events_with_no_slot_here_are_not_up_and_tried_again_at_refresh(
+    started: list[Upstream], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "event_datagram.upstream")
+    mi = FakeMI(["E_A", "E_B"])
+    engine = FakeEngine(limit=1)
+    mi.engine = engine
+    upstream = Upstream(engine, MI, ["E_A", "E_B"], SOCK, 1, call=mi)  # type: ignore[arg-type]
+    started.append(upstream)
+    upstream.start()  # refreshed every 1/3 s
+    eventually(lambda: state(upstream)[1] == 1, 5, "E_A subscribed")
+    assert state(upstream)[0] == 0 and upstream.statistics()[0].refused == 1
+    eventually(lambda: upstream.rounds >= 3, 5, "refreshes")
+    assert len(messages(caplog, "refused")) == 1  # the same refusal: one line
+    engine.limit = 2
+    eventually(lambda: state(upstream)[:2] == (1, 2), 5, "E_B taken at a refresh")
+    assert upstream.statistics()[0].refused == 0
+    assert messages(caplog, "can be registered here again")
