@@ -60,7 +60,11 @@ def _prctl(option: int, value: int) -> None:
 def _prepare_process(spec: WorkerSpec) -> None:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the engine
     _prctl(PR_SET_TIMERSLACK, 1000)  # 1 us: short idle sleeps stay short
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor drains and stops us
+    # A service manager (systemd, `timeout`, `docker stop`) or a terminal signals the
+    # whole process group: the supervisor drains and stops us (a STOP record), and
+    # SIGHUP there means "reload", which is the main process's business.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     if spec.cpu is not None:
         import psutil
 

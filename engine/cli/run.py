@@ -18,15 +18,19 @@ import os
 from typing import Protocol
 
 from engine.address import AddressError, parse_listen
-from engine.config import Config
+from engine.config import AmqpConfig, Config, IngestConfig, UpstreamConfig
 from engine.errors import ConfigError, EngineError, RunError
 from engine.mi.fifo import FifoServer
 from engine.mi.server import DatagramServer, HTTPServer
+from engine.paths import migrate_state
 from engine.producer import Engine
 from engine.sources.amqp import AmqpSource
 from engine.sources.ingest import Ingest
 from engine.sources.upstream import Upstream, stop_all
 from engine.subscriptions import StateFileError, SubscriptionError
+
+# What an upstream does: (mi, events, the socket it subscribes, expire).
+UpstreamKey = tuple[str, tuple[str, ...], str, int]
 
 
 class _Listener(Protocol):
@@ -48,7 +52,9 @@ class Runner:
         self.fifo: FifoServer | None = None
         self.ingest: Ingest | None = None
         self.upstreams: list[Upstream] = []
+        self.upstream_keys: list[UpstreamKey] = []  # one per upstream, for reloads
         self.amqp: list[AmqpSource] = []
+        self.amqp_configs: list[AmqpConfig] = []  # one per broker source, for reloads
 
     def start(self) -> None:
         """Start everything; on any failure stop what was started and raise
@@ -57,6 +63,7 @@ class Runner:
         state = cfg.state_path()
         if state is not None:
             os.makedirs(os.path.dirname(os.path.abspath(state)), mode=0o700, exist_ok=True)
+            migrate_state(state, cfg.legacy_state_paths())
         try:
             self.engine = Engine(
                 cfg.engine,
@@ -89,47 +96,67 @@ class Runner:
             raise
 
     def _start_sources(self) -> None:
-        cfg = self.config.ingest
-        if cfg.listen:
-            try:
-                self.ingest = Ingest(
-                    self.engine, cfg.listen, allow=cfg.allow, unknown_events=cfg.unknown_events
-                )
-            except OSError as exc:
-                why = exc.strerror or str(exc)
-                raise RunError(f"cannot listen for ingest on {cfg.listen}: {why}") from None
-            self.engine.add_source(self.ingest)
-            self.ingest.start()
-        self._start_upstreams()
-        self._start_amqp()
+        self.start_ingest(self.config.ingest)
+        for up in self.config.upstream:
+            self.start_upstream(up)
+        if self.config.amqp:
+            self.check_amqp_extra()
+        for cfg in self.config.amqp:
+            self.start_amqp_source(cfg)
 
-    def _start_amqp(self) -> None:
+    def start_ingest(self, cfg: IngestConfig) -> None:
+        if not cfg.listen:
+            return
+        try:
+            self.ingest = Ingest(
+                self.engine, cfg.listen, allow=cfg.allow, unknown_events=cfg.unknown_events
+            )
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise RunError(f"cannot listen for ingest on {cfg.listen}: {why}") from None
+        self.engine.add_source(self.ingest)
+        self.ingest.start()
+
+    def stop_ingest(self) -> None:
+        if self.ingest is not None:
+            self.ingest.stop()
+            self.engine.remove_source(self.ingest)
+            self.ingest = None
+
+    @staticmethod
+    def check_amqp_extra() -> None:
+        try:
+            import pika  # noqa: F401  # the optional extra
+        except ImportError:
+            raise RunError(
+                "[[amqp]] needs the amqp extra: pip install 'event-datagram[amqp]'"
+            ) from None
+
+    def start_amqp_source(self, cfg: AmqpConfig) -> AmqpSource:
         """Each [[amqp]] consumes in a thread of its own; a broker that is down is
         retried there, never waited for here."""
-        if self.config.amqp:
-            try:
-                import pika  # noqa: F401  # the optional extra
-            except ImportError:
-                raise RunError(
-                    "[[amqp]] needs the amqp extra: pip install 'event-datagram[amqp]'"
-                ) from None
-        for cfg in self.config.amqp:
-            source = AmqpSource(self.engine, cfg)
-            self.amqp.append(source)
-            self.engine.add_source(source)
-            source.start()
+        source = AmqpSource(self.engine, cfg)
+        self.amqp.append(source)
+        self.amqp_configs.append(cfg)
+        self.engine.add_source(source)
+        source.start()
+        return source
 
-    def _start_upstreams(self) -> None:
-        """Each [[upstream]] subscribes `socket` ("" = the first ingest socket, as
-        bound: port 0 is its real port) in a thread of its own."""
-        for up in self.config.upstream:
-            if self.ingest is None:  # Config.validate refuses this
-                raise RunError(f"upstream {up.mi}: no ingest socket to subscribe")
-            socket = up.socket or self.ingest.names[0]
-            upstream = Upstream(self.engine, up.mi, up.events, socket, up.expire)
-            self.upstreams.append(upstream)
-            self.engine.add_source(upstream)
-            upstream.start()
+    def upstream_key(self, up: UpstreamConfig) -> UpstreamKey:
+        """`socket` "" = the first ingest socket, as bound (port 0 is its real port)."""
+        if self.ingest is None:  # Config.validate refuses this
+            raise RunError(f"upstream {up.mi}: no ingest socket to subscribe")
+        return (up.mi, tuple(up.events), up.socket or self.ingest.names[0], up.expire)
+
+    def start_upstream(self, up: UpstreamConfig) -> Upstream:
+        """Each [[upstream]] subscribes its socket in a thread of its own."""
+        key = self.upstream_key(up)
+        upstream = Upstream(self.engine, up.mi, up.events, key[2], up.expire)
+        self.upstreams.append(upstream)
+        self.upstream_keys.append(key)
+        self.engine.add_source(upstream)
+        upstream.start()
+        return upstream
 
     def _start_listeners(self) -> None:
         cfg = self.config.mi
@@ -165,9 +192,11 @@ class Runner:
         self.http = self.datagram = self.fifo = None
         stop_all(self.upstreams)  # unsubscribe while the ingest still reads
         self.upstreams = []
+        self.upstream_keys = []
         for source in self.amqp:  # each acknowledges what it raised, then closes
             source.stop()
         self.amqp = []
+        self.amqp_configs = []
         if self.ingest is not None:
             self.ingest.stop()
             self.ingest = None
