@@ -1,5 +1,5 @@
 """`event-datagram run` that cannot start exits 1 at once with the reason, and
-frees everything; SIGHUP drains and stops like SIGTERM."""
+frees everything; SIGHUP reloads and the engine keeps running."""
 
 from __future__ import annotations
 
