@@ -439,7 +439,7 @@ class Supervisor:
                 "ring are not sent; killing it",
                 k, drain_timeout_s, left, ring.write_pos - ring.read_pos,
             )  # fmt: skip
-            proc.killed_because = "was killed: it did not drain in time"
+            proc.killed_because = "was killed at the drain deadline"
             proc.kill()  # workers ignore SIGTERM (a group signal must not stop them)
         for _, proc in late:
             proc.join(1.0)
