@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 
 from engine.address import AddressError
+from engine.cli import logs
 from engine.config import Config, ConfigError
 from engine.errors import RunError
 from engine.sources.upstream import stop_all
@@ -103,9 +104,7 @@ def reload(runner: Runner, load: Callable[[], Config], status: ReloadStatus) -> 
     if failed:
         return False
     status.last_success = time.time()
-    from engine.cli.logs import announce
-
-    announce(f"reloaded the config from {runner.source}")  # whatever the new level
+    logs.announce(f"reloaded the config from {runner.source}")  # whatever the new level
     return True
 
 
@@ -113,8 +112,6 @@ def reload(runner: Runner, load: Callable[[], Config], status: ReloadStatus) -> 
 
 
 def _log(runner: Runner, old: Config, new: Config) -> None:
-    from engine.cli import logs
-
     if new.log.format != old.log.format:
         logs.setup(new.log.level, new.log.format)
     else:

@@ -24,6 +24,7 @@ from engine.mi.fifo import FifoServer
 from engine.mi.server import DatagramServer, HTTPServer
 from engine.paths import migrate_state
 from engine.producer import Engine
+from engine.shm.segment import lock_holder
 from engine.sources.amqp import AmqpSource
 from engine.sources.ingest import Ingest
 from engine.sources.upstream import Upstream, stop_all
@@ -63,7 +64,9 @@ class Runner:
         state = cfg.state_path()
         if state is not None:
             os.makedirs(os.path.dirname(os.path.abspath(state)), mode=0o700, exist_ok=True)
-            migrate_state(state, cfg.legacy_state_paths())
+            # Not while an engine of this instance runs (an older one, say): its file.
+            if lock_holder(cfg.engine.resolved_runtime_dir(), cfg.engine.instance) is None:
+                migrate_state(state, cfg.legacy_state_paths())
         try:
             self.engine = Engine(
                 cfg.engine,
