@@ -240,9 +240,10 @@ def test_run_failures(tmp_path: Path) -> None:
     bad.write_text('[engine]\nworkers = "two"\n')
     done = client("run", "--config", str(bad))
     assert done.returncode == 2
-    assert done.stderr.decode().strip() == (
-        f"event-datagram: config error in {bad}: Expected `int`, got `str` - at `$.engine.workers`"
-    )
+    err = done.stderr.decode()
+    assert err.count("\n") == 1  # one line, timestamped like every other
+    want = f"config error in {bad}: Expected `int`, got `str` - at `$.engine.workers`"
+    assert err.strip().endswith(f"event-datagram: {want}"), err
     done = client("run", "--http", "localhost:1")
     assert done.returncode == 2 and "'localhost' is not an IP address" in done.stderr.decode()
     static = tmp_path / "static.toml"
