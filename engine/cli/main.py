@@ -331,18 +331,20 @@ def run(args: argparse.Namespace) -> int:
         metrics.watch_reloads(runner.engine, status)
         logs.announce(f"event-datagram ready: {runner.describe()}")
         notify.ready("ready")
-        while True:
-            notify.watchdog()
-            caught.wait(min(0.25, notify.watchdog_s or 0.25))
-            if caught.received is not None or runner.engine.failure:
-                break
-            if caught.take_reload():
-                notify.reloading()
-                ok = reload(runner, load, status)
-                notify.ready("ready" if ok else "ready; the last reload failed (see the log)")
-        notify.stopping()
-        failure = runner.engine.failure
-        runner.stop()
+        try:
+            while True:
+                notify.watchdog()
+                caught.wait(min(0.25, notify.watchdog_s or 0.25))
+                if caught.received is not None or runner.engine.failure:
+                    break
+                if caught.take_reload():
+                    notify.reloading()
+                    ok = reload(runner, load, status)
+                    notify.ready("ready" if ok else "ready; the last reload failed (see the log)")
+        finally:  # whatever happened above, the workers drain and the memory is freed
+            notify.stopping()
+            failure = runner.engine.failure
+            runner.stop()
         if failure:
             logs.announce(f"event-datagram: engine failed: {failure}", logging.ERROR)
             return 1

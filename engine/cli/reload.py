@@ -42,6 +42,10 @@ log = logging.getLogger("event_datagram.reload")
 RESTART_KEYS: Final = ("engine", "mi", "state", "metrics")
 
 
+# What a step may raise for a reason to log in one line (anything else: a traceback).
+EXPECTED: Final = (RunError, ConfigError, SubscriptionError, AddressError, ValueError, OSError)
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -93,9 +97,12 @@ def reload(runner: Runner, load: Callable[[], Config], status: ReloadStatus) -> 
     for step in STEPS:
         try:
             step.apply(runner, old, new)
-        except (RunError, ConfigError, SubscriptionError, AddressError, ValueError, OSError) as exc:
+        except Exception as exc:  # a reload never stops the engine
             failed.append(step.name)
-            log.error("reload: %s not applied, it runs as before: %s", step.name, exc)
+            if isinstance(exc, EXPECTED):
+                log.error("reload: %s not applied, it runs as before: %s", step.name, exc)
+            else:
+                log.exception("reload: %s not applied, it runs as before", step.name)
             new = msgspec.structs.replace(new, **{k: getattr(old, k) for k in step.keys})
         runner.config = msgspec.structs.replace(
             runner.config, **{k: getattr(new, k) for k in step.keys}
