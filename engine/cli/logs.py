@@ -20,6 +20,7 @@ LogFormat = Literal["text", "json"]
 LEVELS: Final = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("event_datagram")
+WORKER_ENV: Final = "EVENT_DATAGRAM_LOG"
 
 
 def under_journald(stream: TextIO) -> bool:
@@ -71,11 +72,14 @@ def setup(level: str = "info", fmt: LogFormat = "text", stream: TextIO | None = 
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    set_level(level)
+    set_level(level, fmt)
 
 
-def set_level(level: str) -> None:
+def set_level(level: str, fmt: LogFormat | None = None) -> None:
     logging.getLogger().setLevel(level.upper())
+    # Workers (started from now on) log alike: workers/logs.py reads this.
+    current = os.environ.get(WORKER_ENV, "text:").partition(":")[0]
+    os.environ[WORKER_ENV] = f"{fmt or current}:{level.upper()}"
 
 
 def announce(message: str, level: int = logging.INFO) -> None:

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -122,3 +123,32 @@ def test_no_timestamps_when_journald_stamps_the_lines(tmp_path: Path) -> None:
             proc.wait(10)
     assert first.startswith("INFO event_datagram: event-datagram ready: "), first
     assert not any(STAMP.match(line) for line in [first, *rest.splitlines()])
+
+
+WORKER_LOG = (
+    "import logging, sys; from workers import logs; logs.setup(); "
+    "logging.getLogger('event_datagram.worker').warning('w %s', 1)"
+)
+
+
+def test_workers_log_like_the_main_process() -> None:
+    """What `run` puts in EVENT_DATAGRAM_LOG, a worker follows (workers/logs.py)."""
+
+    def worker_line(value: str | None) -> str:
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("EVENT_DATAGRAM_LOG", "JOURNAL_STREAM")
+        }
+        if value is not None:
+            env["EVENT_DATAGRAM_LOG"] = value
+        done = subprocess.run(
+            [sys.executable, "-c", WORKER_LOG], env=env, capture_output=True, text=True,
+            timeout=60, check=True,
+        )  # fmt: skip
+        return done.stderr
+
+    assert STAMP.match(worker_line("text:INFO"))
+    assert worker_line("text:INFO").endswith(" WARNING event_datagram.worker: w 1\n")
+    record = json.loads(worker_line("json:WARNING"))
+    assert set(record) == {"time", "level", "logger", "message"} and record["message"] == "w 1"
+    assert worker_line("text:ERROR") == ""  # below the level
+    assert worker_line(None) == "w 1\n"  # not under `run`: Python's default

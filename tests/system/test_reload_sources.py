@@ -6,6 +6,7 @@ broker sources (a real RabbitMQ). Under load and as a process: test_service.py."
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ import pytest
 
 from engine import config
 from engine.bench.broker import LocalBroker
+from engine.cli.logs import WORKER_ENV
 from engine.cli.reload import ReloadStatus, reload
 from engine.cli.run import Runner
 from engine.errors import NotAllowed
@@ -31,6 +33,17 @@ def base_toml(tmp_path: Path, tag: str, events: list[str], mi: str = '""') -> st
         f'runtime_dir = "{tmp_path / ("rt-" + tag)}"\n'
         f'[mi]\nhttp = ""\ndatagram = {mi}\n[state]\nenabled = false\n'
     )
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A reload sets the log level (and the workers' log variable) of this process."""
+    monkeypatch.delenv(WORKER_ENV, raising=False)
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
 
 
 @contextmanager
