@@ -156,6 +156,10 @@ def _subscriptions(runner: Runner, old: Config, new: Config) -> None:
 def _ingest(runner: Runner, old: Config, new: Config) -> None:
     if new.ingest == old.ingest:
         return
+    if new.ingest.listen == old.ingest.listen and runner.ingest is not None:
+        runner.ingest.set_policy(new.ingest.allow, new.ingest.unknown_events)  # sockets kept
+        log.info("reload: ingest sources allowed: %s", new.ingest.allow or "loopback")
+        return
     # Stop first: a socket kept in the new list is bound again on the same address.
     # What arrives between the two is refused by the kernel (a short gap, logged).
     runner.stop_ingest()

@@ -11,6 +11,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pika
 import pytest
@@ -139,6 +140,42 @@ def test_an_ingest_socket_that_cannot_bind_keeps_the_running_one(tmp_path: Path)
             assert not ok and not status.successful
             assert runner.ingest is not None and runner.ingest.names != [busy]
             assert runner.config.ingest.listen == ["udp:127.0.0.1:0"]  # what runs
+
+
+def test_ingest_sources_and_unknown_events_change_without_rebinding(tmp_path: Path) -> None:
+    rx = udp_receiver()
+    text = base_toml(tmp_path, "pol", ["E_A"]) + (
+        f'[[subscription]]\nevent = "E_A"\nsocket = "{rx.socket_text}"\n'
+        '[ingest]\nlisten = ["udp:127.0.0.1:0"]\n'
+    )
+    try:
+        with running(text) as runner, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            ingest = runner.ingest
+            assert ingest is not None
+            address = ingest.sockets[0].sock.getsockname()
+
+            def stats() -> Any:
+                return ingest.statistics()[0]
+
+            tx.sendto(encode_notification("E_A", {"n": 1}), address)
+            assert len(rx.wait_for(1)) == 1
+            # listen unchanged (port 0 and all): only the policy changes
+            narrowed = text.replace(
+                '[ingest]\nlisten = ["udp:127.0.0.1:0"]\n',
+                '[ingest]\nlisten = ["udp:127.0.0.1:0"]\nallow = ["10.0.0.0/8"]\n'
+                'unknown_events = "register"\n',
+            )
+            ok, _ = apply(runner, narrowed)
+            assert ok and runner.ingest is ingest  # the same socket, never closed
+            tx.sendto(encode_notification("E_A", {"n": 2}), address)
+            eventually(lambda: stats().rejected.get("source_not_allowed") == 1, 10, "refused")
+            ok, _ = apply(runner, narrowed.replace('allow = ["10.0.0.0/8"]', "allow = []"))
+            assert ok and runner.ingest is ingest
+            tx.sendto(encode_notification("E_NEW", {"n": 3}), address)  # registered now
+            eventually(lambda: ("E_NEW", 1) in runner.engine.registry.events(), 10, "E_NEW")
+            assert rx.quiet(expect=1) == [encode_notification("E_A", {"n": 1})]
+    finally:
+        rx.close()
 
 
 def test_broker_sources_are_added_and_removed(tmp_path: Path, rabbitmq: LocalBroker) -> None:
