@@ -107,7 +107,13 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     )
     reload.add_argument("--config", metavar="PATH", help="the config the engine runs with")
     reload.add_argument("--instance", metavar="NAME", help="instance name (default: the config's)")
-    verbs.add_parser("version", help="print this package's version")
+    verbs.add_parser(
+        "version",
+        help="print this package's version",
+        description="Print the installed version and the Python and msgspec it runs on, "
+        "without asking a running engine (its MI answers `version` in OpenSIPS's shape). "
+        "Example: event-datagram version",
+    )
 
     sub = verbs.add_parser("subscribe", parents=[client], help="subscribe a socket to an event")
     sub.add_argument("event")
