@@ -16,7 +16,9 @@ The core, flat (the main process, or an application embedding the engine):
   statistics.py     frozen snapshots of every counter, the accounting identity
   metrics.py        the Prometheus collector and exposition() for GET /metrics
   config.py         the TOML config as msgspec structs (default.toml)
-  signals.py        one way to catch the signals that stop a process
+  signals.py        one way to catch the signals that stop (or reload) a process
+  paths.py          default runtime and state directories (systemd, XDG, root)
+  version.py        the package's version and build labels
 The folders:
   shm/              what both sides of shared memory share, each layout defined once:
                     segment.py, ring.py (reader and writer), counters.py, spec.py,
@@ -25,7 +27,8 @@ The folders:
                     sockets), upstream.py (subscribing at an OpenSIPS MI)
   mi/               the OpenSIPS control interface: protocol.py, commands.py,
                     server.py (HTTP + datagram), fifo.py, client.py
-  cli/              the `event-datagram` command: main.py (verbs), run.py, listen.py, explain.py
+  cli/              the `event-datagram` command: main.py (verbs), run.py, listen.py,
+                    explain.py, reload.py (SIGHUP), logs.py, notify.py (systemd's sd_notify)
   bench/            the stress run behind `make bench` (and metrics_overhead.py)
 The worker side lives in the sibling package `workers`. The import rules between
 these are import-linter contracts in pyproject.toml, checked by `make lint`.

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from engine import paths
 from engine.address import parse_destination, parse_listen
 from engine.errors import BadEventName, ConfigError
 from engine.mi.datagram_guard import parse_datagram_allow
@@ -34,6 +35,7 @@ __all__ = [
     "AmqpConfig",
     "Config",
     "ConfigError",
+    "LogConfig",
     "MIConfig",
     "MetricsConfig",
     "StateConfig",
@@ -83,7 +85,7 @@ class StateConfig(_Section):
     enabled: bool = True
     """Persist subscriptions made over the MI, so they survive a restart."""
     file: str = ""
-    """The state file; "" = <runtime_dir>/<instance>.state.json."""
+    """The state file; "" = <state directory>/<instance>.state.json (docs/operations.md)."""
     unknown_events: Literal["error", "register", "drop"] = "error"
     """Saved subscriptions to events the config does not name: refuse to start
     ("error", naming them), "register" the events, or "drop" the subscriptions."""
@@ -131,6 +133,13 @@ class MetricsConfig(_Section):
     """Web config file of the metrics listener; "" = plain HTTP without authentication."""
 
 
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level written to stderr (--log-level overrides it)."""
+    format: Literal["text", "json"] = "text"
+    """"text" lines or one "json" object per line (--log-format overrides it)."""
+
+
 class Config(_Section):
     events: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_EVENTS))
     allow: list[str] = msgspec.field(default_factory=list)
@@ -142,6 +151,7 @@ class Config(_Section):
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
     upstream: list[UpstreamConfig] = msgspec.field(default_factory=list)
     amqp: list[AmqpConfig] = msgspec.field(default_factory=list)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     def state_path(self) -> str | None:
         """Where subscriptions are persisted, or None when persistence is off."""
@@ -149,8 +159,15 @@ class Config(_Section):
             return None
         if self.state.file:
             return self.state.file
-        runtime = self.engine.resolved_runtime_dir()
-        return os.path.join(runtime, f"{self.engine.instance}.state.json")
+        return os.path.join(paths.state_dir(), f"{self.engine.instance}.state.json")
+
+    def legacy_state_paths(self) -> list[str]:
+        """Where an older version kept the default state file (the runtime directory)."""
+        if not self.state.enabled or self.state.file:
+            return []
+        dirs = [self.engine.resolved_runtime_dir(), *paths.legacy_runtime_dirs()]
+        name = f"{self.engine.instance}.state.json"
+        return [os.path.join(d, name) for d in dict.fromkeys(dirs)]
 
     def allow_list(self) -> AllowList:
         if not self.allow:

@@ -35,7 +35,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import psutil
 from prometheus_client.core import (
@@ -45,11 +45,13 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from engine.producer import DROP_REASONS, Engine
 from engine.shm.counters import BATCH_BUCKETS, LATENCY_BUCKETS_S, REASONS, TRANSPORTS, CounterLayout
 from engine.statistics import EngineStatistics, SourceStatistics, WorkerStatistics
+from engine.version import build
 
 if TYPE_CHECKING:
     from engine.mi.http import SecurityCounters
@@ -593,6 +595,52 @@ _registries: weakref.WeakKeyDictionary[Engine, tuple[CollectorRegistry, EngineCo
 _registries_lock = threading.Lock()
 
 
+class BuildCollector(Collector):
+    """event_datagram_build_info{version,python,msgspec} 1."""
+
+    def collect(self) -> Iterator[Metric]:
+        labels = build()
+        info = GaugeMetricFamily(
+            PREFIX + "build_info",
+            "The running version, and the Python and msgspec it runs on (always 1).",
+            labels=list(labels),
+        )
+        info.add_metric(list(labels.values()), 1)
+        yield info
+
+
+class ReloadCollector(Collector):
+    """Prometheus's own reload convention: did the last reload apply, and when did
+    one last apply (the start counts as one). `status` has `successful` and
+    `last_success` (epoch seconds): engine.cli.reload.ReloadStatus."""
+
+    def __init__(self, status: Any) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            PREFIX + "config_last_reload_successful",
+            "1 when the last config reload (SIGHUP) applied everything, else 0.",
+            value=1 if self.status.successful else 0,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "config_last_reload_success_timestamp_seconds",
+            "When the config last loaded completely (the start, or a reload).",
+            value=self.status.last_success,
+        )
+
+
+def watch_reloads(engine: Engine, status: Any) -> None:
+    """Expose `status` (a ReloadStatus) on this engine's /metrics."""
+    with _registries_lock:
+        entry = _registries.get(engine)
+    if entry is None:
+        registry_for(engine)
+        with _registries_lock:
+            entry = _registries[engine]
+    entry[0].register(ReloadCollector(status))
+
+
 def registry_for(
     engine: Engine, *, per_subscriber: bool = False, http: SecurityCounters | None = None
 ) -> CollectorRegistry:
@@ -603,6 +651,9 @@ def registry_for(
             registry = CollectorRegistry(auto_describe=False)
             collector = EngineCollector(engine, per_subscriber=per_subscriber)
             registry.register(collector)
+            registry.register(BuildCollector())
+            # The main process's process_* series (the workers' are worker_*).
+            ProcessCollector(registry=registry)
             _registries[engine] = entry = (registry, collector)
         entry[1].per_subscriber = per_subscriber
         if http is not None:

@@ -7,6 +7,8 @@ from typing import Final, Literal
 
 import msgspec
 
+from engine import paths
+
 RING_MIN: Final = 262_144
 RING_MAX: Final = 1 << 32
 MAX_WORKERS: Final = 256
@@ -79,7 +81,8 @@ class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A worker whose ring holds records while it shows no progress for this long is
     killed and restarted (its heartbeat: each poll, batch and subscriber); 0 = never."""
     runtime_dir: str = ""
-    """Where the engine keeps its files; "" = $XDG_RUNTIME_DIR/event-datagram or /tmp."""
+    """Where the engine keeps its runtime files (lock, sockets); "" = $RUNTIME_DIRECTORY,
+    $XDG_RUNTIME_DIR/event-datagram, /run/event-datagram as root, or /tmp/event-datagram."""
 
     def __post_init__(self) -> None:
         usable = _usable_cpus()
@@ -119,5 +122,4 @@ class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def resolved_runtime_dir(self) -> str:
         if self.runtime_dir:
             return self.runtime_dir
-        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-        return os.path.join(base, "event-datagram")
+        return paths.runtime_dir()

@@ -38,7 +38,14 @@ from engine.shm.ring import (
 )
 from engine.signals import SignalCatcher
 from engine.statistics import EngineStatistics, SourceStatistics, WorkerStatistics
-from engine.subscriptions import DEFAULT_EXPIRE, AllowList, Change, Registry, UnknownEvents
+from engine.subscriptions import (
+    DEFAULT_EXPIRE,
+    AllowList,
+    Change,
+    NotAllowed,
+    Registry,
+    UnknownEvents,
+)
 from engine.supervisor import Supervisor
 from engine.wire import MAX_PAYLOAD, Params, encode_notification
 
@@ -674,6 +681,27 @@ class Engine:
         """Count `source` in statistics() (and so in /metrics and the identity)."""
         with self.lock:
             self._sources.append(source)
+
+    def remove_source(self, source: Source) -> None:
+        """Stop counting `source` (stopped by a config reload)."""
+        with self.lock, contextlib.suppress(ValueError):
+            self._sources.remove(source)
+
+    def set_allow(self, allow: AllowList) -> list[tuple[str, str]]:
+        """Check subscriptions against `allow` from now on, and remove the ones it
+        refuses (a reload that narrows the allow-list). Returns them (event, socket)."""
+        refused: list[tuple[str, str]] = []
+        with self.lock:
+            self.registry.allow = allow
+            for name, _eid in self.registry.events():
+                for sub in self.registry.subscribers(name):
+                    try:
+                        allow.check(sub.dest)
+                    except NotAllowed:
+                        refused.append((name, sub.dest.key))
+            for name, key in refused:
+                self.unsubscribe(name, key)
+        return refused
 
     def describe(self) -> dict[str, Any]:
         """Where the engine runs, for logs and the `run` command's ready line."""

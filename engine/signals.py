@@ -22,20 +22,37 @@ class SignalCatcher:
 
     Installs handlers that only record the signal (`received`, the first one),
     and restores the previous handlers on exit. Main thread only.
+
+    `reload` signals (SIGHUP for `run`) do not stop anything: each one sets a
+    flag that `take_reload()` reads and clears, and ends a `wait()` early.
     """
 
-    def __init__(self, signals: Iterable[signal.Signals]) -> None:
+    def __init__(
+        self, signals: Iterable[signal.Signals], reload: Iterable[signal.Signals] = ()
+    ) -> None:
         self.signals = tuple(signals)
+        self.reload_signals = tuple(reload)
         self.received: signal.Signals | None = None
+        self._reload = False
         self._previous: dict[signal.Signals, Any] = {}
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signal.Signals(signum)
 
+    def _record_reload(self, signum: int, frame: FrameType | None) -> None:
+        self._reload = True
+
+    def take_reload(self) -> bool:
+        """True once per burst of reload signals since the last call."""
+        wanted, self._reload = self._reload, False
+        return wanted
+
     def __enter__(self) -> SignalCatcher:
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._record)
+        for sig in self.reload_signals:
+            self._previous[sig] = signal.signal(sig, self._record_reload)
         return self
 
     def __exit__(
@@ -46,9 +63,10 @@ class SignalCatcher:
         self._previous.clear()
 
     def wait(self, timeout: float) -> bool:
-        """Sleep up to `timeout` s, returning early (True) once a signal came."""
+        """Sleep up to `timeout` s, returning early (True) once a signal came
+        (a stop signal, or a reload not yet taken)."""
         deadline = time.monotonic() + timeout
-        while self.received is None:
+        while self.received is None and not self._reload:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False

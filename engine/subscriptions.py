@@ -228,6 +228,15 @@ class Registry:
         self._heap_limit = 64
         self._expiring = 0  # subscribers with an expiry: the ones in the state file
 
+    @property
+    def allow(self) -> AllowList:
+        return self._allow
+
+    @allow.setter
+    def allow(self, allow: AllowList) -> None:
+        """Check subscriptions made from now on against `allow` (a config reload)."""
+        self._allow = allow
+
     def register_event(self, name: str) -> int:
         """Return the event's id, registering it first if needed."""
         eid = self._ids.get(name) if isinstance(name, str) else None

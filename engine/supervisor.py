@@ -43,6 +43,7 @@ from engine.shm.segment import (
     check_shm_room,
     list_segments,
     lock_instance,
+    lock_path,
     segment_name,
     segment_owner,
     unlink_name,
@@ -107,10 +108,6 @@ class WorkerProcess:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout)
 
-    def terminate(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.popen.terminate()
-
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             self.popen.kill()
@@ -148,6 +145,7 @@ class Supervisor:
         self._boot_error: str | None = None
         self._saved_affinity: list[int] | None = None
         self._lock_fd: int | None = None  # the instance lock, while the segments exist
+        self._lock_path: str | None = None
         self.running = False
 
     # -- start ---------------------------------------------------------------------------------
@@ -155,6 +153,7 @@ class Supervisor:
         check_architecture()
         opts = self.options
         instance = check_instance_name(opts.instance)
+        self._lock_path = lock_path(opts.resolved_runtime_dir(), instance)
         self._lock_fd = lock_instance(opts.resolved_runtime_dir(), instance)
         try:
             self._reclaim(instance)
@@ -437,24 +436,20 @@ class Supervisor:
             left = ring.pending_fanout()  # slow path: the worker is leaving anyway
             log.warning(
                 "worker %d did not drain in %.1f s: %d datagram(s) in %d byte(s) of its "
-                "ring are not sent; terminating",
+                "ring are not sent; killing it",
                 k, drain_timeout_s, left, ring.write_pos - ring.read_pos,
             )  # fmt: skip
-            proc.terminate()
-        grace = time.monotonic() + 1.0
+            proc.killed_because = "was killed at the drain deadline"
+            proc.kill()  # workers ignore SIGTERM (a group signal must not stop them)
         for _, proc in late:
-            proc.join(max(0.0, grace - time.monotonic()))
-        for _, proc in late:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(1.0)
+            proc.join(1.0)
         for k, proc in procs:
             if proc.exitcode:
                 log.error(
                     "worker %d (pid %s) %s while draining",
                     k,
                     proc.pid,
-                    _describe_exit(proc.exitcode),
+                    proc.killed_because or _describe_exit(proc.exitcode),
                 )
             proc.close()
             self._procs[k] = None
@@ -487,7 +482,7 @@ class Supervisor:
         self.rings = []
         self.counters = None
         if self._lock_fd is not None:
-            unlock_instance(self._lock_fd)
+            unlock_instance(self._lock_fd, self._lock_path)
             self._lock_fd = None
 
     # -- introspection -----------------------------------------------------------------------------

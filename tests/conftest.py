@@ -22,6 +22,7 @@ only when a test asks for one:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -98,3 +99,24 @@ def fresh_rabbitmq() -> Iterator[LocalBroker]:
     closed (killed, its directory removed) when the test ends."""
     with running_broker() as broker:
         yield broker
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_directories(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Engines of the tests (and the processes they start, which inherit the
+    environment) keep their locks, sockets and state files in a directory of the
+    session, never in the machine's shared ones (/tmp/event-datagram, /run,
+    /var/lib/event-datagram, ~/.local/state). Tests of those defaults set the
+    variables themselves, in a subprocess."""
+    base = tmp_path_factory.mktemp("engine-dirs")
+    saved = {k: os.environ.get(k) for k in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY")}
+    os.environ["RUNTIME_DIRECTORY"] = str(base / "run")
+    os.environ["STATE_DIRECTORY"] = str(base / "state")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -197,13 +197,16 @@ def _sleep_until(instant: float) -> None:
 class Proc:
     """A subprocess whose stdout and stderr are collected line by line by threads."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: Sequence[str], env: dict[str, str] | None = None, new_session: bool = False
+    ) -> None:
         self.args = list(args)
         self.popen = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},
+            start_new_session=new_session,  # a process group of its own, to signal whole
         )
         self.out: list[bytes] = []
         self.err: list[str] = []
@@ -282,8 +285,10 @@ def processes() -> Iterator[list[Proc]]:
 class RunProc(Proc):
     """`event-datagram run`, started and waited for until it is ready."""
 
-    def __init__(self, *args: str) -> None:
-        super().__init__([EXE, "run", *args])
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, new_session: bool = False
+    ) -> None:
+        super().__init__([EXE, "run", *args], env=env, new_session=new_session)
         ready = self.wait_err(r"event-datagram ready: (.*)")
         self.ready = ready.group(1)
         http = re.search(r"mi (http://\S+/mi)", self.ready)

@@ -29,6 +29,7 @@ from engine.shm.counters import BATCH_BUCKETS, LATENCY_BUCKETS_NS, TRANSPORTS, C
 from engine.shm.ring import KIND_STOP, KIND_SUBSCRIBE, KIND_UNSUBSCRIBE, Ring
 from engine.shm.segment import Segment
 from engine.shm.spec import WorkerSpec
+from workers import logs
 from workers.sender import RECONNECT_ERRNOS, BatchSender, reason_index
 from workers.table import FD_RESERVE, Subscriber, SubscriberTable, raise_fd_limit
 
@@ -58,9 +59,14 @@ def _prctl(option: int, value: int) -> None:
 
 
 def _prepare_process(spec: WorkerSpec) -> None:
+    logs.setup()
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the engine
     _prctl(PR_SET_TIMERSLACK, 1000)  # 1 us: short idle sleeps stay short
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor drains and stops us
+    # A service manager (systemd, `timeout`, `docker stop`) or a terminal signals the
+    # whole process group: the supervisor drains and stops us (a STOP record), and
+    # SIGHUP there means "reload", which is the main process's business.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     if spec.cpu is not None:
         import psutil
 

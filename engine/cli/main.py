@@ -1,10 +1,12 @@
 """The ``event-datagram`` command.
 
-``run`` starts the engine and its MI listeners; ``bench`` is the stress run
-(engine/bench.py); the other verbs are MI clients of a running engine (or of
-any OpenSIPS): ``subscribe``, ``unsubscribe``, ``events``, ``subscribers``,
-``raise`` and ``listen``. Exit status: 0 success, 1 failure (the MI's error
-text on stderr, e.g. "error 404: Event not published"), 2 bad usage or config.
+``run`` starts the engine and its MI listeners; ``reload`` makes a running one
+read its config again (SIGHUP); ``version`` (and ``--version``) prints this
+package's version; ``bench`` is the stress run (engine/bench.py); the other
+verbs are MI clients of a running engine (or of any OpenSIPS): ``subscribe``,
+``unsubscribe``, ``events``, ``subscribers``, ``raise`` and ``listen``. Exit
+status: 0 success, 1 failure (the MI's error text on stderr, e.g. "error 404:
+Event not published"), 2 bad usage or config.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from typing import Any, Final
 import msgspec
 
 from engine import config as config_mod
+from engine import version as version_mod
 from engine.cli.explain import explain, socket_problem
+from engine.cli.logs import LEVELS
 from engine.errors import ListenError, MIClientError, MIReplyError, RunError
 from engine.mi.client import DEFAULT_TARGET, call
 from engine.signals import SignalCatcher
@@ -74,6 +78,16 @@ _HELP: dict[str, tuple[str, str]] = {
         "Bind a socket, subscribe it to events and print each datagram as it arrives.",
         "event-datagram listen udp:127.0.0.1:0 E_PIKE_BLOCKED E_CORE_THRESHOLD",
     ),
+    "reload": (
+        "Send SIGHUP to the engine of this instance, found by its lock file"
+        " (<runtime dir>/<instance>.lock): it reads its config again and logs what it applied.",
+        "event-datagram reload --config /etc/event-datagram/config.toml",
+    ),
+    "version": (
+        "Print the installed version and the Python and msgspec it runs on, without asking"
+        " a running engine (its MI answers `version` in OpenSIPS's shape).",
+        "event-datagram version",
+    ),
     "bench": (
         "The stress run behind `make bench`: the engine against a naive baseline.",
         "event-datagram bench --subscribers 16 --json bench.json",
@@ -99,6 +113,9 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         prog="event-datagram",
         description="OpenSIPS event_datagram as a fan-out engine: run it, or talk to its MI.",
         epilog="Each command has its own help, with an example: event-datagram COMMAND --help",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"event-datagram {version_mod.version()}"
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     client = _client_options()
@@ -148,6 +165,18 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         "out of argv; repeat)",
     )
 
+    run.add_argument(
+        "--log-level", choices=LEVELS, help="lowest level logged (default: [log] level, info)"
+    )
+    run.add_argument(
+        "--log-format", choices=("text", "json"), help="log lines (default: [log] format, text)"
+    )
+
+    reload = _verb(verbs, "reload", help="make the running engine read its config again (SIGHUP)")
+    reload.add_argument("--config", metavar="PATH", help="the config the engine runs with")
+    reload.add_argument("--instance", metavar="NAME", help="instance name (default: the config's)")
+    _verb(verbs, "version", help="print this package's version")
+
     sub = _verb(verbs, "subscribe", parents=[client], help="subscribe a socket to an event")
     sub.add_argument("event")
     sub.add_argument("socket", help="udp:HOST:PORT, udp:[IPV6]:PORT, unix:/PATH or /PATH")
@@ -195,6 +224,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     if args.verb == "listen":
         return _listen(args)
+    if args.verb == "version":
+        info = version_mod.build()
+        print(
+            f"event-datagram {info['version']} (python {info['python']}, msgspec {info['msgspec']})"
+        )
+        return 0
+    if args.verb == "reload":
+        return _reload(args)
     return _client(args)
 
 
@@ -204,6 +241,37 @@ def _verb_parser(parser: argparse.ArgumentParser, verb: str) -> argparse.Argumen
             found: argparse.ArgumentParser = action.choices[verb]
             return found
     return parser
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from engine.shm.segment import lock_holder
+
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"event-datagram reload: {exc}", file=sys.stderr)
+        return 2
+    instance = args.instance or cfg.engine.instance
+    runtime = cfg.engine.resolved_runtime_dir()
+    try:
+        pid = lock_holder(runtime, instance)
+    except ValueError as exc:  # a bad instance name
+        print(f"event-datagram reload: {exc}", file=sys.stderr)
+        return 2
+    if pid is None:
+        print(
+            f"event-datagram reload: no engine of instance {instance!r} runs "
+            f"(no lock held in {runtime})",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"event-datagram reload: cannot signal pid {pid}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"sent SIGHUP to pid {pid} (instance {instance}); its log says what was applied")
+    return 0
 
 
 # -- client verbs ---------------------------------------------------------------------------
@@ -319,41 +387,61 @@ def _listen(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engine import metrics
+    from engine.cli import logs
+    from engine.cli.notify import Notifier
+    from engine.cli.reload import ReloadStatus, reload
     from engine.cli.run import Runner
 
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(args.log_level or "info", args.log_format or "text")
     _hide_passwords(sys.argv)
-    try:
+
+    def load() -> config_mod.Config:
         cfg = config_mod.load(args.config)
         _apply_flags(cfg, args)
+        return cfg
+
+    try:
+        cfg = load()
     except config_mod.ConfigError as exc:
-        print(f"event-datagram: {exc}", file=sys.stderr)
+        logs.announce(f"event-datagram: {exc}", logging.ERROR)
         return 2
-    # SIGHUP too: a closed terminal or a service manager's hang-up drains and
-    # stops like SIGTERM instead of killing the engine mid-batch.
-    with SignalCatcher((signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) as caught:
+    logs.setup(cfg.log.level, cfg.log.format)
+    notify = Notifier()
+    # Stop signals reach every process of the group (a service manager, a terminal):
+    # workers ignore them and the supervisor drains them. SIGHUP reloads.
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    with SignalCatcher(stop_signals, reload=(signal.SIGHUP,)) as caught:
         runner = Runner(cfg, args.config or "the default config")
         try:
             runner.start()
         except config_mod.ConfigError as exc:
-            print(f"event-datagram: {exc}", file=sys.stderr)
+            logs.announce(f"event-datagram: {exc}", logging.ERROR)
             return 2
         except RunError as exc:
-            print(f"event-datagram: {exc}", file=sys.stderr)
+            logs.announce(f"event-datagram: {exc}", logging.ERROR)
             return 1
-        print(f"event-datagram ready: {runner.describe()}", file=sys.stderr, flush=True)
-        while not caught.wait(0.25):
-            if runner.engine.failure:
-                break
-            runner.revive_sources()
-        failure = runner.engine.failure
-        runner.stop()
+        status = ReloadStatus()
+        metrics.watch_reloads(runner.engine, status)
+        logs.announce(f"event-datagram ready: {runner.describe()}")
+        notify.ready("ready")
+        try:
+            while True:
+                notify.watchdog()
+                caught.wait(min(0.25, notify.watchdog_s or 0.25))
+                if caught.received is not None or runner.engine.failure:
+                    break
+                runner.revive_sources()
+                if caught.take_reload():
+                    notify.reloading()
+                    ok = reload(runner, load, status)
+                    notify.ready("ready" if ok else "ready; the last reload failed (see the log)")
+        finally:  # whatever happened above, the workers drain and the memory is freed
+            notify.stopping()
+            failure = runner.engine.failure
+            runner.stop()
         if failure:
-            print(f"event-datagram: engine failed: {failure}", file=sys.stderr)
+            logs.announce(f"event-datagram: engine failed: {failure}", logging.ERROR)
             return 1
         return 0
 
@@ -411,6 +499,10 @@ def _apply_flags(cfg: config_mod.Config, args: argparse.Namespace) -> None:
         cfg.amqp.append(config_mod.AmqpConfig(url=url))
     for path in args.amqp_url_file or []:
         cfg.amqp.append(config_mod.AmqpConfig(url="", url_file=path))
+    if args.log_level is not None:
+        cfg.log.level = args.log_level
+    if args.log_format is not None:
+        cfg.log.format = args.log_format
     engine: dict[str, Any] = msgspec.structs.asdict(cfg.engine)
     if args.workers is not None:
         engine["workers"] = args.workers

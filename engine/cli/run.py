@@ -24,7 +24,7 @@ import urllib.parse
 from typing import Protocol
 
 from engine.address import AddressError, parse_listen
-from engine.config import Config
+from engine.config import AmqpConfig, Config, IngestConfig, UpstreamConfig
 from engine.errors import ConfigError, EngineError, RunError
 from engine.guards import Endpoint, Guards, OwnSockets
 from engine.mi.fifo import FifoServer
@@ -32,13 +32,18 @@ from engine.mi.health import not_ready
 from engine.mi.http import RequestPolicy, SecurityCounters, exposure_warning, is_loopback_bind
 from engine.mi.server import DatagramServer, HTTPServer
 from engine.mi.webconfig import WebConfig
+from engine.paths import migrate_state
 from engine.producer import Engine
+from engine.shm.segment import lock_holder
 from engine.sources.amqp import AmqpSource
 from engine.sources.ingest import Ingest, parse_ingest_socket
 from engine.sources.upstream import Upstream, stop_all
 from engine.subscriptions import StateFileError, SubscriptionError
 
 log = logging.getLogger("event_datagram.run")
+
+# What an upstream does: (mi, events, the socket it subscribes, expire).
+UpstreamKey = tuple[str, tuple[str, ...], str, int]
 
 
 class _Listener(Protocol):
@@ -135,7 +140,9 @@ class Runner:
         self.fifo: FifoServer | None = None
         self.ingest: Ingest | None = None
         self.upstreams: list[Upstream] = []
+        self.upstream_keys: list[UpstreamKey] = []  # one per upstream, for reloads
         self.amqp: list[AmqpSource] = []
+        self.amqp_configs: list[AmqpConfig] = []  # one per broker source, for reloads
 
     def start(self) -> None:
         """Start everything; on any failure stop what was started and raise
@@ -148,6 +155,9 @@ class Runner:
         state = cfg.state_path()
         if state is not None:
             os.makedirs(os.path.dirname(os.path.abspath(state)), mode=0o700, exist_ok=True)
+            # Not while an engine of this instance runs (an older one, say): its file.
+            if lock_holder(cfg.engine.resolved_runtime_dir(), cfg.engine.instance) is None:
+                migrate_state(state, cfg.legacy_state_paths())
         # The listeners the config names, known before the state file is loaded and
         # the static subscriptions made, so that none of those can point at them.
         guards = Guards()
@@ -193,52 +203,78 @@ class Runner:
     def _start_sources(self) -> None:
         # pika before any upstream subscribes: a start that fails subscribes nothing.
         if self.config.amqp:
-            try:
-                import pika  # noqa: F401  # the optional extra
-            except ImportError:
-                raise RunError(
-                    "[[amqp]] needs the amqp extra: pip install 'event-datagram[amqp]'"
-                ) from None
-        cfg = self.config.ingest
-        if cfg.listen:
-            try:
-                self.ingest = Ingest(
-                    self.engine, cfg.listen, allow=cfg.allow, unknown_events=cfg.unknown_events
-                )
-            except OSError as exc:
-                why = exc.strerror or str(exc)
-                raise RunError(f"cannot listen for ingest on {cfg.listen}: {why}") from None
-            self.engine.add_source(self.ingest)
-            for sock in self.ingest.sockets:  # as bound (port 0: its real port)
-                bound = sock.path or sock.sock.getsockname()[:2]
-                self.engine.own_socket("ingest socket", bound)
-            _warn_open("ingest socket", self.ingest.names, cfg.allow, "ingest.allow")
-            self.ingest.start()
-        self._start_upstreams()
-        self._start_amqp()
-
-    def _start_amqp(self) -> None:
-        """Each [[amqp]] consumes in a thread of its own; a broker that is down is
-        retried there, never waited for here (pika is checked by _start_sources)."""
-        for cfg in self.config.amqp:
-            source = AmqpSource(self.engine, cfg)
-            self.amqp.append(source)
-            self.engine.add_source(source)
-            source.start()
-
-    def _start_upstreams(self) -> None:
-        """Each [[upstream]] subscribes `socket` ("" = the first ingest socket, as
-        bound: port 0 is its real port) in a thread of its own."""
+            self.check_amqp_extra()
+        self.start_ingest(self.config.ingest)
         for up in self.config.upstream:
-            if self.ingest is None:  # Config.validate refuses this
-                raise RunError(f"upstream {up.mi}: no ingest socket to subscribe")
-            socket = up.socket or self.ingest.names[0]
-            upstream = Upstream(
-                self.engine, up.mi, up.events, socket, up.expire, max_reply=up.max_reply_bytes
+            self.start_upstream(up)
+        for cfg in self.config.amqp:
+            self.start_amqp_source(cfg)
+
+    def start_ingest(self, cfg: IngestConfig) -> None:
+        if not cfg.listen:
+            return
+        try:
+            self.ingest = Ingest(
+                self.engine, cfg.listen, allow=cfg.allow, unknown_events=cfg.unknown_events
             )
-            self.upstreams.append(upstream)
-            self.engine.add_source(upstream)
-            upstream.start()
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise RunError(f"cannot listen for ingest on {cfg.listen}: {why}") from None
+        self.engine.add_source(self.ingest)
+        for sock in self.ingest.sockets:  # as bound (port 0: its real port)
+            bound = sock.path or sock.sock.getsockname()[:2]
+            self.engine.own_socket("ingest socket", bound)
+        _warn_open("ingest socket", self.ingest.names, cfg.allow, "ingest.allow")
+        self.ingest.start()
+
+    def stop_ingest(self) -> None:
+        if self.ingest is not None:
+            self.ingest.stop()
+            self.engine.remove_source(self.ingest)
+            self.ingest = None
+
+    @staticmethod
+    def check_amqp_extra() -> None:
+        try:
+            import pika  # noqa: F401  # the optional extra
+        except ImportError:
+            raise RunError(
+                "[[amqp]] needs the amqp extra: pip install 'event-datagram[amqp]'"
+            ) from None
+
+    def start_amqp_source(self, cfg: AmqpConfig) -> AmqpSource:
+        """Each [[amqp]] consumes in a thread of its own; a broker that is down is
+        retried there, never waited for here."""
+        source = AmqpSource(self.engine, cfg)
+        self.amqp.append(source)
+        self.amqp_configs.append(cfg)
+        self.engine.add_source(source)
+        source.start()
+        return source
+
+    def upstream_key(self, up: UpstreamConfig) -> UpstreamKey:
+        """`socket` "" = the first ingest socket, as bound (port 0 is its real port)."""
+        if self.ingest is None:  # Config.validate refuses this
+            raise RunError(f"upstream {up.mi}: no ingest socket to subscribe")
+        return (up.mi, tuple(up.events), up.socket or self.ingest.names[0], up.expire)
+
+    def start_upstream(self, up: UpstreamConfig) -> Upstream:
+        """Each [[upstream]] subscribes its socket in a thread of its own."""
+        key = self.upstream_key(up)
+        own = _mi_target_endpoint(up.mi, self.engine.guards.own)
+        if own is not None:  # one added by a reload (the start checked the config's)
+            raise ConfigError(
+                f"upstream MI {up.mi!r} is this engine's own {own.what} {own.name}:"
+                " it would feed the engine its own events"
+            )
+        upstream = Upstream(
+            self.engine, up.mi, up.events, key[2], up.expire, max_reply=up.max_reply_bytes
+        )
+        self.upstreams.append(upstream)
+        self.upstream_keys.append(key)
+        self.engine.add_source(upstream)
+        upstream.start()
+        return upstream
 
     def _web_config(self, path: str) -> WebConfig | None:
         if not path:
@@ -340,9 +376,11 @@ class Runner:
         self.http = self.metrics_http = self.datagram = self.fifo = None
         stop_all(self.upstreams)  # unsubscribe while the ingest still reads
         self.upstreams = []
+        self.upstream_keys = []
         for source in self.amqp:  # each acknowledges what it raised, then closes
             source.stop()
         self.amqp = []
+        self.amqp_configs = []
         if self.ingest is not None:
             self.ingest.stop()
             self.ingest = None

@@ -17,7 +17,8 @@ segments its successor has just created under the same instance name.
 Two engines must never share an instance name, even when they start at the same
 moment (their pids differ, so their segment names would not collide): each
 holds an exclusive `flock` on `<runtime dir>/<instance>.lock` while it runs,
-which the kernel releases however the process ends.
+which the kernel releases however the process ends (a clean stop also removes
+the file).
 """
 
 from __future__ import annotations
@@ -45,32 +46,73 @@ def check_instance_name(instance: str) -> str:
 
 
 def lock_instance(runtime_dir: str, instance: str) -> int:
-    """Take the instance's lock; return its descriptor (close it to release).
+    """Take the instance's lock; return its descriptor (`unlock_instance` releases it
+    and removes the file).
 
     Raises EngineError naming the instance (and the holder's pid) when another
     engine holds it, or when the lock file cannot be made.
     """
-    path = os.path.join(runtime_dir, f"{check_instance_name(instance)}.lock")
-    try:
-        os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise EngineError(f"cannot create the instance lock {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+    path = lock_path(runtime_dir, instance)
+    # An engine that stops unlinks the file while it holds the lock: a lock taken on
+    # a file that is no longer (or not any more) at `path` is worthless, try again.
+    for _attempt in range(100):
+        try:
+            os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise EngineError(f"cannot create the instance lock {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise EngineError(
+                f"instance {instance!r} is already running (pid {holder}, lock {path}); "
+                f"stop it or choose another instance name"
+            ) from None
+        if _same_file(fd, path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
         os.close(fd)
-        raise EngineError(
-            f"instance {instance!r} is already running (pid {holder}, lock {path}); "
-            f"stop it or choose another instance name"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    raise EngineError(f"cannot take the instance lock {path}: it keeps being replaced")
 
 
-def unlock_instance(fd: int) -> None:
+def lock_path(runtime_dir: str, instance: str) -> str:
+    return os.path.join(runtime_dir, f"{check_instance_name(instance)}.lock")
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def lock_holder(runtime_dir: str, instance: str) -> int | None:
+    """The pid of the engine that holds the instance's lock, or None when none runs."""
+    path = lock_path(runtime_dir, instance)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        return None  # nobody holds it: a file left by an engine that was killed
+    finally:
+        os.close(fd)
+
+
+def unlock_instance(fd: int, path: str | None = None) -> None:
+    """Release the lock; with `path`, remove the file first (while still holding it)."""
+    if path is not None and _same_file(fd, path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
     with contextlib.suppress(OSError):
         os.close(fd)
 

@@ -78,7 +78,10 @@ _CMSG_HEADER: Final = struct.Struct("=Qii")  # cmsg_len, cmsg_level, cmsg_type
 _NAME_WORDS: Final = NAME_SIZE // 4  # u32 words per source address
 
 
-def parse_allow(items: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_allow(items: list[str]) -> tuple[Network, ...]:
     """UDP source networks that may send; [] = loopback only. Raises AddressError."""
     if not items:
         return LOOPBACK
@@ -341,7 +344,9 @@ class Ingest:
     ) -> None:
         self.allow = parse_allow(allow or [])
         self.sockets: list[IngestSocket] = []
-        self._allowed: dict[bytes, bool] = {}
+        # (networks, verdict per source address): one attribute, so a reload swaps
+        # both at once under the reading thread.
+        self._policy: tuple[tuple[Network, ...], dict[bytes, bool]] = (self.allow, {})
         try:
             for text in listen:
                 self.sockets.append(IngestSocket(text, engine, unknown_events))
@@ -448,8 +453,18 @@ class Ingest:
             with sock.relay.lock:
                 sock.errors[reason] = sock.errors.get(reason, 0) + 1
 
+    def set_policy(self, allow: list[str], unknown_events: UnknownEvents) -> None:
+        """A config reload: new source networks and unknown-event rule; the sockets
+        stay bound (nothing is missed). Raises ValueError naming a bad network."""
+        networks = parse_allow(allow)
+        self.allow = networks
+        self._policy = (networks, {})
+        for sock in self.sockets:
+            sock.relay.unknown_events = unknown_events
+
     def _source_allowed(self, raw: bytes) -> bool:
-        allowed = self._allowed.get(raw)
+        networks, verdicts = self._policy
+        allowed = verdicts.get(raw)
         if allowed is None:
             try:
                 ip = ipaddress.ip_address(raw)
@@ -457,7 +472,7 @@ class Ingest:
                 return False
             if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
                 ip = ip.ipv4_mapped
-            allowed = any(ip in net for net in self.allow)
-            if len(self._allowed) < 65536:  # bounded: a flood of sources cannot grow it
-                self._allowed[raw] = allowed
+            allowed = any(ip in net for net in networks)
+            if len(verdicts) < 65536:  # bounded: a flood of sources cannot grow it
+                verdicts[raw] = allowed
         return allowed

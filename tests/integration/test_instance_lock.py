@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from engine.shm.segment import list_segments
-from tests.support import unique_instance
+from engine.options import EngineOptions
+from engine.producer import Engine
+from engine.shm.segment import list_segments, lock_holder
+from tests.support import running_engine, unique_instance
 
 # Starts an engine at the wall-clock instant argv[3], holds it 1.5 s, stops it.
 START_AT = """
@@ -51,3 +54,24 @@ def test_two_engines_with_one_instance_name_started_at_once_one_runs(tmp_path: P
         assert f"instance {instance!r} is already running" in refused
         assert "choose another instance name" in refused
         assert not list_segments(instance), "shared memory left behind"
+
+
+def test_the_lock_file_is_removed_on_stop_and_a_killed_ones_is_taken_over(tmp_path: Path) -> None:
+    instance = unique_instance("lockfile")
+    lock = tmp_path / f"{instance}.lock"
+    opts = EngineOptions(instance=instance, runtime_dir=str(tmp_path), workers=1, pin=False)
+    engine = Engine(opts, events=["E_TEST"]).start()
+    try:
+        assert lock.read_text() == f"{os.getpid()}\n"
+        assert lock_holder(str(tmp_path), instance) == os.getpid()
+    finally:
+        engine.stop()
+    assert not lock.exists()
+    assert lock_holder(str(tmp_path), instance) is None
+    # A killed engine leaves its file, unlocked: not a running engine, and taken over.
+    lock.write_text("999999\n")
+    assert lock_holder(str(tmp_path), instance) is None
+    with running_engine(instance=instance, runtime_dir=str(tmp_path), workers=1, pin=False):
+        assert lock_holder(str(tmp_path), instance) == os.getpid()
+    assert not lock.exists()
+    assert os.listdir(tmp_path) == []

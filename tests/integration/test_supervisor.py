@@ -187,8 +187,8 @@ def test_a_worker_that_keeps_failing_on_a_record_stops_the_engine_clearly() -> N
 
 
 def test_stop_is_bounded_with_many_stuck_workers() -> None:
-    # 12 workers that cannot drain (stopped, records waiting): each is terminated
-    # and killed together with the others, not one after the other.
+    # 12 workers that cannot drain (stopped, records waiting): each is killed
+    # together with the others, not one after the other.
     rx = udp_receiver()
     try:
         engine_cm = running_engine(

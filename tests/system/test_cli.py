@@ -275,7 +275,7 @@ def _default_ports_free() -> bool:
 
 
 def test_run_with_no_arguments(tmp_path: Path) -> None:
-    """The default config: loopback only, sample events, state in the runtime dir.
+    """The default config: loopback only, sample events, state in the state dir.
 
     When the default ports (or the default instance) are taken on this machine,
     the same built-in config is run with only those replaced.
@@ -287,7 +287,8 @@ def test_run_with_no_arguments(tmp_path: Path) -> None:
         text = text.replace('instance = "default"', f'instance = "{unique_instance("dflt")}"')
         (tmp_path / "default.toml").write_text(text)
         args = ["--config", str(tmp_path / "default.toml")]
-    proc = Proc([EXE, "run", *args], env={"XDG_RUNTIME_DIR": str(tmp_path)})
+    dirs = {"RUNTIME_DIRECTORY": str(tmp_path / "run"), "STATE_DIRECTORY": str(tmp_path / "state")}
+    proc = Proc([EXE, "run", *args], env=dirs)
     try:
         ready = proc.wait_err(r"event-datagram ready: (.*)")[1]
         m = re.match(
@@ -300,7 +301,7 @@ def test_run_with_no_arguments(tmp_path: Path) -> None:
             assert ready.startswith(f"mi http://{http}/mi, mi datagram udp:{udp}, ")
         instance = re.search(r"instance (\S+),", ready)
         assert instance and (args or instance[1] == "default")
-        state = f"state {tmp_path}/event-datagram/{instance[1]}.state.json"
+        state = f"state {tmp_path}/state/{instance[1]}.state.json"
         assert state in ready
         done = client("events", "--json", "--mi", m[1])
         names = [e["name"] for e in json.loads(done.stdout)["Events"]]
@@ -315,9 +316,10 @@ def test_run_failures(tmp_path: Path) -> None:
     bad.write_text('[engine]\nworkers = "two"\n')
     done = client("run", "--config", str(bad))
     assert done.returncode == 2
-    assert done.stderr.decode().strip() == (
-        f"event-datagram: config error in {bad}: Expected `int`, got `str` - at `$.engine.workers`"
-    )
+    err = done.stderr.decode()
+    assert err.count("\n") == 1  # one line, timestamped like every other
+    want = f"config error in {bad}: Expected `int`, got `str` - at `$.engine.workers`"
+    assert err.strip().endswith(f"event-datagram: {want}"), err
     done = client("run", "--http", "localhost:1")
     assert done.returncode == 2 and "'localhost' is not an IP address" in done.stderr.decode()
     static = tmp_path / "static.toml"

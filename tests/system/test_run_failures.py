@@ -1,5 +1,5 @@
 """`event-datagram run` that cannot start exits 1 at once with the reason, and
-frees everything; SIGHUP drains and stops like SIGTERM."""
+frees everything; SIGHUP reloads and the engine keeps running."""
 
 from __future__ import annotations
 
@@ -66,7 +66,9 @@ def test_a_fifo_in_a_missing_directory_is_a_clean_exit_1_naming_it(tmp_path: Pat
     assert not list_segments(instance), "shared memory left behind"
 
 
-def test_sighup_drains_and_stops_like_sigterm(tmp_path: Path) -> None:
+def test_sighup_reloads_and_the_engine_keeps_running(tmp_path: Path) -> None:
+    """Operators expect SIGHUP to reload (tests/system/test_service.py: under load);
+    the engine stops at SIGTERM, as before."""
     instance = unique_instance("hup")
     cfg = _config(tmp_path, instance, http="", datagram="127.0.0.1:0")
     proc = subprocess.Popen(
@@ -81,6 +83,13 @@ def test_sighup_drains_and_stops_like_sigterm(tmp_path: Path) -> None:
         else:
             raise AssertionError(f"never ready (exit {proc.wait(5)})")
         os.kill(proc.pid, signal.SIGHUP)
+        for line in proc.stderr:
+            if "reloaded the config" in line:
+                break
+        else:
+            raise AssertionError(f"no reload (exit {proc.wait(5)})")
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
         if proc.poll() is None:

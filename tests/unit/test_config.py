@@ -111,9 +111,13 @@ socket = "unix:/run/app/c.sock"
     assert str(cfg.allow_list()) == "10.0.0.0/8, unix:/run/app/"
 
 
-def test_state_path_and_allow_list_defaults(tmp_path: Path) -> None:
+def test_state_path_and_allow_list_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
     cfg = config.loads(f'[engine]\ninstance = "i1"\nruntime_dir = "{tmp_path}"\n')
-    assert cfg.state_path() == f"{tmp_path}/i1.state.json"
+    assert cfg.state_path() == f"{tmp_path}/state/i1.state.json"  # state survives a reboot
+    assert cfg.legacy_state_paths()[0] == f"{tmp_path}/i1.state.json"  # where 0.1 kept it
     assert f"unix:{tmp_path}/" in str(cfg.allow_list()) and "127.0.0.0/8" in str(cfg.allow_list())
     assert config.loads("[state]\nenabled = false\n").state_path() is None
 
