@@ -32,8 +32,16 @@ deliveries are read straight from the bytes pika has read (about 3 us a message
 instead of pika's 35), and every other frame is left to pika; `fast_path` says
 why when this pika's internals are not the expected ones (plain pika then).
 
+A message larger than `max_message_bytes` (its content header says how large)
+is skipped as it arrives, never buffered, counted `oversize` and acknowledged
+with the rest (docs/broker-hardening.md).
+
 A lost connection is made again after a back-off (BACKOFF_FIRST doubling to
-BACKOFF_MAX); the thread never holds up start-up, stop or any other source.
+BACKOFF_MAX); the thread never holds up start-up, stop or any other source, and
+never ends before stop(): whatever a session raises is counted ("internal") and
+the source retried; were the thread to die all the same, statistics() starts it
+again ("thread_restarted"). A failure is logged at once, then once per change
+of state (not once per retry). A URL pika would refuse is a config error.
 Per source: received = rejected (by reason) + raised, as for the ingest. A
 consumer the broker cancels (its queue deleted) is an error ("queue_refused"):
 the session acknowledges what it raised and the source reconnects.
