@@ -24,7 +24,7 @@ import pytest
 from engine.bench.broker import LocalBroker
 from engine.producer import Engine
 from engine.sources.amqp import AmqpConfig, AmqpSource
-from engine.sources.amqp_frames import DEFAULT_MAX_BYTES
+from engine.sources.amqp_frames import DEFAULT_MAX_BYTES, connection_type
 from tests.support import eventually
 from tests.system import test_amqp as base
 
@@ -248,3 +248,41 @@ def test_a_url_pika_refuses_is_a_config_error_naming_the_key(tmp_path: Path) -> 
     assert "Traceback" not in done.stderr
     with pytest.raises(ValueError, match=r"amqp url: .*heartbeat"):  # the API refuses it too
         AmqpSource(None, AmqpConfig(url="amqp://u:p@127.0.0.1/%2F?heartbeat=abc"))  # type: ignore[arg-type]
+
+
+def test_with_plain_pika_the_limit_still_keeps_oversize_messages_from_the_relay(
+    rabbitmq: LocalBroker, make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pika whose read loop is not the one the fast path knows (its internals
+    changed): pika parses every delivery, gathering each whole, and the source
+    still counts the ones over max_message_bytes oversize, acknowledged."""
+    read_loop = pika.connection.Connection._on_data_available
+
+    def changed(self: Any, data_in: bytes) -> None:  # pika's, as a new release might be
+        read_loop(self, data_in)
+
+    monkeypatch.setattr(pika.connection.Connection, "_on_data_available", changed)
+    connection_type.cache_clear()
+    exchange = base.unique("plain")
+    queue = base.unique("q")
+    publisher = base.Publisher(rabbitmq.url, exchange)
+    engine, rx = base.engine_with_receiver(make_engine, ["E_A"])
+    config = {"url": rabbitmq.url, "exchange": exchange, "queue": queue, "max_message_bytes": 4096}
+    small = [base.notification("E_A", i) for i in range(2)]
+    try:
+        with base.consuming(engine, **config) as source:
+            assert "no longer uses" in source.fast_path
+            publisher.publish(base.sized("E_A", 5, 5000))  # over 4096, under MAX_PAYLOAD
+            publisher.publish(small[0])
+            publisher.publish(b"x" * 2_000_000)
+            publisher.publish(small[1])
+            assert rx.quiet(expect=2) == small
+            counts = base.stats(source)
+            assert (counts.received, counts.raised, counts.rejected["oversize"]) == (4, 2, 2)
+            assert source.fast_deliveries == 0
+        assert queue_depth(publisher, queue) == 0
+    finally:
+        connection_type.cache_clear()  # the next source checks the real pika again
+        rx.close()
+        publisher.channel.queue_delete(queue)
+        publisher.close()
