@@ -68,6 +68,7 @@ def too_old(properties: Any, max_age_s: float) -> bool:
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size: 7 bytes, then the payload
 _HEADER = struct.Struct(">HHQH")  # a header payload: class, weight, body size, flags
+_WHOLE = struct.Struct(">BHIHHQH")  # a header frame to its property flags: 21 bytes
 _TAG = struct.Struct(">Q")
 FRAME_END: Final = 0xCE
 _DELIVER_ARGS: Final = b"\x00\x3c\x00\x3c"  # class 60 (Basic), method 60 (Deliver)
@@ -216,7 +217,7 @@ class DeliveryReader:
         on_message: Callable[[], None] | None = None,
     ) -> None:
         self.channel = channel
-        self.on_message = on_message  # called after each whole message
+        self.on_message = on_message  # called after a feed that read a whole message
         self.bodies = bodies
         self.max_age_s = max_age_s
         self.max_bytes = max_bytes
@@ -240,7 +241,15 @@ class DeliveryReader:
         """Read our frames of `data` from `pos`: (where it stopped, frames wholly
         read, pika's). pika's: the frame at the stop is not ours (pika is to read
         it, wholly there or not); else `data` ends there, or an incomplete frame
-        begins there that must be whole to be read (kept for the next read)."""
+        begins there that must be whole to be read (kept for the next read).
+        Calls on_message once if it read a whole message or more."""
+        messages = self.messages
+        stopped = self._feed(data, pos)
+        if self.messages != messages and self.on_message is not None:
+            self.on_message()
+        return stopped
+
+    def _feed(self, data: bytes, pos: int) -> tuple[int, int, bool]:
         end = len(data)
         frames = 0
         channel = self.channel
@@ -298,6 +307,11 @@ class DeliveryReader:
                 if data[frame_end] != FRAME_END:
                     return pos, frames, True
                 (self._tag,) = _TAG.unpack_from(data, pos + 7 + len(self._args))
+                after = self._whole(data, frame_end + 1, end)
+                if after:  # the usual case, read at once
+                    pos = after
+                    frames += 3
+                    continue
                 self.state = _IN_HEADER
             else:  # _IN_HEADER
                 if kind != 2 or size < 14:
@@ -312,6 +326,37 @@ class DeliveryReader:
             pos = frame_end + 1
             frames += 1
         return pos, frames, False
+
+    def _whole(self, data: bytes, at: int, end: int) -> int:
+        """The usual delivery, its method frame read: a header frame and one body
+        frame wholly in `data` from `at`, its size within the limit, no publish time
+        to read. Reads it (where it ends) or nothing (0: the frames one by one)."""
+        if end - at < 22:
+            return 0
+        kind, chan, size, class_id, _weight, body_size, flags = _WHOLE.unpack_from(data, at)
+        body_at = at + 8 + size
+        if (
+            kind != 2
+            or size < 14
+            or chan != self.channel
+            or class_id != 60
+            or body_at + 8 > end
+            or data[body_at - 1] != FRAME_END
+            or body_size > self.max_bytes
+            or (self.max_age_s and flags & _HEADERS_OR_TIMESTAMP)
+            or not body_size
+        ):
+            return 0
+        kind, chan, size = _FRAME.unpack_from(data, body_at)
+        body_end: int = body_at + 7 + size
+        if kind != 3 or chan != self.channel or size != body_size or body_end >= end:
+            return 0
+        if data[body_end] != FRAME_END:
+            return 0
+        self.bodies.append(data[body_at + 7 : body_end])  # what _done does, inline
+        self.messages += 1
+        self.tag = self._tag
+        return body_end + 1
 
     def _header(self, data: bytes, at: int, end: int) -> None:
         _class, _weight, body_size, flags = _HEADER.unpack_from(data, at)
@@ -356,8 +401,6 @@ class DeliveryReader:
         self.tag = self._tag
         self.state = _IDLE
         self._body = None
-        if self.on_message is not None:
-            self.on_message()
 
 
 def take_deliveries(
