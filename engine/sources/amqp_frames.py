@@ -197,8 +197,8 @@ class DeliveryReader:
     it is larger than max_bytes (counted `oversize`, never gathered), too old by the
     publish time it carries (with max_age_s; counted `stale`) or its properties
     cannot be read (with max_age_s; `malformed`). `messages` counts them all and
-    `tag` is the newest delivery tag: the counters only grow (the caller reads the
-    difference)."""
+    `tag` is the newest delivery tag; a message is counted once wholly read (the
+    caller takes and zeroes the counters, a batch at a time)."""
 
     __slots__ = (
         "_args", "_body", "_body_size", "_drop", "_frame_left", "_got", "_keep",
