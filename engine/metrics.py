@@ -444,7 +444,7 @@ def _amqp_families(sources: list[SourceStatistics]) -> Iterator[Metric]:
     errors = CounterMetricFamily(
         PREFIX + "amqp_errors_total",
         "Broker failures, by reason (connect_failed, connection_lost, exchange_missing, "
-        "queue_refused).",
+        "queue_refused, access_refused, internal, thread_restarted).",
         labels=[*labels, "reason"],
     )
     lag = GaugeMetricFamily(

@@ -32,8 +32,16 @@ deliveries are read straight from the bytes pika has read (about 3 us a message
 instead of pika's 35), and every other frame is left to pika; `fast_path` says
 why when this pika's internals are not the expected ones (plain pika then).
 
+A message larger than `max_message_bytes` (its content header says how large)
+is skipped as it arrives, never buffered, counted `oversize` and acknowledged
+with the rest (docs/broker-hardening.md).
+
 A lost connection is made again after a back-off (BACKOFF_FIRST doubling to
-BACKOFF_MAX); the thread never holds up start-up, stop or any other source.
+BACKOFF_MAX); the thread never holds up start-up, stop or any other source, and
+never ends before stop(): whatever a session raises is counted ("internal") and
+the source retried; were the thread to die all the same, statistics() starts it
+again ("thread_restarted"). A failure is logged at once, then once per change
+of state (not once per retry). A URL pika would refuse is a config error.
 Per source: received = rejected (by reason) + raised, as for the ingest. A
 consumer the broker cancels (its queue deleted) is an error ("queue_refused"):
 the session acknowledges what it raised and the source reconnects.
@@ -56,7 +64,12 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import msgspec
 
-from engine.sources.amqp_frames import Deliveries, connection_type, take_deliveries, too_old
+from engine.sources.amqp_frames import (
+    DEFAULT_MAX_BYTES,
+    DeliveryReader,
+    connection_type,
+    too_old,
+)
 from engine.sources.relay import SOURCE_REJECT_REASONS, Relay
 from engine.statistics import SourceStatistics
 
@@ -76,7 +89,11 @@ ERROR_REASONS: Final = (
     "exchange_missing",  # declare = false and the exchange does not exist
     "queue_refused",  # the queue could not be declared, bound or consumed, or the
     # broker cancelled our consumer (the queue was deleted while we consumed)
+    "access_refused",  # the broker refused the credentials (or the vhost)
+    "internal",  # anything else that went wrong in the source's thread (caught)
+    "thread_restarted",  # the thread had died all the same, and was started again
 )
+MIN_MESSAGE_BYTES: Final = 1024  # the least max_message_bytes
 ACK_EVERY: Final = 200  # messages per multiple-ack (at most prefetch / 2)
 ACK_FLUSH: Final = 0.05  # seconds: a partial ack batch waits no longer
 LAG_INTERVAL: Final = 2.0  # seconds between reads of the queue's waiting messages
@@ -115,6 +132,8 @@ class AmqpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Older messages are dropped, counted "stale"; 0 = no limit."""
     unknown_events: Literal["reject", "register"] = "reject"
     """A notification of an event not registered: reject it (counted) or register it."""
+    max_message_bytes: int = DEFAULT_MAX_BYTES
+    """A larger message is skipped as it arrives (never buffered), counted oversize."""
 
     def _url_key(self) -> str:
         return "url_file" if self.url_file else "url_env" if self.url_env else "url"
@@ -147,9 +166,13 @@ class AmqpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if len(given) > 1:
             return given[-1], f"set one of url, url_file, url_env, not {' and '.join(given)}"
         try:
-            _parse_url(self.url_value())
+            url = self.url_value()
+            _parse_url(url)
         except ValueError as exc:
             return self._url_key(), str(exc)
+        why = _pika_url_problem(url)
+        if why:
+            return self._url_key(), why
         if not self.exchange:
             return "exchange", "expected an exchange name (the default exchange cannot be bound)"
         if not self.binding_keys:
@@ -158,6 +181,10 @@ class AmqpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             return "prefetch", f"{self.prefetch}: expected 1 to 65535"
         if not 0 <= self.max_age_ms <= 2**31 - 1:
             return "max_age_ms", f"{self.max_age_ms}: expected 0 to 2147483647"
+        if not MIN_MESSAGE_BYTES <= self.max_message_bytes <= 2**31 - 1:
+            return "max_message_bytes", (
+                f"{self.max_message_bytes}: expected {MIN_MESSAGE_BYTES} to 2147483647"
+            )
         return None
 
     def display_name(self) -> str:
@@ -186,6 +213,25 @@ def _redact(url: str) -> str:
     return f"{head.split('://', 1)[0]}://***@{tail}" if sep else url
 
 
+def _pika_url_problem(url: str) -> str:
+    """What pika says of the URL (its query parameters: heartbeat=abc, an unknown
+    one...) before a thread tries it, the password never in it; "" when it takes
+    it, or when pika is not installed (run says so)."""
+    try:
+        import pika
+    except ImportError:
+        return ""
+    try:
+        pika.URLParameters(url)
+    except Exception as exc:  # pika raises ValueError, and others for odd values
+        why = str(exc) or type(exc).__name__
+        password = urllib.parse.urlsplit(url).password
+        for secret in {password, urllib.parse.unquote(password or "")} - {None, ""}:
+            why = why.replace(str(secret), "***")
+        return f"{_redact(url)!r}: {why}"
+    return ""
+
+
 class AmqpSource:
     """One `[[amqp]]`: a queue on a RabbitMQ exchange, read into an Engine."""
 
@@ -212,6 +258,7 @@ class AmqpSource:
         self.queue_name = ""  # the queue bound, once known (server-named: amq.gen-...)
         self._stop = threading.Event()
         self._connected_once = False
+        self._logged = ""  # the state last logged ("up" or an error reason): one line a change
         self._session: _Session | None = None  # the connection's, owned by the thread
         self.fast_deliveries = 0  # messages taken by the fast path (the thread's; for tests)
         self.fast_path = ""  # "" or why pika parses every delivery (once a session began)
@@ -238,6 +285,7 @@ class AmqpSource:
                 log.warning("amqp %s: connection still closing; not waited for", self.name)
 
     def statistics(self) -> list[SourceStatistics]:
+        self._check_thread()
         with self._lock:
             extra = {
                 "up": 1 if self._up else 0,
@@ -249,7 +297,42 @@ class AmqpSource:
 
     # -- the thread --------------------------------------------------------------------------
 
+    def _check_thread(self) -> None:
+        """Start the thread again if it died all the same (every exception of a
+        session is caught in _run: this is the last resort), counted."""
+        thread = self._thread
+        if self._stop.is_set() or thread.ident is None or thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is not thread:  # another reader restarted it
+                return
+            self._thread = threading.Thread(target=self._run, name="edg-amqp", daemon=True)
+            self._errors["thread_restarted"] += 1
+            self._up = False
+        log.error("amqp %s: the source's thread had stopped; started again", self.name)
+        self._thread.start()
+
     def _run(self) -> None:
+        """The thread: one session after another until stop(). Nothing a broker sends
+        or a session does ends it: an exception is counted ("internal"), logged once
+        per change of state, and the source retried with back-off."""
+        delay = BACKOFF_FIRST
+        while not self._stop.is_set():
+            consumed = False
+            try:
+                consumed = self._one_session()
+            except Exception as exc:
+                self._count_error("internal", f"the source failed: {exc!r}", exc)
+            finally:
+                self._session = None
+                self._set_up(False)
+            if self._stop.is_set():
+                break
+            delay = BACKOFF_FIRST if consumed else min(delay * 2, BACKOFF_MAX)
+            self._stop.wait(delay * random.uniform(0.8, 1.2))
+
+    def _one_session(self) -> bool:
+        """Connect, consume until the connection ends: whether it got to consume."""
         import pika  # the optional extra: imported by the thread, not at start-up
 
         params = pika.URLParameters(self._url)
@@ -257,22 +340,16 @@ class AmqpSource:
         params.socket_timeout = CONNECT_TIMEOUT
         params.stack_timeout = CONNECT_TIMEOUT
         params.heartbeat = HEARTBEAT
-        delay = BACKOFF_FIRST
-        while not self._stop.is_set():
-            session = _Session(self, params)
-            self._session = session
-            if self._stop.is_set():  # stop() came before the session was there to close
-                break
-            try:
-                session.connection.ioloop.start()  # returns when the connection ends
-            except Exception:
-                log.exception("amqp %s: the connection's loop failed", self.name)
-            self._session = None
-            self._set_up(False)
-            if self._stop.is_set():
-                break
-            delay = BACKOFF_FIRST if session.consumed else min(delay * 2, BACKOFF_MAX)
-            self._stop.wait(delay * random.uniform(0.8, 1.2))
+        session = _Session(self, params)
+        self._session = session
+        if self._stop.is_set():  # stop() came before the session was there to close
+            return False
+        try:
+            session.connection.ioloop.start()  # returns when the connection ends
+        except Exception:
+            session.abandon()  # close what the failed loop left open
+            raise
+        return session.consumed
 
     # -- helpers for the session -------------------------------------------------------------
 
@@ -280,13 +357,20 @@ class AmqpSource:
         with self._lock:
             self._up = up
 
-    def _count_error(self, reason: str, message: str) -> None:
+    def _count_error(self, reason: str, message: str, exc: BaseException | None = None) -> None:
+        """Count an error by reason; log it when the state changes (the first failure
+        at once, then one line per change, not one per retry)."""
         with self._lock:
             self._errors[reason] += 1
-            was_up = self._up
             self._up = False
-        if was_up or reason != "connect_failed":
-            log.warning("amqp %s: %s", self.name, message)
+            changed = self._logged != reason
+            self._logged = reason
+        if changed:
+            log.warning(
+                "amqp %s: %s (%s; retried with back-off, logged again when that changes)",
+                self.name, message, reason,
+                exc_info=exc if reason == "internal" else None,
+            )  # fmt: skip
 
     def _connected(self, queue: str) -> None:
         with self._lock:
@@ -294,6 +378,7 @@ class AmqpSource:
                 self._reconnects += 1
             self._connected_once = True
             self._up = True
+            self._logged = "up"
             self.queue_name = queue
         log.info("amqp %s: consuming from queue %s", self.name, queue)
 
@@ -316,6 +401,9 @@ class _Session:
         self._consumer_tag = b""
         self._bodies: list[bytes] = []  # the batch being gathered
         self._stale = 0  # of the batch: too old by their own timestamp (acked)
+        self._oversize = 0  # ... larger than max_message_bytes (acked, never gathered)
+        self._malformed = 0  # ... properties that could not be read (acked)
+        self._reader: DeliveryReader | None = None  # the fast path's, while consuming
         self._expired = 0  # of the batch: expired in the queue (auto-acked)
         self._batch_due = False
         self._batch_tag = 0  # delivery tag of the batch's newest message
@@ -335,8 +423,30 @@ class _Session:
         connection.channel(on_open_callback=self._on_channel)
 
     def _on_open_error(self, connection: Any, error: Exception) -> None:
-        self.source._count_error("connect_failed", f"cannot connect: {error!r}")
+        import pika.exceptions
+
+        refused = (
+            pika.exceptions.ProbableAuthenticationError,
+            pika.exceptions.AuthenticationError,
+            pika.exceptions.ProbableAccessDeniedError,
+        )
+        reason = "access_refused" if isinstance(error, refused) else "connect_failed"
+        self.source._count_error(reason, f"cannot connect: {error!r}")
         connection.ioloop.stop()
+
+    def abandon(self) -> None:
+        """After the connection's loop failed (an exception out of a callback): close
+        the connection (a bounded wait), so no socket and no exclusive queue stay."""
+        connection = self.connection
+        connection.take = None
+        with contextlib.suppress(Exception):
+            if connection.is_open:
+                connection.close()
+            if not connection.is_closed:
+                connection.ioloop.call_later(STOP_BUDGET, connection.ioloop.stop)
+                connection.ioloop.start()
+        with contextlib.suppress(Exception):
+            connection.ioloop.close()
 
     def close(self) -> None:
         """In the connection's thread: acknowledge what was raised, then close."""
@@ -452,9 +562,17 @@ class _Session:
 
     def _on_qos(self, _frame: Any) -> None:
         tag = self.channel.basic_consume(self.queue, self._on_message, auto_ack=False)
-        if not self.source.fast_path:  # deliveries to `tag`: taken off pika's frame buffer
+        if not self.source.fast_path:  # deliveries to `tag`: read by the reader, not pika
             self._consumer_tag = tag.encode()
-            self.connection.take = self._take
+            self._reader = DeliveryReader(
+                self.channel.channel_number,
+                self._consumer_tag,
+                self._bodies,
+                max_age_s=self.source._max_age_s,
+                max_bytes=self.config.max_message_bytes,
+                on_message=self._batch_later,
+            )
+            self.connection.take = self._reader
         self.consumed = True
         self.source._connected(self.queue)
         self.connection.ioloop.call_later(LAG_INTERVAL, self._read_lag)
@@ -462,30 +580,23 @@ class _Session:
     # Messages: gathered while pika parses one read, raised together right after it
     # (one Relay.forward_batch), acknowledged once raised.
     def _on_message(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        if self.source._max_age_s and too_old(properties, self.source._max_age_s):
+        """A delivery pika parsed (plain pika: its internals not the expected ones).
+        pika has gathered the whole body, whatever its size: the limit only keeps
+        it from the relay here."""
+        if len(body) > self.config.max_message_bytes:
+            self._oversize += 1
+        elif self.source._max_age_s and too_old(properties, self.source._max_age_s):
             self._stale += 1
         else:
             self._bodies.append(body)
         self._batch_tag = method.delivery_tag
+        self._batch_later()
+
+    def _batch_later(self) -> None:
+        """Raise the batch right after this read (a message came)."""
         if not self._batch_due:
             self._batch_due = True
             self.connection.ioloop.call_later(0, self._raise_batch)
-
-    def _take(self, buf: bytes) -> Deliveries:
-        """The fast path: the whole deliveries at the front of `buf` into the batch
-        (what _on_message does for one that pika parsed)."""
-        took = take_deliveries(
-            buf, self.channel.channel_number, self._consumer_tag, self._bodies,
-            self.source._max_age_s,
-        )  # fmt: skip
-        if took.messages:
-            self._stale += took.stale
-            self._batch_tag = took.tag
-            self.source.fast_deliveries += took.messages
-            if not self._batch_due:
-                self._batch_due = True
-                self.connection.ioloop.call_later(0, self._raise_batch)
-        return took
 
     def _on_stale(self, _channel: Any, _method: Any, _properties: Any, _body: bytes) -> None:
         self._expired += 1  # dead-lettered by the queue's x-message-ttl
@@ -496,15 +607,29 @@ class _Session:
     def _raise_batch(self) -> None:
         self._batch_due = False
         bodies, self._bodies = self._bodies, []
+        reader = self._reader
+        if reader is not None:
+            reader.bodies = self._bodies
+            if reader.messages:  # what the fast path read since the last batch
+                self._batch_tag = reader.tag
+                self._stale += reader.stale
+                self._oversize += reader.oversize
+                self._malformed += reader.malformed
+                self.source.fast_deliveries += reader.messages
+                reader.messages = reader.stale = reader.oversize = reader.malformed = 0
         stale = self._stale + self._expired
+        dropped = self._oversize + self._malformed
         relay = self.relay
         with relay.lock:
             if bodies:
                 relay.forward_batch(bodies)
-            relay.received += stale
+            relay.received += stale + dropped
             relay.rejected["stale"] += stale
-        self._unacked += len(bodies) + self._stale  # the dead-lettered were auto-acked
-        self._stale = self._expired = 0
+            relay.rejected["oversize"] += self._oversize
+            relay.rejected["malformed"] += self._malformed
+        # acknowledged: all but the dead-lettered (auto-acked)
+        self._unacked += len(bodies) + self._stale + dropped
+        self._stale = self._expired = self._oversize = self._malformed = 0
         self._raised_tag = self._batch_tag
         if self._unacked >= self.source._ack_every:
             self._ack()

@@ -502,6 +502,9 @@ def check_sources(url: str, engine: Running) -> None:
         "connection_lost",
         "exchange_missing",
         "queue_refused",
+        "access_refused",
+        "internal",
+        "thread_restarted",
     }, errors
 
 

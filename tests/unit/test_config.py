@@ -204,6 +204,16 @@ def test_the_commented_amqp_example_is_the_defaults() -> None:
         ('exchange_type = "x-delayed"', "at `$.amqp[0].exchange_type`"),
         ("prefech = 10", "unknown field `prefech` - at `$.amqp[0]`"),
         (f'binding_keys = ["{"k" * 256}"]', "over 255 bytes - at `$.amqp[0].binding_keys[0]`"),
+        # what pika would refuse in the source's thread is a config error (pika's words)
+        (
+            'url = "amqp://u:secret@h:5672/%2F?heartbeat=abc"',
+            "Invalid heartbeat value 'abc'",
+        ),
+        ('url = "amqp://u:secret@h/%2F?heartbeat=abc"', "- at `$.amqp[0].url`"),
+        ('url = "amqp://u:secret@h/%2F?hearbeat=5"', "Unknown URL parameter: 'hearbeat'"),
+        ('url = "amqp://u:secret@h/%2F?channel_max=0"', "channel_max must be <= 65535"),
+        ("max_message_bytes = 1023", "1023: expected 1024 to 2147483647 - at"),
+        ("max_message_bytes = 2147483648", "`$.amqp[0].max_message_bytes`"),
     ],
 )
 def test_amqp_errors_name_the_key(text: str, error: str) -> None:
