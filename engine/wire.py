@@ -29,6 +29,7 @@ Why this module looks the way it does:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -265,24 +266,89 @@ def check_notification(data: bytes, *, limit: int = MAX_PAYLOAD) -> str:
     """Validate one received notification as SPEC section 8 says; return its method.
 
     A JSON object with `"jsonrpc":"2.0"`, a string `method`, optional `params`
-    (an object or an array), no `id` and nothing else; valid UTF-8 throughout;
-    at most `limit` bytes. The bytes are forwarded as they are, so nothing is
-    re-encoded. Raises NotificationRejected ("oversize" or "malformed"). Whether
-    `method` names a known event is the caller's check (a name to register must
-    pass check_event_name first).
+    (an object or an array), no `id`, nothing else and no key twice; valid UTF-8
+    throughout; at most `limit` bytes. The bytes are forwarded as they are, so
+    nothing is re-encoded. Raises NotificationRejected ("oversize" or "malformed").
+    Whether `method` names a known event is the caller's check (a name to register
+    must pass check_event_name first). Keys inside `params` are not checked.
     """
-    if len(data) > limit:
-        raise NotificationRejected("oversize", f"{len(data)} bytes, over the {limit}-byte limit")
+    size = len(data)
+    if size > limit:
+        raise NotificationRejected("oversize", f"{size} bytes, over the {limit}-byte limit")
     try:
         received = _decode_received(data)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise NotificationRejected("malformed", str(exc)) from None
+    method = received.method
+    # A key given twice: msgspec keeps the last, OpenSIPS's cJSON the first, and the
+    # bytes are forwarded as they are, so a subscriber could read another event than
+    # the one routed. OpenSIPS's compact form is exactly as long as its members
+    # written once; a repeat, whitespace or an escape make it longer. `len(method)`
+    # counts characters: never more than its JSON's bytes, so a size that matches
+    # still proves there is no repeat (a method with escapes takes the slow path).
+    extra = size - _COMPACT_SIZE - len(method)
     params = received.params
-    if params and memoryview(params)[0] not in _OPENERS:  # Raw has no leading whitespace
-        raise NotificationRejected("malformed", "params: expected an object or an array")
+    if params:
+        if memoryview(params)[0] not in _OPENERS:  # Raw has no leading whitespace
+            raise NotificationRejected("malformed", "params: expected an object or an array")
+        extra -= _PARAMS_MEMBER + len(params)
     if not data.isascii():
         try:
             data.decode("utf-8")  # msgspec checks UTF-8 only in what it builds
         except UnicodeDecodeError as exc:
             raise NotificationRejected("malformed", f"invalid UTF-8 at byte {exc.start}") from None
-    return received.method
+    if extra:
+        key = _duplicate_key(data)
+        if key is not None:
+            raise NotificationRejected("malformed", f"key {key!r} given twice")
+    return method
+
+
+_COMPACT_SIZE: Final = len(b'{"jsonrpc":"2.0","method":""}')  # and the method's characters
+_PARAMS_MEMBER: Final = len(b',"params":')  # and the params' JSON
+_TOP_KEYS: Final = (b'"jsonrpc"', b'"method"', b'"params"')
+
+
+def _duplicate_key(data: bytes) -> str | None:
+    """check_notification's slow path (not OpenSIPS's compact form): no top-level
+    key written twice anywhere, nor escaped, is the common case and costs a few
+    memchr-speed scans; else repeated_key parses the whole notification."""
+    if b"\\" not in data and all(data.count(key) < 2 for key in _TOP_KEYS):
+        return None
+    return repeated_key(data)
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _top_pairs(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return pairs  # every object as its list of members, repeats kept
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen.add(key)
+
+
+def repeated_key(doc: bytes | str, *, nested: bool = False) -> str | None:
+    """The first key given twice in the JSON object `doc`, at its top level (or at
+    any depth with `nested`); None when every key is unique. For a document msgspec
+    has already decoded (its values are not kept: this only looks at keys); JSON
+    that is not valid counts as a repeat ("?"), never as unique."""
+    try:
+        if nested:
+            json.loads(doc, object_pairs_hook=_unique_pairs)
+            return None
+        pairs = json.loads(doc, object_pairs_hook=_top_pairs)
+        if type(pairs) is list:
+            _unique_pairs(pairs)
+    except _RepeatedKey as exc:
+        return exc.key
+    except (ValueError, RecursionError):
+        return "?"
+    return None
