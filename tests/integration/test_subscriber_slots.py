@@ -1,0 +1,100 @@
+"""Per-subscriber counter slots are given again after a subscriber leaves (issue 19
+item 7), with real workers: 20,000 subscribers churned through one worker (more than
+its SUBSCRIBER_SLOTS), and every subscriber's counts, in statistics and on /metrics,
+are its own from first to last: nothing inherited from a slot's earlier owner,
+nothing missed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.metrics import exposition
+from engine.producer import Engine
+from engine.shm.counters import SUBSCRIBER_SLOTS
+from tests.support import eventually, running_engine, settle, udp_receiver
+
+CHURNED = 20_000
+BATCH = 1_000
+EVENTS_PER_ROUND = 3
+EXPIRING_ROUNDS = (9, 19)  # these rounds leave by expiry, the others by unsubscribe
+
+
+def subscriber_metrics(engine: Engine) -> dict[str, tuple[float, float]]:
+    """(datagrams sent, send failures) per subscriber socket, from /metrics."""
+    body, _ = exposition(engine, per_subscriber=True)
+    out: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name.endswith("subscriber_datagrams_sent_total"):
+                out.setdefault(sample.labels["socket"], [0.0, 0.0])[0] = sample.value
+            elif sample.name.endswith("subscriber_send_failures_total"):
+                out.setdefault(sample.labels["socket"], [0.0, 0.0])[1] = sample.value
+    return {socket: (sent, failed) for socket, (sent, failed) in out.items()}
+
+
+def test_20000_subscribers_churned_on_one_worker_each_count_their_own(tmp_path: Path) -> None:
+    assert CHURNED > SUBSCRIBER_SLOTS  # past the slots: only reuse gives the late ones one
+    keep = udp_receiver()  # subscribed throughout
+    kept = 0
+    try:
+        with running_engine(["E_A"], workers=1, pin=False) as engine:
+            engine.subscribe("E_A", keep.socket_text)
+            for r in range(CHURNED // BATCH):
+                live = udp_receiver()  # one real receiver per batch, the others unreachable
+                try:
+                    expire = 1 if r in EXPIRING_ROUNDS else 3600
+                    gone = [f"unix:{tmp_path}/r{r}-{i}.sock" for i in range(BATCH - 1)]
+                    for socket_text in [*gone, live.socket_text]:
+                        engine.subscribe("E_A", socket_text, expire)
+                    for n in range(EVENTS_PER_ROUND):
+                        engine.raise_event("E_A", {"round": r, "n": n})
+                    kept += EVENTS_PER_ROUND
+                    assert len(live.wait_for(EVENTS_PER_ROUND)) == EVENTS_PER_ROUND
+                    assert len(keep.wait_for(kept)) == kept
+                    settle(engine)
+                    counts = engine.subscriber_counts()
+                    assert counts[live.socket_text] == (EVENTS_PER_ROUND, 0), r
+                    assert counts[keep.socket_text] == (kept, 0), r
+                    unreachable = {counts.get(s) for s in gone}  # a failed send each
+                    assert unreachable == {(0, EVENTS_PER_ROUND)}, (r, unreachable)
+                    if r in EXPIRING_ROUNDS:
+                        eventually(
+                            lambda: len(engine.registry.subscribers("E_A")) == 1,
+                            timeout=15,
+                            what="the round's subscribers expired",
+                        )
+                    else:
+                        for socket_text in [*gone, live.socket_text]:
+                            engine.unsubscribe("E_A", socket_text)
+                finally:
+                    live.close()
+            settle(engine)
+            assert set(engine.subscriber_counts()) == {keep.socket_text}
+
+            # A new subscriber, after 20,000 left: its counts are its own.
+            fresh = udp_receiver()
+            try:
+                engine.subscribe("E_A", fresh.socket_text)
+                for n in range(5):
+                    engine.raise_event("E_A", {"after": n})
+                kept += 5
+                assert len(fresh.wait_for(5)) == 5
+                assert len(keep.wait_for(kept)) == kept
+                settle(engine)
+                assert engine.subscriber_counts() == {
+                    keep.socket_text: (kept, 0),
+                    fresh.socket_text: (5, 0),
+                }
+                assert subscriber_metrics(engine) == {
+                    keep.socket_text: (kept, 0),
+                    fresh.socket_text: (5, 0),
+                }
+            finally:
+                fresh.close()
+            stats = engine.statistics()
+            stats.check_identity()
+            assert stats.workers[0].pairs_sent == kept + 5 + (CHURNED // BATCH) * EVENTS_PER_ROUND
+    finally:
+        keep.close()
