@@ -98,3 +98,41 @@ def test_20000_subscribers_churned_on_one_worker_each_count_their_own(tmp_path: 
             assert stats.workers[0].pairs_sent == kept + 5 + (CHURNED // BATCH) * EVENTS_PER_ROUND
     finally:
         keep.close()
+
+
+def test_past_the_slots_a_subscriber_has_no_series_rather_than_a_false_zero(
+    tmp_path: Path,
+) -> None:
+    """SUBSCRIBER_SLOTS subscribers on one worker at once: the next one gets no slot
+    and keeps none while it stays (even when one frees up), so /metrics shows no
+    per-subscriber series for it, never a 0 while it receives; a newcomer takes the
+    freed slot, zeroed."""
+    held = [f"unix:{tmp_path}/{i}.sock" for i in range(SUBSCRIBER_SLOTS)]
+    late, newcomer = udp_receiver(), udp_receiver()
+    try:
+        # Unreachable subscribers share one socket (socket_limit): no descriptor each.
+        with running_engine(["E_A", "E_B"], workers=1, pin=False, socket_limit=1) as engine:
+            for socket_text in held:
+                engine.subscribe("E_A", socket_text)
+            engine.subscribe("E_B", late.socket_text)
+            engine.raise_event("E_A", {"to": "the held ones"})
+            engine.raise_event("E_B", {"to": "late"})
+            assert len(late.wait_for(1)) == 1
+            settle(engine)
+            counts = engine.subscriber_counts()
+            assert late.socket_text not in counts and len(counts) == SUBSCRIBER_SLOTS
+            assert {counts[s] for s in held} == {(0, 1)}
+            assert late.socket_text not in subscriber_metrics(engine)
+            engine.unsubscribe("E_A", held[0])  # frees a slot (with a failure counted)
+            settle(engine)
+            engine.subscribe("E_B", newcomer.socket_text)
+            engine.raise_event("E_B", {"to": "late and newcomer"})
+            assert len(late.wait_for(2)) == 2 and len(newcomer.wait_for(1)) == 1
+            settle(engine)
+            metrics = subscriber_metrics(engine)
+            assert late.socket_text not in metrics
+            assert metrics[newcomer.socket_text] == (1, 0)
+            engine.statistics().check_identity()
+    finally:
+        late.close()
+        newcomer.close()
