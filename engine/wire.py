@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -298,7 +298,7 @@ def check_notification(data: bytes, *, limit: int = MAX_PAYLOAD) -> str:
         except UnicodeDecodeError as exc:
             raise NotificationRejected("malformed", f"invalid UTF-8 at byte {exc.start}") from None
     if extra:
-        key = _duplicate_key(data)
+        key = _duplicate_key(data, params)
         if key is not None:
             raise NotificationRejected("malformed", f"key {key!r} given twice")
     return method
@@ -306,16 +306,49 @@ def check_notification(data: bytes, *, limit: int = MAX_PAYLOAD) -> str:
 
 _COMPACT_SIZE: Final = len(b'{"jsonrpc":"2.0","method":""}')  # and the method's characters
 _PARAMS_MEMBER: Final = len(b',"params":')  # and the params' JSON
-_TOP_KEYS: Final = (b'"jsonrpc"', b'"method"', b'"params"')
+_JSON_SPACE: Final = " \t\n\r"
 
 
-def _duplicate_key(data: bytes) -> str | None:
-    """check_notification's slow path (not OpenSIPS's compact form): no top-level
-    key written twice anywhere, nor escaped, is the common case and costs a few
-    memchr-speed scans; else repeated_key parses the whole notification."""
-    if b"\\" not in data and all(data.count(key) < 2 for key in _TOP_KEYS):
-        return None
-    return repeated_key(data)
+def _duplicate_key(data: bytes, params: msgspec.Raw) -> str | None:
+    """check_notification's slow path (not OpenSIPS's compact form): the first
+    top-level key of `data` given twice, else None.
+
+    `data` is a notification msgspec took, `params` the value it kept (the last).
+    Only the top level is walked: keys and string values by the json module's C
+    scanner, and an object or array value only if it is `params` itself (one
+    comparison; any other is not the last of its key, so that key comes again).
+    So the cost is about one pass over the bytes, never a parse of params.
+    """
+    text = data.decode("utf-8")
+    kept = bytes(params).decode("utf-8")
+    seen: set[str] = set()
+    pos = text.index("{") + 1
+    while True:  # a member per round: each moves pos forward, to the closing brace
+        while text[pos] in _JSON_SPACE:
+            pos += 1
+        key, pos = _scanstring(text, pos + 1)  # msgspec took it: a key is next
+        if key in seen:
+            return key
+        seen.add(key)
+        pos = text.index(":", pos) + 1
+        while text[pos] in _JSON_SPACE:
+            pos += 1
+        opener = text[pos]
+        if opener == '"':
+            _, pos = _scanstring(text, pos + 1)
+        elif key == "params" and opener in "{[" and text.startswith(kept, pos):
+            pos += len(kept)
+        else:
+            return key  # not the value msgspec kept: the key comes again later
+        while text[pos] in _JSON_SPACE:
+            pos += 1
+        if text[pos] == "}":
+            return None
+        pos += 1  # the comma
+
+
+# (text, index just after the opening quote) -> (the string, index after its end); C
+_scanstring: Final[Callable[[str, int], tuple[str, int]]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
 class _RepeatedKey(Exception):
