@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -309,6 +310,8 @@ def test_more_slow_clients_than_connections_evicts_the_longest_waiting(
     accepts them in one go and evicts the first 150 before reading a byte of them;
     a close() with unread input would reset them (what a busy machine once made of
     the one-by-one case: the loop starved while the clients connected)."""
+    if burst and int(Path("/proc/sys/net/core/somaxconn").read_text()) < 200:
+        pytest.skip("net.core.somaxconn < 200: the burst would not wait in the backlog")
     server = HTTPServer(engine, ("127.0.0.1", 0), max_connections=50)
     if not burst:
         server.start()
