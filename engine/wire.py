@@ -282,10 +282,10 @@ def check_notification(data: bytes, *, limit: int = MAX_PAYLOAD) -> str:
     method = received.method
     # A key given twice: msgspec keeps the last, OpenSIPS's cJSON the first, and the
     # bytes are forwarded as they are, so a subscriber could read another event than
-    # the one routed. OpenSIPS's compact form is exactly as long as its members
-    # written once; a repeat, whitespace or an escape make it longer. `len(method)`
-    # counts characters: never more than its JSON's bytes, so a size that matches
-    # still proves there is no repeat (a method with escapes takes the slow path).
+    # the one routed. `extra`: the bytes beyond the members written once, compactly
+    # (OpenSIPS's form: 0). A repeat adds at least _REPEAT_MIN, so fewer (a little
+    # whitespace, as json.dumps puts) prove there is none. `len(method)` counts
+    # characters, never more than its JSON's bytes, so `extra` is never too small.
     extra = size - _COMPACT_SIZE - len(method)
     params = received.params
     if params:
@@ -297,7 +297,7 @@ def check_notification(data: bytes, *, limit: int = MAX_PAYLOAD) -> str:
             data.decode("utf-8")  # msgspec checks UTF-8 only in what it builds
         except UnicodeDecodeError as exc:
             raise NotificationRejected("malformed", f"invalid UTF-8 at byte {exc.start}") from None
-    if extra:
+    if extra >= _REPEAT_MIN:
         key = _duplicate_key(data, params)
         if key is not None:
             raise NotificationRejected("malformed", f"key {key!r} given twice")
@@ -306,6 +306,9 @@ def check_notification(data: bytes, *, limit: int = MAX_PAYLOAD) -> str:
 
 _COMPACT_SIZE: Final = len(b'{"jsonrpc":"2.0","method":""}')  # and the method's characters
 _PARAMS_MEMBER: Final = len(b',"params":')  # and the params' JSON
+# The shortest repeat msgspec takes: params keeps any JSON value (jsonrpc only "2.0",
+# method a string), so `,"params":0` (11 bytes).
+_REPEAT_MIN: Final = len(b',"params":0')
 _JSON_SPACE: Final = " \t\n\r"
 
 

@@ -661,6 +661,9 @@ ONCE = b'{"jsonrpc":"2.0","method":"E_A","params":{"ip":"1.2.3.4"}}'
         b'{ "method":"E_A","jsonrpc":"2.0","method":"E_A" }',  # even with the same value
         b'{"jsonrpc":"2.0","method":"E\\u005fB","method":"E_A"}',  # escapes in the method
         '{"jsonrpc":"2.0","method":"É","method":"E_A"}'.encode(),  # non-ASCII method
+        # the shortest repeats msgspec takes (the size check's bound: 11 bytes)
+        b'{"jsonrpc":"2.0","method":"E_A","params":0,"params":[]}',
+        b'{"jsonrpc":"2.0","method":"","method":"E_A"}',
     ],
 )
 def test_a_top_level_key_given_twice_is_malformed(data: bytes) -> None:
@@ -681,6 +684,7 @@ def test_an_id_given_twice_is_malformed_too() -> None:
     [
         (ONCE, "E_A"),
         (b'{"jsonrpc":"2.0","method":"E_A"}', "E_A"),
+        (b'{"jsonrpc": "2.0", "method": "E_A", "params": {"ip": "1"}}', "E_A"),  # json.dumps
         (b'{ "jsonrpc" : "2.0" ,\n "method" : "E_A" , "params" : [ ] }', "E_A"),
         (b'{"method":"E_A","params":[1],"jsonrpc":"2.0"}', "E_A"),  # any order
         # "method" and "params" named again inside params: not top-level keys
