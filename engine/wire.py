@@ -279,25 +279,24 @@ def check_notification(data: bytes, *, limit: int = MAX_PAYLOAD) -> str:
         received = _decode_received(data)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise NotificationRejected("malformed", str(exc)) from None
-    method = received.method
-    # A key given twice: msgspec keeps the last, OpenSIPS's cJSON the first, and the
-    # bytes are forwarded as they are, so a subscriber could read another event than
-    # the one routed. `extra`: the bytes beyond the members written once, compactly
-    # (OpenSIPS's form: 0). A repeat adds at least _REPEAT_MIN, so fewer (a little
-    # whitespace, as json.dumps puts) prove there is none. `len(method)` counts
-    # characters, never more than its JSON's bytes, so `extra` is never too small.
-    extra = size - _COMPACT_SIZE - len(method)
     params = received.params
-    if params:
-        if memoryview(params)[0] not in _OPENERS:  # Raw has no leading whitespace
-            raise NotificationRejected("malformed", "params: expected an object or an array")
-        extra -= _PARAMS_MEMBER + len(params)
+    params_size = len(params)
+    if params_size and memoryview(params)[0] not in _OPENERS:  # Raw: no leading space
+        raise NotificationRejected("malformed", "params: expected an object or an array")
     if not data.isascii():
         try:
             data.decode("utf-8")  # msgspec checks UTF-8 only in what it builds
         except UnicodeDecodeError as exc:
             raise NotificationRejected("malformed", f"invalid UTF-8 at byte {exc.start}") from None
-    if extra >= _REPEAT_MIN:
+    method = received.method
+    # A key given twice: msgspec keeps the last, OpenSIPS's cJSON the first, and the
+    # bytes are forwarded as they are, so a subscriber could read another event than
+    # the one routed. What the members written once take, compactly, is known from
+    # the values msgspec kept (OpenSIPS's form: all of it); a repeat adds at least
+    # _REPEAT_MIN bytes, so fewer extra (a little whitespace, as json.dumps puts)
+    # prove there is none. `len(method)` counts characters, never more than its
+    # JSON's bytes, so the extra is never underestimated.
+    if size - len(method) - params_size >= (_SLOW_WITH if params_size else _SLOW_WITHOUT):
         key = _duplicate_key(data, params)
         if key is not None:
             raise NotificationRejected("malformed", f"key {key!r} given twice")
@@ -309,6 +308,9 @@ _PARAMS_MEMBER: Final = len(b',"params":')  # and the params' JSON
 # The shortest repeat msgspec takes: params keeps any JSON value (jsonrpc only "2.0",
 # method a string), so `,"params":0` (11 bytes).
 _REPEAT_MIN: Final = len(b',"params":0')
+# Sizes from which the slow path runs, less the method's characters and the params'.
+_SLOW_WITHOUT: Final = _COMPACT_SIZE + _REPEAT_MIN
+_SLOW_WITH: Final = _COMPACT_SIZE + _PARAMS_MEMBER + _REPEAT_MIN
 _JSON_SPACE: Final = " \t\n\r"
 
 
