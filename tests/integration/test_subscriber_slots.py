@@ -6,6 +6,9 @@ nothing missed."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -136,3 +139,56 @@ def test_past_the_slots_a_subscriber_has_no_series_rather_than_a_false_zero(
     finally:
         late.close()
         newcomer.close()
+
+
+def test_a_slot_waits_for_its_worker_to_read_past_the_removal_even_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Subscribers leave while their worker is frozen with an event for them still
+    queued: their slots must not go to the newcomers subscribed meanwhile (that event,
+    sent later, would land in a newcomer's count). The worker is then killed and
+    restarted (it resumes from its ring), and later newcomers get the freed slots,
+    zeroed."""
+    keep = udp_receiver()
+    first = [f"unix:{tmp_path}/first-{i}.sock" for i in range(100)]
+    second = [f"unix:{tmp_path}/second-{i}.sock" for i in range(100)]
+    third = [f"unix:{tmp_path}/third-{i}.sock" for i in range(100)]
+    try:
+        with running_engine(["E_A"], workers=1, pin=False) as engine:
+            engine.subscribe("E_A", keep.socket_text)
+            for socket_text in first:
+                engine.subscribe("E_A", socket_text)
+            engine.raise_event("E_A", {"n": 1})
+            keep.wait_for(1)
+            settle(engine)
+            pid = engine.statistics().workers[0].pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            engine.raise_event("E_A", {"n": 2})  # queued for `first`, not yet sent
+            for socket_text in first:
+                engine.unsubscribe("E_A", socket_text)
+            for socket_text in second:
+                engine.subscribe("E_A", socket_text)
+            engine.raise_event("E_A", {"n": 3})  # for `second`
+            with contextlib.suppress(ProcessLookupError):  # or the heartbeat check did
+                os.kill(pid, signal.SIGKILL)
+            eventually(lambda: engine.supervisor.ready(0), what="the restart")
+            assert len(keep.wait_for(3)) == 3
+            settle(engine)
+            counts = engine.subscriber_counts()
+            assert {counts[s] for s in second} == {(0, 1)}
+            assert counts[keep.socket_text] == (3, 0)
+            for socket_text in third:  # the freed slots now (their worker read past)
+                engine.subscribe("E_A", socket_text)
+            engine.raise_event("E_A", {"n": 4})
+            assert len(keep.wait_for(4)) == 4
+            settle(engine)
+            counts = engine.subscriber_counts()
+            assert {counts[s] for s in third} == {(0, 1)}
+            assert {counts[s] for s in second} == {(0, 2)}
+            assert set(counts) == {keep.socket_text, *second, *third}
+            stats = engine.statistics()
+            stats.check_identity()
+            assert stats.workers[0].restarts == 1
+    finally:
+        keep.close()
