@@ -361,10 +361,6 @@ class _RepeatedKey(Exception):
         self.key = key
 
 
-def _top_pairs(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    return pairs  # every object as its list of members, repeats kept
-
-
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> None:
     seen: set[str] = set()
     for key, _ in pairs:
@@ -373,20 +369,17 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> None:
         seen.add(key)
 
 
-def repeated_key(doc: bytes | str, *, nested: bool = False) -> str | None:
-    """The first key given twice in the JSON object `doc`, at its top level (or at
-    any depth with `nested`); None when every key is unique. For a document msgspec
-    has already decoded (its values are not kept: this only looks at keys); JSON
-    that is not valid counts as a repeat ("?"), never as unique."""
+def repeated_key(doc: bytes | str) -> str | None:
+    """The first key given twice in any object of JSON document `doc` (innermost
+    objects first), else None. For a document msgspec has already decoded: one more
+    parse, by the json module, that only looks at keys. Raises WireError when that
+    parse fails (nested deeper than Python's recursion limit, say)."""
     try:
-        if nested:
-            json.loads(doc, object_pairs_hook=_unique_pairs)
-            return None
-        pairs = json.loads(doc, object_pairs_hook=_top_pairs)
-        if type(pairs) is list:
-            _unique_pairs(pairs)
+        json.loads(doc, object_pairs_hook=_unique_pairs)
     except _RepeatedKey as exc:
         return exc.key
-    except (ValueError, RecursionError):
-        return "?"
+    except RecursionError:
+        raise WireError("nested too deeply") from None
+    except ValueError as exc:
+        raise WireError(f"not JSON: {exc}") from None
     return None

@@ -231,7 +231,10 @@ def _event_params(value: object) -> list[Any] | dict[str, Any] | None:
             raise MIError(400, "Bad Params")
         # The payload is encoded from what was decoded: a key given twice (at any
         # depth) would lose one of its values silently (docs/notifications.md).
-        repeated = repeated_key(value, nested=True)
+        try:
+            repeated = repeated_key(value)
+        except WireError as exc:
+            raise MIError(400, "Bad Params", str(exc)) from None
         if repeated is not None:
             raise MIError(400, "Bad Params", f"key {repeated!r} given twice")
         return parsed

@@ -22,6 +22,7 @@ from engine.wire import (
     WireError,
     check_notification,
     encode_notification,
+    repeated_key,
 )
 from tests.captures import ALL_CAPTURES, WIRE, Capture
 from tests.support import VECTORS
@@ -748,3 +749,23 @@ def test_property_a_repeated_member_anywhere_is_rejected_and_none_accepted(
         with pytest.raises(NotificationRejected) as info:
             check_notification(text(doubled, sep))
         assert info.value.reason == "malformed"
+
+
+@pytest.mark.parametrize(
+    ("doc", "key"),
+    [
+        ('{"a":1,"b":2}', None),
+        ('{"a":1,"a":1}', "a"),
+        ('{"a":{"b":1,"b":2},"c":3}', "b"),  # at any depth
+        ('{"a":[{"c":1,"\\u0063":2}]}', "c"),  # any spelling
+        ('{"a":{"x":1},"b":{"x":1}}', None),  # the same key in two objects is no repeat
+        (b'{"\xc3\xa9":1,"\\u00e9":2}', "é"),
+    ],
+)
+def test_repeated_key_finds_a_key_given_twice_anywhere(doc: str | bytes, key: str | None) -> None:
+    assert repeated_key(doc) == key
+
+
+def test_repeated_key_refuses_what_it_cannot_parse() -> None:
+    with pytest.raises(WireError):
+        repeated_key("{nope")
