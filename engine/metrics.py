@@ -543,7 +543,9 @@ def _subscriber_counters(
     )
     transports = {socket: transport for _event, transport, socket, _ttl in subscribers}
     for socket, transport in sorted(transports.items()):
-        n_sent, n_failed = counts.get(socket, (0, 0))
+        if socket not in counts:
+            continue  # no counter slot (over SUBSCRIBER_SLOTS on its worker): no series, not a 0
+        n_sent, n_failed = counts[socket]
         sent.add_metric([transport, socket], n_sent)
         failed.add_metric([transport, socket], n_failed)
     yield sent

@@ -171,10 +171,10 @@ class Engine:
         try:
             with self.lock:
                 with self._hot:
-                    self._router = Router(self.supervisor.rings)
                     counters = self.supervisor.counters
                     assert counters is not None
                     self._regions = [counters.region(k) for k in range(len(self.supervisor.rings))]
+                    self._router = Router(self.supervisor.rings, self._regions)
                 self._replay_registry()  # subscriptions made before start()
                 self.registry.load()  # may rewrite the state file: `_hot` is not held
                 self._refresh_expiry()

@@ -23,10 +23,11 @@ import heapq
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.address import Destination
-from engine.shm.counters import SUBSCRIBER_SLOTS
+from engine.shm.counters import SUBSCRIBER_SLOTS, Region
 from engine.shm.ring import (
     CONTROL_ENCODER,
     KIND_SUBSCRIBE,
@@ -54,25 +55,62 @@ class WorkerRoute:
     consumed_seen: int = 0  # the worker's pairs_consumed, as last read (may lag)
     pairs_dropped: int = 0
     records_dropped: int = 0
-    # Per-subscriber counter slots in this worker's region; never reused, so a
-    # slot's counts always belong to one subscriber key.
+    # Per-subscriber counter slots in this worker's region, by key (-1: none, counted
+    # in the aggregates only, for as long as the key stays here). A key that leaves
+    # frees its slot; the slot is given again, zeroed, only once the worker has read
+    # past the record that removed the key, so a slot's counts belong to one key.
     slots: dict[str, int] = field(default_factory=dict)
+    next_slot: int = 0  # the slots from here on were never given
+    # Freed slots, oldest first: [slot, ring position the removing record ends at;
+    # -1 while it waits for room]; those still without a position, with that record.
+    retired: deque[list[int]] = field(default_factory=deque)
+    unplaced: deque[tuple[list[int], ControlPayload]] = field(default_factory=deque)
+    reset: Callable[[int], None] | None = None  # zeroes a slot's counts (the region's)
 
-    def slot_for(self, key: str) -> int:
+    def slot_for(self, key: str, read_pos: int = -1) -> int:
+        """`key`'s slot, given one if it has none: the oldest freed slot if the worker
+        has read (`read_pos`: its ring's read position) past the record that freed it,
+        zeroed; else one never given; else -1."""
         slot = self.slots.get(key)
         if slot is None:
-            if len(self.slots) >= SUBSCRIBER_SLOTS:
-                return -1  # counted in the aggregates only
-            slot = self.slots[key] = len(self.slots)
+            retired = self.retired
+            if retired and 0 <= retired[0][1] <= read_pos:
+                slot = retired.popleft()[0]
+                if self.reset is not None:
+                    self.reset(slot)
+            elif self.next_slot < SUBSCRIBER_SLOTS:
+                slot = self.next_slot
+                self.next_slot += 1
+            else:
+                slot = -1
+            self.slots[key] = slot
         return slot
+
+    def retire(self, key: str, control: ControlPayload) -> None:
+        """`key` left this worker; `control` is the record that removes it."""
+        slot = self.slots.pop(key, -1)
+        if slot >= 0:
+            entry = [slot, -1]
+            self.retired.append(entry)
+            self.unplaced.append((entry, control))
+
+    def placed(self, control: ControlPayload, end: int) -> None:
+        """The record of `control` went into the ring, ending at position `end`."""
+        if self.unplaced and self.unplaced[0][1] is control:
+            self.unplaced.popleft()[0][1] = end
 
 
 class Router:
     """Routes subscription changes to workers and events to the workers that need them."""
 
-    def __init__(self, rings: list[Ring]) -> None:
+    def __init__(self, rings: list[Ring], regions: Sequence[Region] = ()) -> None:
+        """`regions`: the workers' counter regions (their per-subscriber slots are
+        zeroed before a freed slot is given again); none in tests of the bookkeeping."""
         self.rings = rings
-        self.routes = [WorkerRoute() for _ in rings]
+        self.routes = [
+            WorkerRoute(reset=regions[k].reset_subscriber if regions else None)
+            for k in range(len(rings))
+        ]
         self.owner: dict[str, int] = {}  # subscriber key -> worker index
         self.targets: dict[int, list[tuple[int, int]]] = {}  # event id -> [(worker, fanout)]
         self.routed: dict[tuple[int, str], Destination] = {}  # (event id, key) -> socket
@@ -147,7 +185,10 @@ class Router:
         sockaddr: str | list[str | int] = (
             dest.sockaddr if isinstance(dest.sockaddr, str) else list(dest.sockaddr)
         )
-        control = ControlPayload(key, dest.transport, dest.family, sockaddr, route.slot_for(key))
+        slot = route.slot_for(key, self.rings[worker].read_pos) if add else route.slots[key]
+        control = ControlPayload(key, dest.transport, dest.family, sockaddr, slot)
+        if not add and key not in route.keys:
+            route.retire(key, control)
         route.pending.append((kind, eid, CONTROL_ENCODER.encode(control)))
         route.log.append((-1, kind, eid, control))
         self._flush(worker)
@@ -179,6 +220,7 @@ class Router:
             route.pending.popleft()
             _, k, e, control = route.log[i]
             route.log[i] = (ring.write_pos, k, e, control)
+            route.placed(control, ring.write_pos)
             i += 1
         return appended
 

@@ -29,9 +29,10 @@ Why this module looks the way it does:
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -265,24 +266,120 @@ def check_notification(data: bytes, *, limit: int = MAX_PAYLOAD) -> str:
     """Validate one received notification as SPEC section 8 says; return its method.
 
     A JSON object with `"jsonrpc":"2.0"`, a string `method`, optional `params`
-    (an object or an array), no `id` and nothing else; valid UTF-8 throughout;
-    at most `limit` bytes. The bytes are forwarded as they are, so nothing is
-    re-encoded. Raises NotificationRejected ("oversize" or "malformed"). Whether
-    `method` names a known event is the caller's check (a name to register must
-    pass check_event_name first).
+    (an object or an array), no `id`, nothing else and no key twice; valid UTF-8
+    throughout; at most `limit` bytes. The bytes are forwarded as they are, so
+    nothing is re-encoded. Raises NotificationRejected ("oversize" or "malformed").
+    Whether `method` names a known event is the caller's check (a name to register
+    must pass check_event_name first). Keys inside `params` are not checked.
     """
-    if len(data) > limit:
-        raise NotificationRejected("oversize", f"{len(data)} bytes, over the {limit}-byte limit")
+    size = len(data)
+    if size > limit:
+        raise NotificationRejected("oversize", f"{size} bytes, over the {limit}-byte limit")
     try:
         received = _decode_received(data)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise NotificationRejected("malformed", str(exc)) from None
     params = received.params
-    if params and memoryview(params)[0] not in _OPENERS:  # Raw has no leading whitespace
+    params_size = len(params)
+    if params_size and memoryview(params)[0] not in _OPENERS:  # Raw: no leading space
         raise NotificationRejected("malformed", "params: expected an object or an array")
     if not data.isascii():
         try:
             data.decode("utf-8")  # msgspec checks UTF-8 only in what it builds
         except UnicodeDecodeError as exc:
             raise NotificationRejected("malformed", f"invalid UTF-8 at byte {exc.start}") from None
-    return received.method
+    method = received.method
+    # A key given twice: msgspec keeps the last, OpenSIPS's cJSON the first, and the
+    # bytes are forwarded as they are, so a subscriber could read another event than
+    # the one routed. What the members written once take, compactly, is known from
+    # the values msgspec kept (OpenSIPS's form: all of it); a repeat adds at least
+    # _REPEAT_MIN bytes, so fewer extra (a little whitespace, as json.dumps puts)
+    # prove there is none. `len(method)` counts characters, never more than its
+    # JSON's bytes, so the extra is never underestimated.
+    if size - len(method) - params_size >= (_SLOW_WITH if params_size else _SLOW_WITHOUT):
+        key = _duplicate_key(data, params)
+        if key is not None:
+            raise NotificationRejected("malformed", f"key {key!r} given twice")
+    return method
+
+
+_COMPACT_SIZE: Final = len(b'{"jsonrpc":"2.0","method":""}')  # and the method's characters
+_PARAMS_MEMBER: Final = len(b',"params":')  # and the params' JSON
+# The shortest repeat msgspec takes: params keeps any JSON value (jsonrpc only "2.0",
+# method a string), so `,"params":0` (11 bytes).
+_REPEAT_MIN: Final = len(b',"params":0')
+# Sizes from which the slow path runs, less the method's characters and the params'.
+_SLOW_WITHOUT: Final = _COMPACT_SIZE + _REPEAT_MIN
+_SLOW_WITH: Final = _COMPACT_SIZE + _PARAMS_MEMBER + _REPEAT_MIN
+_JSON_SPACE: Final = " \t\n\r"
+
+
+def _duplicate_key(data: bytes, params: msgspec.Raw) -> str | None:
+    """check_notification's slow path (not OpenSIPS's compact form): the first
+    top-level key of `data` given twice, else None.
+
+    `data` is a notification msgspec took, `params` the value it kept (the last).
+    Only the top level is walked: keys and string values by the json module's C
+    scanner, and an object or array value only if it is `params` itself (one
+    comparison; any other is not the last of its key, so that key comes again).
+    So the cost is about one pass over the bytes, never a parse of params.
+    """
+    text = data.decode("utf-8")
+    kept = bytes(params).decode("utf-8")
+    seen: set[str] = set()
+    pos = text.index("{") + 1
+    while True:  # a member per round: each moves pos forward, to the closing brace
+        while text[pos] in _JSON_SPACE:
+            pos += 1
+        key, pos = _scanstring(text, pos + 1)  # msgspec took it: a key is next
+        if key in seen:
+            return key
+        seen.add(key)
+        pos = text.index(":", pos) + 1
+        while text[pos] in _JSON_SPACE:
+            pos += 1
+        opener = text[pos]
+        if opener == '"':
+            _, pos = _scanstring(text, pos + 1)
+        elif key == "params" and opener in "{[" and text.startswith(kept, pos):
+            pos += len(kept)
+        else:
+            return key  # not the value msgspec kept: the key comes again later
+        while text[pos] in _JSON_SPACE:
+            pos += 1
+        if text[pos] == "}":
+            return None
+        pos += 1  # the comma
+
+
+# (text, index just after the opening quote) -> (the string, index after its end); C
+_scanstring: Final[Callable[[str, int], tuple[str, int]]] = json.decoder.scanstring  # type: ignore[attr-defined]
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen.add(key)
+
+
+def repeated_key(doc: bytes | str) -> str | None:
+    """The first key given twice in any object of JSON document `doc` (innermost
+    objects first), else None. For a document msgspec has already decoded: one more
+    parse, by the json module, that only looks at keys. Raises WireError when that
+    parse fails (nested deeper than Python's recursion limit, say)."""
+    try:
+        json.loads(doc, object_pairs_hook=_unique_pairs)
+    except _RepeatedKey as exc:
+        return exc.key
+    except RecursionError:
+        raise WireError("nested too deeply") from None
+    except ValueError as exc:
+        raise WireError(f"not JSON: {exc}") from None
+    return None

@@ -36,7 +36,7 @@ from engine.subscriptions import (
     SubscriptionError,
     UnknownEvent,
 )
-from engine.wire import PayloadTooLarge, WireError
+from engine.wire import PayloadTooLarge, WireError, repeated_key
 
 if TYPE_CHECKING:
     from engine.producer import Engine
@@ -229,6 +229,14 @@ def _event_params(value: object) -> list[Any] | dict[str, Any] | None:
             raise MIError(400, "Bad Params") from None
         if not isinstance(parsed, dict):
             raise MIError(400, "Bad Params")
+        # The payload is encoded from what was decoded: a key given twice (at any
+        # depth) would lose one of its values silently (docs/notifications.md).
+        try:
+            repeated = repeated_key(value)
+        except WireError as exc:
+            raise MIError(400, "Bad Params", str(exc)) from None
+        if repeated is not None:
+            raise MIError(400, "Bad Params", f"key {repeated!r} given twice")
         return parsed
     if isinstance(value, int | float) and not isinstance(value, bool):
         raise MIError(400, "Bad Params")

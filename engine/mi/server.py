@@ -92,6 +92,7 @@ FD_RESERVE: Final = 256  # descriptors left to the rest of the process
 LINGER_S: Final = 1.0  # after a reply that closes: unread input is drained this long
 LINGER_BYTES: Final = 1 << 20  # ... or up to this much, then the socket is closed
 REFUSED_LINGERING: Final = 64  # refused (503) connections draining at once, beyond the limit
+EVICT_DRAIN_READS: Final = 4  # reads (RECV_BYTES each) of an evicted connection's unread input
 ACCEPT_BACKOFF_S: Final = 0.1  # accept() failed (out of descriptors): listen again after this
 RECV_BYTES: Final = 65536
 SERVER: Final = "event-datagram"
@@ -558,6 +559,12 @@ class _HTTPServer:
             return False
         _, conn = self._waiting.popitem(last=False)
         self.counters["evicted"] += 1
+        # Read what it sent and the loop has not read yet (a burst accepted in one go
+        # is evicted unread): close() with unread input sends a reset, not a FIN.
+        with contextlib.suppress(OSError):
+            for _ in range(EVICT_DRAIN_READS):
+                if not conn.sock.recv(RECV_BYTES):
+                    break
         self._close(conn)
         return True
 

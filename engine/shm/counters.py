@@ -27,7 +27,9 @@ Layout, version 4 (u64 words, native little-endian):
       then                    SUBSCRIBER_SLOTS (datagrams sent, sends failed) pairs, one
                               per subscriber slot the producer assigned (per-subscriber
                               metrics). Written directly, outside the journal: a worker
-                              killed mid-batch may leave these off by that batch.
+                              killed mid-batch may leave these off by that batch. A slot
+                              freed by a subscriber leaving is zeroed by the producer and
+                              given again once the worker has read past its removal.
 
 Why a journal. A batch's counters and its read position must move together,
 even if the worker is killed between two stores: the worker writes the new
@@ -52,7 +54,7 @@ COUNTERS_VERSION: Final = 4
 BLOCK_HEADER_WORDS: Final = 8
 REGION_HEADER_WORDS: Final = 8
 JOURNAL_MAX: Final = 4096
-SUBSCRIBER_SLOTS: Final = 16384  # per worker; subscribers beyond are counted in aggregate only
+SUBSCRIBER_SLOTS: Final = 16384  # per worker, reused; subscribers beyond: in the aggregates only
 
 STATE_BOOTING: Final = 0
 STATE_READY: Final = 1
@@ -279,6 +281,13 @@ class Region:
         slots = self._slots
         slots[2 * slot] += sent
         slots[2 * slot + 1] += failed
+
+    def reset_subscriber(self, slot: int) -> None:
+        """The producer, before it gives a freed slot to another subscriber (no worker
+        writes it then: the one that did has dropped its subscriber)."""
+        slots = self._slots
+        slots[2 * slot] = 0
+        slots[2 * slot + 1] = 0
 
     def subscriber_counts(self, slot: int) -> tuple[int, int]:
         """(datagrams sent, sends failed) of subscriber slot `slot`."""

@@ -118,6 +118,48 @@ def test_each_rejection_reason_is_counted(tmp_path: Path) -> None:
         rx.close()
 
 
+def test_a_top_level_key_given_twice_is_never_forwarded(tmp_path: Path) -> None:
+    """A notification naming two events (or two of any top-level key) is rejected as
+    malformed, whichever comes last: a first-key parser (OpenSIPS's cJSON) would read
+    another event than the one routed. Keys repeated inside params pass unchanged."""
+    a_rx, b_rx = udp_receiver(), udp_receiver()
+    path = f"{tmp_path}/ingest.sock"
+    repeated = [
+        b'{"jsonrpc":"2.0","method":"E_A","method":"E_B","params":{"ip":"1"}}',
+        b'{"jsonrpc":"2.0","method":"E_B","params":{"ip":"2"},"method":"E_A"}',
+        b'{"jsonrpc": "2.0", "method": "E_A", "method": "E_B"}',
+        b'{"jsonrpc":"2.0","method":"E_A","\\u006dethod":"E_B"}',
+        b'{"jsonrpc":"2.0","jsonrpc":"2.0","method":"E_A"}',
+        b'{"jsonrpc":"2.0","method":"E_B","params":{"ip":"3"},"params":{"ip":"4"}}',
+    ]
+    forwarded = [
+        b'{"jsonrpc":"2.0","method":"E_A","params":{"ip":"5"}}',
+        b'{"jsonrpc":"2.0","method":"E_B","params":{"":"a","":"b"}}',  # as OpenSIPS sends
+        b'{"jsonrpc": "2.0", "method": "E_B", "params": {"method": "E_A"}}',
+    ]
+    try:
+        with running_engine(["E_A", "E_B"]) as engine:
+            engine.subscribe("E_A", a_rx.socket_text)
+            engine.subscribe("E_B", b_rx.socket_text)
+            with ingesting(engine, [f"unix:{path}"]) as ingest:
+                sock, address = sender_for(ingest.names[0])
+                with sock:
+                    for data in [*repeated, *forwarded]:
+                        sock.sendto(data, address)
+                total = len(repeated) + len(forwarded)
+                eventually(lambda: by_name(engine, ingest.names[0]).received == total)
+                source = by_name(engine, ingest.names[0])
+                assert source.rejected["malformed"] == len(repeated), source
+                assert source.raised == len(forwarded)
+            assert a_rx.quiet(expect=1) == forwarded[:1]
+            assert b_rx.quiet(expect=2) == forwarded[1:]
+            settle(engine)
+            engine.statistics().check_identity()
+    finally:
+        a_rx.close()
+        b_rx.close()
+
+
 def test_a_batch_from_several_sources_is_checked_per_source() -> None:
     # One recvmmsg batch from two loopback addresses, one allowed, in turns: the
     # batch cannot be checked once for all, each datagram is (and relayed in order).

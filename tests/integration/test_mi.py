@@ -324,6 +324,12 @@ def test_raise_event_results_and_datagrams(engine: Engine) -> None:
             (None, err(400, "No Params")),
         ]:  # fmt: skip
             assert mi(engine, req("raise_event", ["E_SAMPLE", params])) == reply, params
+        for params, key in [  # re-encoded, a repeated key would lose a value: at any depth
+            ('{"ip":"1.2.3.4","ip":"5.6.7.8"}', "ip"), ('{"a":{"b":1,"b":2}}', "b"),
+            ('{"a":[{"c":1,"\\u0063":2}]}', "c"),
+        ]:  # fmt: skip
+            reply = err(400, "Bad Params", f"key {key!r} given twice")
+            assert mi(engine, req("raise_event", ["E_SAMPLE", params])) == reply, params
         assert mi(engine, req("raise_event", ["E_NOPE", "{}"])) == err(404, "Event not registered")
         assert mi(engine, req("raise_event", ["E_NOPE", "bad"])) == err(404, "Event not registered")
         assert mi(engine, req("raise_event", {"event": "E_BENCH"})) == (

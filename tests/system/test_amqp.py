@@ -183,6 +183,8 @@ def test_invalid_bodies_are_counted_by_reason_and_never_forwarded(
             b'{"jsonrpc":"2.0","method":"E_A","params":"text"}',
             b'{"jsonrpc":"2.0","method":"E_A","params":{"s":"\xff\xfe"}}',  # not UTF-8
             b'{"jsonrpc":"2.0","method":"E_A","params":' + b"[" * 5000 + b"]" * 5000 + b"}",
+            b'{"jsonrpc":"2.0","method":"E_B","method":"E_A"}',  # a key twice: which event?
+            b'{"jsonrpc": "2.0", "method": "E_A", "params": {}, "params": []}',
         ],
         "unknown_event": [notification("E_NOT_HERE", 1), notification("E_B", 2)],
         "oversize": [

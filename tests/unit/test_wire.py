@@ -15,7 +15,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.wire import MAX_PAYLOAD, PayloadTooLarge, WireError, encode_notification
+from engine.wire import (
+    MAX_PAYLOAD,
+    NotificationRejected,
+    PayloadTooLarge,
+    WireError,
+    check_notification,
+    encode_notification,
+    repeated_key,
+)
 from tests.captures import ALL_CAPTURES, WIRE, Capture
 from tests.support import VECTORS
 
@@ -635,3 +643,129 @@ def test_property_non_finite_float_anywhere_is_rejected(method: str, params: Any
     with pytest.raises(WireError) as info:
         encode_notification(method, {"p": {"ok": params, "bad": [float(bad)]}})
     assert str(info.value) == f"params['p']['bad'][0]: float {bad} is not valid JSON"
+
+
+# --- received notifications: a key given twice (issue 19 item 6) ------------------------
+
+ONCE = b'{"jsonrpc":"2.0","method":"E_A","params":{"ip":"1.2.3.4"}}'
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"jsonrpc":"2.0","method":"E_A","method":"E_B"}',
+        b'{"jsonrpc":"2.0","method":"E_B","params":{},"method":"E_A"}',
+        b'{"jsonrpc":"2.0","jsonrpc":"2.0","method":"E_A"}',
+        b'{"jsonrpc":"2.0","method":"E_A","params":{"a":1},"params":[2]}',
+        b'{"jsonrpc":"2.0","method":"E_A","\\u006dethod":"E_B"}',  # the same key, escaped
+        b'{"jsonrpc": "2.0", "method": "E_A", "method": "E_B"}',
+        b'{ "method":"E_A","jsonrpc":"2.0","method":"E_A" }',  # even with the same value
+        b'{"jsonrpc":"2.0","method":"E\\u005fB","method":"E_A"}',  # escapes in the method
+        '{"jsonrpc":"2.0","method":"É","method":"E_A"}'.encode(),  # non-ASCII method
+        # the shortest repeats msgspec takes (the size check's bound: 11 bytes)
+        b'{"jsonrpc":"2.0","method":"E_A","params":0,"params":[]}',
+        b'{"jsonrpc":"2.0","method":"","method":"E_A"}',
+    ],
+)
+def test_a_top_level_key_given_twice_is_malformed(data: bytes) -> None:
+    with pytest.raises(NotificationRejected) as info:
+        check_notification(data)
+    assert info.value.reason == "malformed"
+    assert "given twice" in str(info.value)
+
+
+def test_an_id_given_twice_is_malformed_too() -> None:
+    with pytest.raises(NotificationRejected) as info:
+        check_notification(b'{"jsonrpc":"2.0","method":"E_A","id":1,"id":2}')
+    assert info.value.reason == "malformed"
+
+
+@pytest.mark.parametrize(
+    ("data", "method"),
+    [
+        (ONCE, "E_A"),
+        (b'{"jsonrpc":"2.0","method":"E_A"}', "E_A"),
+        (b'{"jsonrpc": "2.0", "method": "E_A", "params": {"ip": "1"}}', "E_A"),  # json.dumps
+        (b'{ "jsonrpc" : "2.0" ,\n "method" : "E_A" , "params" : [ ] }', "E_A"),
+        (b'{"method":"E_A","params":[1],"jsonrpc":"2.0"}', "E_A"),  # any order
+        # "method" and "params" named again inside params: not top-level keys
+        (b'{"jsonrpc":"2.0","method":"E_A","params":{"method":"x","params":["method"]}}', "E_A"),
+        (b'{"jsonrpc": "2.0", "method": "E_A", "params": {"q": "a \\"b\\""}}', "E_A"),
+        # a key repeated inside params is forwarded as it came (OpenSIPS sends that)
+        (b'{"jsonrpc":"2.0","method":"E_A","params":{"":"a","":"b"}}', "E_A"),
+        (b'{"jsonrpc":"2.0","method":"E\\u005fA"}', "E_A"),  # escapes: the slow path
+        ('{"jsonrpc":"2.0","method":"É"}'.encode(), "É"),
+    ],
+)
+def test_each_key_once_is_accepted_however_written(data: bytes, method: str) -> None:
+    assert check_notification(data) == method
+
+
+def test_every_captured_opensips_datagram_is_accepted() -> None:
+    """Including the one with a key repeated inside params ({"":"a","":"b"})."""
+    assert WIRE is not None, MISSING
+    for capture in ALL_CAPTURES:
+        assert check_notification(capture.payload) == _decode_capture_method(capture.payload)
+
+
+def _decode_capture_method(payload: bytes) -> str:
+    method = json.loads(payload)["method"]
+    assert isinstance(method, str)
+    return method
+
+
+_SPACE = st.sampled_from(["", " ", "\n", "\t ", "  "])
+
+
+@settings(max_examples=300)
+@given(METHODS, PARAMS, st.data())
+def test_property_a_repeated_member_anywhere_is_rejected_and_none_accepted(
+    method: str, params: Any, data: st.DataObject
+) -> None:
+    """The compact form, the same with whitespace, and either with one member given
+    again (before or after the others, any value): only the last are rejected."""
+    members = [("jsonrpc", "2.0"), ("method", method)]
+    if params is not None:
+        members.append(("params", params))
+    members = data.draw(st.permutations(members))
+    space = data.draw(_SPACE)
+
+    def text(pairs: list[tuple[str, Any]], sep: str) -> bytes:
+        body = (sep + "," + sep).join(
+            json.dumps(k, ensure_ascii=False) + sep + ":" + sep + json.dumps(v, ensure_ascii=False)
+            for k, v in pairs
+        )
+        return ("{" + sep + body + sep + "}").encode()
+
+    for sep in ("", space):
+        assert check_notification(text(members, sep)) == method
+    again = data.draw(st.sampled_from(members))
+    # A value msgspec takes for that key (so the repeat is the only fault), anywhere.
+    valid = {"jsonrpc": ["2.0"], "method": [method, "E_OTHER"], "params": [{}, [1], params]}
+    value = data.draw(st.sampled_from(valid[again[0]]))
+    at = data.draw(st.integers(0, len(members)))
+    doubled = [*members[:at], (again[0], value), *members[at:]]
+    for sep in ("", space):
+        with pytest.raises(NotificationRejected) as info:
+            check_notification(text(doubled, sep))
+        assert info.value.reason == "malformed"
+
+
+@pytest.mark.parametrize(
+    ("doc", "key"),
+    [
+        ('{"a":1,"b":2}', None),
+        ('{"a":1,"a":1}', "a"),
+        ('{"a":{"b":1,"b":2},"c":3}', "b"),  # at any depth
+        ('{"a":[{"c":1,"\\u0063":2}]}', "c"),  # any spelling
+        ('{"a":{"x":1},"b":{"x":1}}', None),  # the same key in two objects is no repeat
+        (b'{"\xc3\xa9":1,"\\u00e9":2}', "é"),
+    ],
+)
+def test_repeated_key_finds_a_key_given_twice_anywhere(doc: str | bytes, key: str | None) -> None:
+    assert repeated_key(doc) == key
+
+
+def test_repeated_key_refuses_what_it_cannot_parse() -> None:
+    with pytest.raises(WireError):
+        repeated_key("{nope")
