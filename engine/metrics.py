@@ -35,7 +35,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import psutil
 from prometheus_client.core import (
@@ -53,8 +53,17 @@ from engine.shm.counters import BATCH_BUCKETS, LATENCY_BUCKETS_S, REASONS, TRANS
 from engine.statistics import EngineStatistics, SourceStatistics, WorkerStatistics
 from engine.version import build
 
-if TYPE_CHECKING:
-    from engine.mi.http import SecurityCounters
+_Counts = dict[tuple[str, str], int]  # (listener, reason) -> count
+
+
+class SecurityCounters(Protocol):
+    """What the HTTP listeners refused (engine.mi.http.SecurityCounters): read here
+    by shape, so metrics does not import the MI that imports it."""
+
+    listeners: set[str]
+
+    def snapshot(self) -> tuple[_Counts, _Counts, _Counts]: ...
+
 
 PREFIX: Final = "event_datagram_"
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
