@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
-from engine.address import Destination, parse_destination
+from engine.address import Destination
 from engine.errors import EngineError, PayloadTooLarge
 from engine.guards import Guards
 from engine.options import EngineOptions
@@ -40,6 +40,7 @@ from engine.signals import SignalCatcher
 from engine.statistics import EngineStatistics, SourceStatistics, WorkerStatistics
 from engine.subscriptions import DEFAULT_EXPIRE, AllowList, Change, Registry, UnknownEvents
 from engine.supervisor import Supervisor
+from engine.targets import Filter, Group, parse_target
 from engine.wire import MAX_PAYLOAD, Params, encode_notification
 
 log = logging.getLogger("event_datagram.engine")
@@ -165,6 +166,7 @@ class Engine:
             with self.lock:
                 with self._hot:
                     self._router = Router(self.supervisor.rings)
+                    self._router.failover_s = self.options.failover_timeout_s
                     counters = self.supervisor.counters
                     assert counters is not None
                     self._regions = [counters.region(k) for k in range(len(self.supervisor.rings))]
@@ -243,16 +245,27 @@ class Engine:
             return self.registry.register_event(name)
 
     def subscribe(
-        self, event: str, socket: str | Destination, expire: int | None = DEFAULT_EXPIRE
+        self,
+        event: str,
+        socket: str | Destination | Group,
+        expire: int | None = DEFAULT_EXPIRE,
+        filter: str | list[str] | Filter | None = None,
     ) -> Change | None:
+        """Subscribe a socket or a ``virtual:`` group (engine.targets), optionally
+        with a filter (``name=pattern`` conditions, ANDed); see docs/routing.md."""
         if isinstance(socket, str) and expire != 0:
-            socket = parse_destination(socket)  # DNS happens here, outside the locks
+            socket = parse_target(socket)  # DNS happens here, outside the locks
         with self.lock:
-            return self.registry.subscribe(event, socket, expire)
+            return self.registry.subscribe(event, socket, expire, filter)
 
-    def unsubscribe(self, event: str, socket: str | Destination) -> Change | None:
+    def unsubscribe(
+        self,
+        event: str,
+        socket: str | Destination | Group,
+        filter: str | list[str] | Filter | None = None,
+    ) -> Change | None:
         with self.lock:
-            return self.registry.unsubscribe(event, socket)
+            return self.registry.unsubscribe(event, socket, filter)
 
     def own_socket(self, what: str, address: tuple[str, int] | str) -> int:
         """Register one of the engine's own listeners (as bound) and unsubscribe
@@ -635,6 +648,8 @@ class Engine:
                         pairs_failed=values[lay.scalar("pairs_failed")],
                         pairs_consumed=values[lay.scalar("pairs_consumed")],
                         pairs_stale=values[lay.scalar("pairs_stale")],
+                        pairs_filtered=values[lay.scalar("pairs_filtered")],
+                        failovers=values[lay.scalar("failovers")],
                         sleeps=ring.sleeps,
                         redelivered_pairs=values[lay.scalar("redelivered_pairs")],
                         subscribers=values[lay.scalar("subscribers")],

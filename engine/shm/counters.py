@@ -82,6 +82,8 @@ SCALARS: Final = (
     "pairs_consumed",  # fan-out of the event records consumed (= sent + failed + stale)
     "pairs_stale",  # pairs not sent: the event was older than engine.max_delay_ms
     "shared_subscribers",  # of `subscribers`, those on a shared unconnected socket (a gauge)
+    "pairs_filtered",  # pairs not sent: the subscription's filter did not match the event
+    "failovers",  # datagrams a group member failed that went to another member instead
 )
 
 
@@ -135,8 +137,16 @@ class CounterLayout:
         return self.batch_base + len(BATCH_BUCKETS) + 2
 
     @property
-    def size(self) -> int:
+    def filtered_base(self) -> int:
         return self.latency_base + len(LATENCY_BUCKETS_NS) + 2
+
+    def filtered(self, event_id: int) -> int:
+        """Pairs of `event_id` a subscription's filter kept from being sent."""
+        return self.filtered_base + event_id
+
+    @property
+    def size(self) -> int:
+        return self.filtered_base + self.max_events
 
 
 def region_words(layout: CounterLayout) -> int:
