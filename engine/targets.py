@@ -106,8 +106,10 @@ def parse_group(text: str, *, resolve: bool = True) -> Group:
     elif word in ("PARALLEL", "FAILOVER", "ROUND-ROBIN"):
         policy = word  # type: ignore[assignment]
     else:
-        hint = " (policies are upper case)" if word.upper() in POLICIES else ""
-        hint = hint or (" (expected HASH(param))" if word.upper().startswith("HASH") else "")
+        if word.upper().startswith("HASH"):
+            hint = " (expected HASH(param), upper case)"
+        else:
+            hint = " (policies are upper case)" if word.upper() in POLICIES else ""
         raise _fail(text, f"invalid virtual socket type {word[:40]!r}{hint}")
     if not names:
         raise _fail(text, "a virtual socket needs at least one member")

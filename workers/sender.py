@@ -130,6 +130,13 @@ class BatchSender:
                 start += n
                 if waited:
                     self.sent_after_wait += n
+                if stop_on_error and start < end and sock.family != socket.AF_UNIX:
+                    # A short sendmmsg on UDP hides its error (the kernel reports an
+                    # ICMP-set error once, and sendmmsg drops it after a partial send):
+                    # sending on would reach a receiver known dead. Stop here.
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    errors.append((start, err or errno.ECONNREFUSED))
+                    break
                 continue
             err = ctypes.get_errno() if n < 0 else errno.EIO
             if err == errno.EINTR:
