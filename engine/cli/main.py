@@ -102,9 +102,12 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     sub.add_argument("event")
     sub.add_argument("socket")
     sub.add_argument("expire", nargs="?", type=int, help="seconds (default 3600; 0 = remove)")
+    filter_help = "name=pattern on the event's params, shell wildcards (repeat: ANDed)"
+    sub.add_argument("--filter", action="append", metavar="NAME=PATTERN", help=filter_help)
     unsub = verbs.add_parser("unsubscribe", parents=[client], help="remove a subscription")
     unsub.add_argument("event")
     unsub.add_argument("socket")
+    unsub.add_argument("--filter", action="append", metavar="NAME=PATTERN", help=filter_help)
     verbs.add_parser("events", parents=[client], help="list the events")
     subs = verbs.add_parser("subscribers", parents=[client], help="list subscribers")
     subs.add_argument("event", nargs="?")
@@ -116,6 +119,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     listen.add_argument("socket", help="udp:IP:PORT (port 0 = any), unix:/PATH or /PATH")
     listen.add_argument("events", nargs="+", metavar="EVENT")
     listen.add_argument("--expire", type=int, default=60, help="seconds (default 60)")
+    listen.add_argument("--filter", action="append", metavar="NAME=PATTERN", help=filter_help)
 
     if argv and argv[0] == "bench":
         bench = verbs.add_parser("bench", help="stress run (make bench)")
@@ -162,8 +166,13 @@ def _client(args: argparse.Namespace) -> int:
     return 0
 
 
-def _request(args: argparse.Namespace) -> tuple[str | None, list[Any]]:
+def _request(args: argparse.Namespace) -> tuple[str | None, list[Any] | dict[str, Any]]:
     verb = args.verb
+    filters = getattr(args, "filter", None)
+    if verb in ("subscribe", "unsubscribe") and filters:  # named: `filter` is ours
+        expire = 0 if verb == "unsubscribe" else args.expire
+        named = {"event": args.event, "socket": args.socket, "filter": filters}
+        return "event_subscribe", named if expire is None else {**named, "expire": expire}
     if verb == "subscribe":
         extra = [] if args.expire is None else [args.expire]
         return "event_subscribe", [args.event, args.socket, *extra]
@@ -222,9 +231,10 @@ def _human_event(event: dict[str, Any]) -> str:
 
 
 def _human_sub(sub: dict[str, Any]) -> str:
+    shown = f"  filter {sub['filter']}" if "filter" in sub else ""
     if sub.get("expire") == "never":
-        return f"{sub.get('socket')}  expire never"
-    return f"{sub.get('socket')}  expire {sub.get('expire')}  ttl {sub.get('ttl')}"
+        return f"{sub.get('socket')}  expire never{shown}"
+    return f"{sub.get('socket')}  expire {sub.get('expire')}  ttl {sub.get('ttl')}{shown}"
 
 
 def _listen(args: argparse.Namespace) -> int:
@@ -234,7 +244,10 @@ def _listen(args: argparse.Namespace) -> int:
         print("event-datagram listen: --expire must be at least 1", file=sys.stderr)
         return 2
     try:
-        return run_listener(args.mi, args.socket, args.events, args.expire, args.json, args.timeout)
+        return run_listener(
+            args.mi, args.socket, args.events, args.expire, args.json, args.timeout,
+            filters=args.filter or None,
+        )  # fmt: skip
     except ListenError as exc:
         print(f"event-datagram listen: {exc}", file=sys.stderr)
         return 1

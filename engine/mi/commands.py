@@ -36,7 +36,7 @@ from engine.subscriptions import (
     SubscriptionError,
     UnknownEvent,
 )
-from engine.targets import parse_filter, parse_target
+from engine.targets import VIRTUAL, parse_filter, parse_target
 from engine.wire import PayloadTooLarge, WireError
 
 if TYPE_CHECKING:
@@ -148,6 +148,9 @@ def _subscribe(engine: Engine, p: Params) -> object:
             raise MIError(INVALID_PARAMS, "Invalid params", "Negative expire value")
     try:
         filt = _filter(p)
+    except ValueError as exc:  # beyond OpenSIPS: say what is wrong with it
+        raise MIError(400, "Bad parameter value", str(exc)) from None
+    try:
         with engine.lock:
             engine.registry.event_id(event)
         # Resolve a host name here, not under the engine lock (the raise path takes it).
@@ -155,7 +158,10 @@ def _subscribe(engine: Engine, p: Params) -> object:
         engine.subscribe(event, dest, expire, filt)
     except NotAllowed as exc:
         raise MIError(400, "Bad parameter value", str(exc)) from None
-    except (UnknownEvent, AddressError):
+    except AddressError as exc:  # a group's reason is told (OpenSIPS has none to match)
+        data = str(exc) if socket.startswith(VIRTUAL) else None
+        raise MIError(400, "Bad parameter value", data) from None
+    except UnknownEvent:
         raise MIError(400, "Bad parameter value") from None
     except StateFileError as exc:
         raise MIError(SERVER_ERROR, "Server error", str(exc)) from None
