@@ -28,7 +28,7 @@ from engine.address import Destination
 from engine.errors import EngineError, PayloadTooLarge
 from engine.guards import Guards
 from engine.options import EngineOptions
-from engine.routing import Router
+from engine.routing import Router, member_key
 from engine.shm.counters import CounterBlock, CounterLayout, Region
 from engine.shm.ring import (
     KIND_EVENT,
@@ -37,7 +37,12 @@ from engine.shm.ring import (
     Ring,
 )
 from engine.signals import SignalCatcher
-from engine.statistics import EngineStatistics, SourceStatistics, WorkerStatistics
+from engine.statistics import (
+    EngineStatistics,
+    GroupStatistics,
+    SourceStatistics,
+    WorkerStatistics,
+)
 from engine.subscriptions import DEFAULT_EXPIRE, AllowList, Change, Registry, UnknownEvents
 from engine.supervisor import Supervisor
 from engine.targets import Filter, Group, parse_target
@@ -683,6 +688,32 @@ class Engine:
                     slot = route.slots.get(key, -1)
                     if slot >= 0:
                         out[key] = region.subscriber_counts(slot)
+            return out
+
+    def group_statistics(self) -> list[GroupStatistics]:
+        """Every live ``virtual:`` group: its failovers, members down (as of its last
+        event) and datagrams sent per member (docs/routing.md)."""
+        with self._hot:
+            block, router = self.supervisor.counters, self._router
+            if block is None or router is None:
+                return []
+            out = []
+            for (eid, key), sub in router.routed.items():
+                group, worker = sub.dest, router.special_owner.get(eid)
+                if not isinstance(group, Group) or worker is None:
+                    continue
+                route, region = router.routes[worker], block.region(worker)
+                slot = route.group_slots.get(f"{eid} {key}", -1)
+                lay = region.layout
+                failovers = region.counter(lay.group(slot, 0)) if slot >= 0 else 0
+                down = region.counter(lay.group(slot, 1)) if slot >= 0 else 0
+                members = []
+                for m in group.members:
+                    mslot = route.slots.get(member_key(key, m), -1)
+                    sent = region.subscriber_counts(mslot)[0] if mslot >= 0 else 0
+                    members.append((m.key, sent))
+                name = self.registry.event_name(eid)
+                out.append(GroupStatistics(name, group.key, failovers, down, members))
             return out
 
     def add_source(self, source: Source) -> None:

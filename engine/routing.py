@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.address import Destination
-from engine.shm.counters import SUBSCRIBER_SLOTS
+from engine.shm.counters import GROUP_SLOTS, SUBSCRIBER_SLOTS
 from engine.shm.ring import (
     CONTROL_ENCODER,
     KIND_SUBSCRIBE,
@@ -58,6 +58,17 @@ class WorkerRoute:
     # Per-subscriber counter slots in this worker's region; never reused, so a
     # slot's counts always belong to one subscriber key.
     slots: dict[str, int] = field(default_factory=dict)
+
+    # Group counter slots (counters.GROUP_SLOTS), by subscription key; never reused.
+    group_slots: dict[str, int] = field(default_factory=dict)
+
+    def group_for(self, key: str) -> int:
+        slot = self.group_slots.get(key)
+        if slot is None:
+            if len(self.group_slots) >= GROUP_SLOTS:
+                return -1  # counted in the aggregate failovers only
+            slot = self.group_slots[key] = len(self.group_slots)
+        return slot
 
     def slot_for(self, key: str) -> int:
         slot = self.slots.get(key)
@@ -204,17 +215,19 @@ class Router:
         conditions = [] if sub.filter is None else list(sub.filter.conditions)
         policy: str
         sockaddr: str | list[str | int]
+        group = -1
         if isinstance(dest, Group):
-            members = [_plain(m, route.slot_for(f"{key} member={m.key}")) for m in dest.members]
+            members = [_plain(m, route.slot_for(member_key(key, m))) for m in dest.members]
             policy, hash_param = dest.policy, dest.hash_param
             transport, family, sockaddr = "udp", 0, ""
+            group = route.group_for(f"{eid} {key}")
         else:
             members, policy, hash_param = [], "SINGLE", ""
             transport, family = dest.transport, dest.family
             sockaddr = _plain(dest, -1).sockaddr
         control = ControlPayload(
             key, transport, family, sockaddr, route.slot_for(key), policy, members,
-            conditions, hash_param, self.failover_s,
+            conditions, hash_param, self.failover_s, group,
         )  # fmt: skip
         self._send_control(worker, kind, eid, control)
 
@@ -272,6 +285,11 @@ class Router:
             self.targets[eid] = targets
         else:
             self.targets.pop(eid, None)
+
+
+def member_key(key: str, member: Destination) -> str:
+    """A group member's per-subscriber counter key (its slot's name)."""
+    return f"{key} member={member.key}"
 
 
 def _plain(dest: Destination, slot: int) -> ControlPayload:

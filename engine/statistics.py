@@ -41,6 +41,17 @@ class WorkerStatistics:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupStatistics:
+    """One ``virtual:`` group of one event (engine.targets)."""
+
+    event: str
+    group: str  # as listed: virtual:POLICY m1 m2 ...
+    failovers: int  # datagrams a failed member passed on to another member
+    members_down: int  # members skipped until failover_timeout_s, as of its last event
+    sent_by_member: list[tuple[str, int]]  # (member socket, datagrams sent to it)
+
+
+@dataclass(frozen=True, slots=True)
 class SourceStatistics:
     """One source's counters (an ingest socket, an upstream, a broker queue)."""
 

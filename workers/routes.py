@@ -43,6 +43,7 @@ from workers.table import Subscriber, SubscriberTable
 
 UNIX: Final = TRANSPORTS.index("unix")
 ORDERED: Final = frozenset({"FAILOVER", "ROUND-ROBIN", "HASH"})
+SCORE_CACHE: Final = 4096  # HASH: param values whose member scores are kept
 
 
 class _Params(msgspec.Struct):
@@ -74,9 +75,12 @@ class Route:
     hash_param: str
     failover_s: float
     slot: int
+    group: int  # counters.GROUP_SLOTS slot; -1 = none
     down_until: list[float] = field(default_factory=list)  # per member, monotonic
     salts: list[bytes] = field(default_factory=list)  # per member: its rendezvous key
     next_rr: int = 0
+    filter_key: tuple[tuple[str, str], ...] = ()  # routes with the same filter share results
+    scores: dict[str, list[bytes]] = field(default_factory=dict)  # HASH: value -> per member
 
     @property
     def weight(self) -> int:
@@ -95,17 +99,38 @@ class Route:
                 return False
         return True
 
-    def ranking(self, params: dict[str, Any] | list[Any] | None) -> list[int]:
-        """HASH: members by rendezvous score of the param's value, best first."""
+    def hash_scores(self, params: dict[str, Any] | list[Any] | None) -> list[bytes]:
+        """HASH: each member's rendezvous score for the param's value (an event
+        without it, or with a list or object there, scores the empty string)."""
         value = params.get(self.hash_param) if isinstance(params, dict) else None
-        text = value_text(value) if value is not None else ""
-        data = (text or "").encode("utf-8", "surrogatepass")
-        scores = [
-            (hashlib.blake2b(data, digest_size=8, key=salt).digest(), k)
-            for k, salt in enumerate(self.salts)
-        ]
-        scores.sort(reverse=True)
-        return [k for _, k in scores]
+        text = (value_text(value) if value is not None else "") or ""
+        scores = self.scores.get(text)
+        if scores is None:
+            if len(self.scores) >= SCORE_CACHE:
+                self.scores.clear()  # bounded; the next keys fill it again
+            data = text.encode("utf-8", "surrogatepass")
+            scores = self.scores[text] = [
+                hashlib.blake2b(data, digest_size=8, key=salt).digest() for salt in self.salts
+            ]
+        return scores
+
+    def choose(self, i_start: int, scores: list[bytes] | None, skip: int, now: float) -> int:
+        """The member an event goes to: the first one up in its order (after its
+        `skip` first members); -1 if none.
+
+        FAILOVER: members in list order; ROUND-ROBIN: from the event's turn
+        `i_start`, round; HASH: by score, best first (rendezvous)."""
+        down, m = self.down_until, len(self.members)
+        if scores is not None:
+            order = sorted(range(m), key=scores.__getitem__, reverse=True)
+        elif self.policy == "ROUND-ROBIN":
+            order = [(i_start + j) % m for j in range(m)]
+        else:
+            order = list(range(m))
+        for k in order[skip:]:
+            if down[k] <= now:
+                return k
+        return -1
 
 
 class RouteTable:
@@ -130,8 +155,9 @@ class RouteTable:
         ]
         routes[control.key] = Route(
             control.key, control.policy, members, conditions, control.hash_param,
-            control.failover_s, control.slot, [0.0] * len(members),
+            control.failover_s, control.slot, control.group, [0.0] * len(members),
             [hashlib.blake2b(m.key.encode(), digest_size=16).digest() for m in members],
+            filter_key=tuple(tuple(c) for c in control.conditions),  # type: ignore[misc]
         )  # fmt: skip
 
     def unsubscribe(self, event_id: int, key: str) -> None:
@@ -177,6 +203,7 @@ class RouteSender:
         region: Region,
         layout: CounterLayout,
         add: Callable[[int, int], None],
+        set_: Callable[[int, int], None],
         spare: int,
         unix_wait_s: float,
     ) -> None:
@@ -185,6 +212,7 @@ class RouteSender:
         self.region = region
         self.layout = layout
         self.add = add
+        self.set = set_
         self.spare = spare  # first iovec entry of the table's second half
         self.unix_wait_s = unix_wait_s
         self.i_sent = layout.scalar("pairs_sent")
@@ -202,12 +230,19 @@ class RouteSender:
         for i in range(n):
             if eids[i] in by_event:
                 positions.setdefault(eids[i], []).append(i)
+        verdicts: dict[tuple[tuple[str, str], ...], list[int]] = {}  # filter -> kept entries
         for eid, idx in positions.items():
+            verdicts.clear()
             for route in by_event[eid].values():
                 pairs += route.weight * len(idx)
                 keep = idx
                 if route.conditions:
-                    keep = [i for i in idx if route.matches(self._params(i, params))]
+                    shared = verdicts.get(route.filter_key)
+                    if shared is None:
+                        shared = verdicts[route.filter_key] = [
+                            i for i in idx if route.matches(self._params(i, params))
+                        ]
+                    keep = shared
                     dropped = (len(idx) - len(keep)) * route.weight
                     if dropped:
                         self.add(self.layout.filtered(eid), dropped)
@@ -247,23 +282,28 @@ class RouteSender:
         m = len(route.members)
         now = time.monotonic()
         down = route.down_until
-        orders: dict[int, list[int]] = {}
-        for i in keep:
-            if route.policy == "HASH":
-                orders[i] = route.ranking(self._params(i, params))
-            elif route.policy == "ROUND-ROBIN":
-                start = route.next_rr
-                orders[i] = [(start + j) % m for j in range(m)]
-            else:
-                orders[i] = list(range(m))
-            if route.policy == "ROUND-ROBIN":
-                first = next((k for k in orders[i] if down[k] <= now), orders[i][0])
-                route.next_rr = (first + 1) % m
+        all_up = max(down) <= now
+        hashed = route.policy == "HASH"
+        starts: dict[int, int] = {}  # ROUND-ROBIN: each event's turn
+        scores: dict[int, list[bytes]] = {}  # HASH: each event's member scores
         pending: dict[int, list[int]] = {}
         failed: list[int] = []
         for i in keep:
-            self._assign(route, i, orders[i], -1, now, pending, failed)
-        rounds = 0
+            if hashed:
+                s = scores[i] = route.hash_scores(self._params(i, params))
+                k = max(range(m), key=s.__getitem__) if all_up else route.choose(0, s, 0, now)
+            elif route.policy == "ROUND-ROBIN":
+                starts[i] = start = route.next_rr
+                k = start if all_up else route.choose(start, None, 0, now)
+                if k >= 0:
+                    route.next_rr = (k + 1) % m
+            else:
+                k = 0 if all_up else route.choose(0, None, 0, now)
+            if k < 0:
+                failed.append(i)
+            else:
+                pending.setdefault(k, []).append(i)
+        rounds = moved = 0
         while pending and rounds <= m:  # each round takes a member down: bounded
             rounds += 1
             current, pending = pending, {}
@@ -271,10 +311,23 @@ class RouteSender:
                 unsent = self._send_member(route, k, eid, lst, lengths, deadline, stop=True)
                 if not unsent:
                     continue
-                down[k] = time.monotonic() + route.failover_s
-                for i in unsent:
-                    if self._assign(route, i, orders[i], k, now, pending, failed):
-                        self.add(self.i_failovers, 1)
+                t = time.monotonic()
+                down[k] = t + route.failover_s
+                for i in unsent:  # k is down now: the next member up in the event's order
+                    nxt = route.choose(starts.get(i, 0), scores.get(i), 0, t)
+                    if nxt < 0:
+                        failed.append(i)
+                    else:
+                        pending.setdefault(nxt, []).append(i)
+                        moved += 1
+        if moved:
+            self.add(self.i_failovers, moved)
+        if route.group >= 0:
+            lay = self.layout
+            if moved:
+                self.add(lay.group(route.group, 0), moved)
+            later = time.monotonic()
+            self.set(lay.group(route.group, 1), sum(d > later for d in down))
         if failed:
             err = next((s.last_errno for s in route.members if s.last_errno), errno.EIO)
             transport = route.members[0].transport
@@ -282,28 +335,6 @@ class RouteSender:
             self.add(self.i_failed, len(failed))
             if route.slot >= 0:
                 self.region.count_subscriber(route.slot, 0, len(failed))
-
-    @staticmethod
-    def _assign(
-        route: Route,
-        i: int,
-        order: list[int],
-        after: int,
-        now: float,
-        pending: dict[int, list[int]],
-        failed: list[int],
-    ) -> bool:
-        """Give entry i to the first member that is up in `order` (after `after`,
-        for FAILOVER: only later members); True when one took it."""
-        down = route.down_until
-        start = order.index(after) + 1 if after >= 0 else 0
-        candidates = order[start:] if route.policy == "FAILOVER" else order[start:] + order[:start]
-        for k in candidates:
-            if k != after and down[k] <= now:
-                pending.setdefault(k, []).append(i)
-                return True
-        failed.append(i)
-        return False
 
     def _send_member(
         self,
@@ -327,10 +358,13 @@ class RouteSender:
             errs = [(0, sub.last_errno)] * len(idx)
         else:
             iov = sender.iov_words
-            base = self.spare
-            for j, i in enumerate(idx):
-                iov[2 * (base + j)] = iov[2 * i]
-                iov[2 * (base + j) + 1] = iov[2 * i + 1]
+            if idx[-1] - idx[0] == len(idx) - 1:  # a contiguous run: send it in place
+                base = idx[0]
+            else:  # a compact copy in the table's second half
+                base = self.spare
+                for j, i in enumerate(idx):
+                    iov[2 * (base + j)] = iov[2 * i]
+                    iov[2 * (base + j) + 1] = iov[2 * i + 1]
             wait = sub.transport == UNIX and self.unix_wait_s > 0
             if wait and not deadline[0]:
                 deadline[0] = time.monotonic() + self.unix_wait_s

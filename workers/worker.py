@@ -113,7 +113,8 @@ class Worker:
         self._set(self.i_subscribers, len(self.table.by_key))
         self._set(self.i_shared, self.table.shared_count)
         self.route_sender = RouteSender(
-            self.routes, self.sender, self.region, self.layout, self._add, spec.batch_max,
+            self.routes, self.sender, self.region, self.layout, self._add, self._set,
+            spec.batch_max,
             self.unix_wait_s,
         )  # fmt: skip
         self.route_deadline = [0.0]

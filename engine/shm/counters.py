@@ -53,6 +53,7 @@ BLOCK_HEADER_WORDS: Final = 8
 REGION_HEADER_WORDS: Final = 8
 JOURNAL_MAX: Final = 4096
 SUBSCRIBER_SLOTS: Final = 16384  # per worker; subscribers beyond are counted in aggregate only
+GROUP_SLOTS: Final = 256  # per worker: virtual groups with failover/down counters of their own
 
 STATE_BOOTING: Final = 0
 STATE_READY: Final = 1
@@ -145,8 +146,17 @@ class CounterLayout:
         return self.filtered_base + event_id
 
     @property
-    def size(self) -> int:
+    def group_base(self) -> int:
         return self.filtered_base + self.max_events
+
+    def group(self, slot: int, which: int) -> int:
+        """Group slot `slot` (engine.routing assigns them, never reused): which 0 =
+        datagrams passed on to another member (failovers), 1 = members down now."""
+        return self.group_base + 2 * slot + which
+
+    @property
+    def size(self) -> int:
+        return self.group_base + 2 * GROUP_SLOTS
 
 
 def region_words(layout: CounterLayout) -> int:

@@ -112,6 +112,7 @@ class ControlPayload(msgspec.Struct, array_like=True, frozen=True):
     conditions: list[tuple[str, str]] = []  # ANDed (name, fnmatch pattern)
     hash_param: str = ""
     failover_s: float = 30.0  # a failed member is skipped this long
+    group: int = -1  # the group's counter slot (counters.GROUP_SLOTS); -1 = none
 
     def address(self) -> str | tuple[str | int, ...]:
         """The sockaddr as socket.connect() takes it."""
