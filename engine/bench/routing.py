@@ -4,7 +4,7 @@
 
 One engine per mode, all started first, then interleaved rounds (plain, half,
 rr, hash, plain, ...) so drift of a shared machine hits every mode alike. Each
-mode has the same 4 UDP sinks on loopback (never read: the kernel drops what
+mode has the same 4 (`--subscribers`) UDP sinks on loopback (never read: the kernel drops what
 overflows, as for any slow subscriber):
 
 - plain: 4 plain subscribers (4 datagrams per event);
@@ -93,9 +93,11 @@ def _round(engine: Engine, events: int) -> dict[str, float]:
     }
 
 
-def measure(modes: list[str], rounds: int, events: int, workers: int) -> dict[str, list[Any]]:
+def measure(
+    modes: list[str], rounds: int, events: int, workers: int, subscribers: int = 4
+) -> dict[str, list[Any]]:
     sinks = []
-    for _ in range(4):
+    for _ in range(subscribers):
         sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sink.bind(("127.0.0.1", 0))
         sinks.append(sink)
@@ -134,13 +136,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per mode, interleaved")
     parser.add_argument("--events", type=int, default=50_000, help="events per round")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--subscribers", type=int, default=4, help="UDP sinks (default 4)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
-    if bad or not modes or args.rounds < 1 or args.events < 1:
+    if bad or not modes or min(args.rounds, args.events, args.subscribers) < 1:
         parser.error(f"--modes takes {', '.join(MODES)}; --rounds and --events at least 1")
-    results = measure(modes, args.rounds, args.events, args.workers)
+    results = measure(modes, args.rounds, args.events, args.workers, args.subscribers)
     base = statistics.median(r["events_per_s"] for r in results[modes[0]])
     versus = "vs " + modes[0]
     print(f"{'mode':>10} {'events/s':>10} {'datagrams/s':>12} {'CPU us/event':>13} {versus:>9}")
