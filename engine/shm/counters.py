@@ -1,6 +1,6 @@
 """The counter block: per-worker counters in shared memory, written once per batch.
 
-Layout, version 4 (u64 words, native little-endian):
+Layout, version 5 (u64 words, native little-endian):
 
     Block header, 64 bytes
       0   u64  magic          COUNTERS_MAGIC ("EDGCNTR" + 0x01)
@@ -23,7 +23,10 @@ Layout, version 4 (u64 words, native little-endian):
       6   generation          1 + restarts of this region's worker
       7   reserved
       8   journal             JOURNAL_MAX (counter index, new absolute value) pairs
-      8 + 2*JOURNAL_MAX       counters, indexed by `CounterLayout` (below)
+      8 + 2*JOURNAL_MAX       counters, indexed by `CounterLayout` (below); version 5
+                              added the scalars pairs_filtered and failovers, and after
+                              the latency histogram: filtered pairs per event id, then
+                              GROUP_SLOTS (failovers, members down) pairs (routing)
       then                    SUBSCRIBER_SLOTS (datagrams sent, sends failed) pairs, one
                               per subscriber slot the producer assigned (per-subscriber
                               metrics). Written directly, outside the journal: a worker
@@ -48,7 +51,7 @@ from typing import Final
 from engine.shm.ring import Ring
 
 COUNTERS_MAGIC: Final = int.from_bytes(b"EDGCNTR\x01", "little")
-COUNTERS_VERSION: Final = 4
+COUNTERS_VERSION: Final = 5
 BLOCK_HEADER_WORDS: Final = 8
 REGION_HEADER_WORDS: Final = 8
 JOURNAL_MAX: Final = 4096

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -330,3 +332,33 @@ def test_groups_and_filters_survive_a_restart(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_restarted_worker_keeps_groups_and_filters() -> None:
+    a, b, f = udp_receiver(), udp_receiver(), udp_receiver()
+    try:
+        with running_engine(["E_TEST"]) as engine:
+            engine.subscribe("E_TEST", f"virtual:ROUND-ROBIN {members(a, b)}")
+            engine.subscribe("E_TEST", f.socket_text, filter="seq=1*")
+            raise_all(engine, [{"seq": i} for i in range(10)])
+            pid = engine.statistics().workers[0].pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            eventually(
+                lambda: (
+                    engine.statistics().workers[0].restarts == 1
+                    and engine.statistics().workers[0].alive
+                ),
+                what="the worker to be restarted",
+            )
+            raise_all(engine, [{"seq": i} for i in range(10, 110)])
+            a.quiet(55)
+            b.quiet(55)
+            f.quiet(12)
+            # Its table came back from the snapshot: the group and the filter hold.
+            assert len(a.datagrams) == len(b.datagrams) == 55
+            assert seqs(f) == [1] + list(range(10, 20)) + list(range(100, 110))
+            engine.statistics().check_identity()
+    finally:
+        for r in (a, b, f):
+            r.close()

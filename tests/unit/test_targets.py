@@ -142,3 +142,21 @@ def test_every_member_is_allow_listed() -> None:
     with pytest.raises(Exception, match="allow-list"):
         reg.subscribe("E", f"virtual:FAILOVER {A} udp:10.1.2.3:9000")
     assert reg.subscribers("E") == []
+
+
+def test_a_member_that_is_the_engines_own_socket_is_refused_and_counted() -> None:
+    from engine.errors import SelfSubscription
+
+    reg = registry()
+    reg.guards.own.add("ingest", ("127.0.0.1", 9050))
+    with pytest.raises(SelfSubscription, match="own ingest"):
+        reg.subscribe("E", f"virtual:ROUND-ROBIN {A} udp:localhost:9050")
+    assert reg.subscribers("E") == []
+    assert reg.guards.self_refused["subscribe"] == 1
+    # A listener opened later drops the group that now points at it, as a whole.
+    reg.subscribe("E", f"virtual:FAILOVER {A} unix:/tmp/rt-own.sock", 60)
+    reg.subscribe("E", "unix:/tmp/rt-own.sock", 60, filter="ip=1*")
+    endpoint = reg.guards.own.add("ingest", "/tmp/rt-own.sock")
+    assert endpoint is not None
+    dropped = reg.drop_own(endpoint)
+    assert len(dropped) == 2 and reg.subscribers("E") == []
