@@ -357,7 +357,7 @@ def test_a_restarted_worker_keeps_groups_and_filters() -> None:
             f.quiet(12)
             # Its table came back from the snapshot: the group and the filter hold.
             assert len(a.datagrams) == len(b.datagrams) == 55
-            assert seqs(f) == [1] + list(range(10, 20)) + list(range(100, 110))
+            assert seqs(f) == [1, *range(10, 20), *range(100, 110)]
             engine.statistics().check_identity()
     finally:
         for r in (a, b, f):
