@@ -295,8 +295,8 @@ class Registry:
         new = Subscriber(dest, expire, now, filt)
         subs, name, key = self._subs[eid], self._names[eid], new.key
         old = subs.get(key)
-        if old is not None:
-            new = Subscriber(old.dest, expire, now, filt)  # same identity: kept as listed
+        if old is not None and isinstance(old.dest, Group):
+            new = Subscriber(old.dest, expire, now, filt)  # PARALLEL: listed as first given
         subs[key] = new
         socket_text, ftext = new.dest.key, new.filter_text
         was_saved = old is not None and old.expire is not None
