@@ -219,12 +219,14 @@ class RouteSender:
         self.i_failed = layout.scalar("pairs_failed")
         self.i_filtered = layout.scalar("pairs_filtered")
         self.i_failovers = layout.scalar("failovers")
+        self._bytes: dict[int, tuple[list[int], int]] = {}  # id(entries) -> their bytes
 
     def send(self, n: int, eids: list[int], lengths: list[int], deadline: list[float]) -> int:
         """Entries [0, n) of the batch; returns the pairs handled. `deadline` holds
         the batch's UNIX wait deadline (shared with the plain sends; 0 = not started)."""
         by_event = self.table.by_event
         params: dict[int, Any] = {}  # batch index -> decoded params: once per event
+        self._bytes.clear()
         pairs = 0
         positions: dict[int, list[int]] = {}
         for i in range(n):
@@ -380,9 +382,15 @@ class RouteSender:
                 sub.last_errno = last
                 if sub.transport == UNIX and last in RECONNECT_ERRNOS:
                     sub.connected = False  # connect again before the next send
-        done = set(unsent)
         lay = self.layout
-        nbytes = sum(lengths[i] for i in idx if i not in done)
+        if unsent:
+            done = set(unsent)
+            nbytes = sum(lengths[i] for i in idx if i not in done)
+        else:  # entry lists are shared by routes (one filter verdict): sum each once
+            cached = self._bytes.get(id(idx))
+            if cached is None or cached[0] is not idx:
+                cached = self._bytes[id(idx)] = (idx, sum([lengths[i] for i in idx]))
+            nbytes = cached[1]
         self.add(lay.sent(eid, sub.transport), sent)
         self.add(lay.sent_bytes(eid, sub.transport), nbytes)
         self.add(self.i_sent, sent)

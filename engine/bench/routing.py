@@ -24,6 +24,7 @@ psutil).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -143,15 +144,39 @@ def main(argv: list[str] | None = None) -> None:
     bad = [m for m in modes if m not in MODES]
     if bad or not modes or min(args.rounds, args.events, args.subscribers) < 1:
         parser.error(f"--modes takes {', '.join(MODES)}; --rounds and --events at least 1")
-    results = measure(modes, args.rounds, args.events, args.workers, args.subscribers)
-    base = statistics.median(r["events_per_s"] for r in results[modes[0]])
+    report(modes, args.rounds, args.events, args.workers, args.subscribers)
+
+
+def report(
+    modes: list[str],
+    rounds: int,
+    events: int,
+    workers: int,
+    subscribers: int,
+    json_path: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Measure, print the table, write the medians as JSON (`json_path`); return them."""
+    results = measure(modes, rounds, events, workers, subscribers)
+    medians = {
+        mode: {
+            what: statistics.median(r[what] for r in results[mode])
+            for what in ("events_per_s", "datagrams_per_s", "cpu_us_per_event")
+        }
+        for mode in modes
+    }
+    base = medians[modes[0]]["events_per_s"]
     versus = "vs " + modes[0]
     print(f"{'mode':>10} {'events/s':>10} {'datagrams/s':>12} {'CPU us/event':>13} {versus:>9}")
-    for mode in modes:
-        ev = statistics.median(r["events_per_s"] for r in results[mode])
-        dg = statistics.median(r["datagrams_per_s"] for r in results[mode])
-        cpu = statistics.median(r["cpu_us_per_event"] for r in results[mode])
-        print(f"{mode:>10} {ev:>10,.0f} {dg:>12,.0f} {cpu:>13.2f} {ev / base:>9.2f}x")
+    for mode, m in medians.items():
+        print(
+            f"{mode:>10} {m['events_per_s']:>10,.0f} {m['datagrams_per_s']:>12,.0f} "
+            f"{m['cpu_us_per_event']:>13.2f} {m['events_per_s'] / base:>9.2f}x"
+        )
+    if json_path:
+        document = {"subscribers": subscribers, "events": events, "rounds": rounds}
+        with open(json_path, "w") as out:
+            json.dump({**document, "medians": medians, "rounds_by_mode": results}, out, indent=1)
+    return medians
 
 
 if __name__ == "__main__":
