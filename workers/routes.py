@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import hashlib
+import logging
 import re
 import socket
 import time
@@ -40,6 +41,8 @@ from engine.shm.counters import TRANSPORTS, CounterLayout, Region
 from engine.shm.ring import ControlPayload
 from workers.sender import RECONNECT_ERRNOS, BatchSender, reason_index
 from workers.table import Subscriber, SubscriberTable
+
+log = logging.getLogger("event_datagram.worker")
 
 UNIX: Final = TRANSPORTS.index("unix")
 ORDERED: Final = frozenset({"FAILOVER", "ROUND-ROBIN", "HASH"})
@@ -140,6 +143,9 @@ class RouteTable:
         self.by_event: dict[int, dict[str, Route]] = {}
         self.sndbuf = sndbuf
         self.sockets = 0
+        # Stands in for a member whose socket could not be made (out of descriptors):
+        # never sent on; that member counts as failed (and fails over).
+        self._none = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 
     def subscribe(self, event_id: int, control: ControlPayload) -> None:
         routes = self.by_event.setdefault(event_id, {})
@@ -168,19 +174,32 @@ class RouteTable:
         if routes is not None and not routes:
             del self.by_event[event_id]
         for member in route.members:
-            member.sock.close()
-            self.sockets -= 1
+            if not member.shared:
+                member.sock.close()
+                self.sockets -= 1
 
     def _open(self, control: ControlPayload) -> Subscriber:
-        sock = socket.socket(control.family, socket.SOCK_DGRAM)
+        """A member's own connected socket (a group's members never share one: a group
+        has at most engine.targets.MAX_MEMBERS of them)."""
+        transport, address = TRANSPORTS.index(control.transport), control.address()
+        try:
+            sock = socket.socket(control.family, socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.warning("group member %s: no socket (%s); counted as failed", control.key, exc)
+            sub = Subscriber(
+                control.key, transport, control.family, address, self._none,
+                connected=False, shared=True,
+            )  # fmt: skip
+            sub.last_errno = exc.errno or errno.EMFILE
+            sub.slot = control.slot
+            return sub
         sock.setblocking(False)
         if self.sndbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
         self.sockets += 1
         sub = Subscriber(
-            control.key, TRANSPORTS.index(control.transport), control.family,
-            control.address(), sock, connected=False, shared=False,
-        )  # fmt: skip
+            control.key, transport, control.family, address, sock, connected=False, shared=False
+        )
         sub.slot = control.slot
         SubscriberTable.connect(sub, time.monotonic())
         return sub
@@ -189,8 +208,10 @@ class RouteTable:
         for routes in self.by_event.values():
             for route in routes.values():
                 for member in route.members:
-                    member.sock.close()
+                    if not member.shared:
+                        member.sock.close()
         self.by_event.clear()
+        self._none.close()
 
 
 class RouteSender:
@@ -307,6 +328,8 @@ class RouteSender:
                 pending.setdefault(k, []).append(i)
         rounds = moved = 0
         while pending and rounds <= m:  # each round takes a member down: bounded
+            if rounds:  # the next member gets a UNIX wait of its own (at most m per batch)
+                deadline[0] = 0.0
             rounds += 1
             current, pending = pending, {}
             for k, lst in current.items():
@@ -355,7 +378,10 @@ class RouteSender:
         sender = self.sender
         unsent: list[int] = []
         sent = 0
-        if not sub.connected and not SubscriberTable.connect(sub, time.monotonic()):
+        now = time.monotonic()
+        if sub.shared or (
+            not sub.connected and (now < sub.retry_at or not SubscriberTable.connect(sub, now))
+        ):
             unsent = list(idx)
             errs = [(0, sub.last_errno)] * len(idx)
         else:

@@ -362,3 +362,35 @@ def test_a_restarted_worker_keeps_groups_and_filters() -> None:
     finally:
         for r in (a, b, f):
             r.close()
+
+
+def test_failover_unix_queue_still_full_after_the_wait(tmp_path: Path) -> None:
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # bound, never read
+    stuck.bind(str(tmp_path / "stuck.sock"))
+    second = unix_receiver(tmp_path, "b.sock")
+    try:
+        with running_engine(["E_TEST"], failover_timeout_s=60, unix_wait_ms=300) as engine:
+            group = f"virtual:FAILOVER unix:{tmp_path}/stuck.sock {second.socket_text}"
+            engine.subscribe("E_TEST", group)
+            raise_all(engine, [{"seq": i} for i in range(300)])
+            second.quiet(280)
+            stuck.setblocking(False)
+            queued = []
+            while True:  # bounded: the kernel queue holds net.unix.max_dgram_qlen at most
+                try:
+                    queued.append(json.loads(stuck.recv(70000))["params"]["seq"])
+                except BlockingIOError:
+                    break
+            # The first member took what its queue held; the rest failed over at once.
+            assert 0 < len(queued) < 300
+            assert queued == list(range(len(queued)))
+            assert seqs(second) == list(range(len(queued), 300))
+            stats = engine.statistics()
+            stats.check_identity()
+            assert stats.failovers >= 1 and stats.pairs_failed == 0
+            (group_stats,) = engine.group_statistics()
+            assert group_stats.members_down == 1
+            assert [n for _, n in group_stats.sent_by_member] == [len(queued), 300 - len(queued)]
+    finally:
+        stuck.close()
+        second.close()
