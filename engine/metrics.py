@@ -143,7 +143,8 @@ class EngineCollector(Collector):
             registry = engine.registry
             for name, _eid in registry.events():
                 for sub in registry.subscribers(name):
-                    out.append((name, sub.dest.transport, sub.dest.key, sub.ttl(now)))
+                    # sub.key: a filtered subscription is told apart by its filter
+                    out.append((name, sub.dest.transport, sub.key, sub.ttl(now)))
         return out
 
     def _process_families(self, stats: EngineStatistics) -> Iterator[Metric]:

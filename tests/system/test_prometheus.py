@@ -389,7 +389,13 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
                 # [metrics] per_subscriber = true reached the exposition.
                 ttl = query(url, "event_datagram_subscriber_ttl_seconds")["data"]["result"]
                 sockets = {r["metric"]["socket"] for r in ttl}
-                assert sockets == {rx_udp.socket_text, rx_unix.socket_text, group}
+                by_filter = f"{rx_unix.socket_text} filter=seq=*0"
+                assert sockets == {rx_udp.socket_text, rx_unix.socket_text, group, by_filter}
+                sent = query(url, "event_datagram_subscriber_datagrams_sent_total")["data"][
+                    "result"
+                ]
+                counts = {r["metric"]["socket"]: float(r["value"][1]) for r in sent}
+                assert counts[by_filter] > 0 and counts[group] > 0, counts
         assert rx_udp.datagrams and rx_unix.datagrams
         assert any(b'"ingested"' in d for d in rx_udp.datagrams), "no ingested event relayed"
         assert any(b'"amqp"' in d for d in rx_unix.datagrams), "no broker message relayed"
