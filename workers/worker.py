@@ -110,7 +110,7 @@ class Worker:
         self.i_consumed = lay.scalar("pairs_consumed")
         self.i_stale = lay.scalar("pairs_stale")
         self.i_shared = lay.scalar("shared_subscribers")
-        self._set(self.i_subscribers, len(self.table.by_key))
+        self._set(self.i_subscribers, len(self.table.by_key) + self.routes.sockets)
         self._set(self.i_shared, self.table.shared_count)
         self.route_sender = RouteSender(
             self.routes, self.sender, self.region, self.layout, self._add, self._set,
@@ -216,12 +216,13 @@ class Worker:
                 self.routes.subscribe(event_id, control)
             elif kind == KIND_UNSUBSCRIBE:
                 self.routes.unsubscribe(event_id, control.key)
+            self._set(self.i_subscribers, len(self.table.by_key) + self.routes.sockets)
             return False
         if kind == KIND_SUBSCRIBE:
             self.table.subscribe(event_id, control)
         elif kind == KIND_UNSUBSCRIBE:
             self.table.unsubscribe(event_id, control.key)
-        self._set(self.i_subscribers, len(self.table.by_key))
+        self._set(self.i_subscribers, len(self.table.by_key) + self.routes.sockets)
         self._set(self.i_shared, self.table.shared_count)
         return False
 
