@@ -7,6 +7,7 @@ The core, flat (the main process, or an application embedding the engine):
   errors.py         one error hierarchy: EventDatagramError and its children
   wire.py           the JSON-RPC notification: encode once, the event-name rule, MAX_PAYLOAD
   address.py        socket syntax: subscriber sockets and listen addresses
+  targets.py        virtual groups (virtual:POLICY sock ...) and filters (name=pattern)
   subscriptions.py  events, subscribers, expiry, allow-list (state.py: the file)
   guards.py         the engine's own sockets (no self-subscription), refusal counters
   options.py        the engine's settings ([engine] in the config)

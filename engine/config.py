@@ -28,6 +28,7 @@ from engine.shm.segment import check_instance_name
 from engine.sources.amqp import AmqpConfig
 from engine.sources.ingest import parse_allow, parse_ingest_socket
 from engine.subscriptions import AllowList
+from engine.targets import parse_filter, parse_target
 from engine.wire import check_event_name
 
 __all__ = [
@@ -94,6 +95,9 @@ class StateConfig(_Section):
 class StaticSubscription(_Section):
     event: str
     socket: str
+    """A subscriber socket, or a group: "virtual:POLICY sock1 sock2" (docs/routing.md)."""
+    filter: list[str] = msgspec.field(default_factory=list)
+    """name=pattern conditions on the event's params (shell wildcards), ANDed."""
 
 
 class IngestConfig(_Section):
@@ -211,9 +215,13 @@ class Config(_Section):
         for i, sub in enumerate(self.subscription):
             _check_event(sub.event, f"$.subscription[{i}].event")
             try:
-                parse_destination(sub.socket, resolve=False)
+                parse_target(sub.socket, resolve=False)
             except ValueError as exc:
                 raise ConfigError(f"{exc} - at `$.subscription[{i}].socket`") from None
+            try:
+                parse_filter(sub.filter)
+            except ValueError as exc:
+                raise ConfigError(f"{exc} - at `$.subscription[{i}].filter`") from None
         self._validate_upstreams()
         self._validate_amqp()
 

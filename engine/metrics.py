@@ -19,7 +19,8 @@ alone:
     sum(events_raised_total) = sum(oversize_rejections_total)
                                + sum(drops_total) + events_queued_total
     pairs_queued_total{worker} = pairs_sent_total{worker} + pairs_failed_total{worker}
-                                 + pairs_stale_total{worker} + pairs_in_ring{worker}
+                                 + pairs_stale_total{worker} + pairs_filtered_total{worker}
+                                 + pairs_in_ring{worker}
 
 Both are exact in any one scrape of an idle engine; under load a worker may
 commit a batch between the reads of its counters and of its ring, so the right
@@ -50,7 +51,12 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from engine.producer import DROP_REASONS, Engine
 from engine.shm.counters import BATCH_BUCKETS, LATENCY_BUCKETS_S, REASONS, TRANSPORTS, CounterLayout
-from engine.statistics import EngineStatistics, SourceStatistics, WorkerStatistics
+from engine.statistics import (
+    EngineStatistics,
+    GroupStatistics,
+    SourceStatistics,
+    WorkerStatistics,
+)
 from engine.version import build
 
 _Counts = dict[tuple[str, str], int]  # (listener, reason) -> count
@@ -134,6 +140,7 @@ class EngineCollector(Collector):
         yield from _subscriber_families(stats, subscribers, self.per_subscriber)
         if self.per_subscriber:
             yield from _subscriber_counters(subscribers, engine.subscriber_counts())
+        yield from _group_families(engine.group_statistics())
         alive = sum(w.alive for w in stats.workers)
         yield GaugeMetricFamily(PREFIX + "workers_alive", ALIVE_HELP, value=alive)
         yield from self._process_families(stats)
@@ -147,7 +154,8 @@ class EngineCollector(Collector):
             registry = engine.registry
             for name, _eid in registry.events():
                 for sub in registry.subscribers(name):
-                    out.append((name, sub.dest.transport, sub.dest.key, sub.ttl(now)))
+                    # sub.key: a filtered subscription is told apart by its filter
+                    out.append((name, sub.dest.transport, sub.key, sub.ttl(now)))
         return out
 
     def _process_families(self, stats: EngineStatistics) -> Iterator[Metric]:
@@ -253,6 +261,15 @@ def _event_families(stats: EngineStatistics) -> Iterator[Metric]:
     for name, n in sorted(stats.stale_by_event().items()):
         stale.add_metric([name], n)
     yield stale
+    filtered = CounterMetricFamily(
+        PREFIX + "filtered_datagrams_total",
+        "Datagrams not sent because the subscription's filter did not match the event "
+        "(docs/routing.md).",
+        labels=["event"],
+    )
+    for name, n in sorted(stats.filtered_by_event().items()):
+        filtered.add_metric([name], n)
+    yield filtered
 
 
 # (gauge?, name, help, value of one worker)
@@ -319,6 +336,18 @@ _WORKER_SERIES: Final[tuple[tuple[bool, str, str, Callable[[WorkerStatistics], i
         lambda w: w.redelivered_pairs,
     ),
     (True, "worker_subscribers", "Subscriber sockets the worker holds.", lambda w: w.subscribers),
+    (
+        False,
+        "pairs_filtered_total",
+        "(event, subscriber) pairs not sent: the subscription's filter did not match.",
+        lambda w: w.pairs_filtered,
+    ),
+    (
+        False,
+        "failovers_total",
+        "Datagrams a failed group member passed on to another member at once.",
+        lambda w: w.failovers,
+    ),
 )
 
 
@@ -559,6 +588,34 @@ def _subscriber_counters(
         failed.add_metric([transport, socket], n_failed)
     yield sent
     yield failed
+
+
+def _group_families(groups: list[GroupStatistics]) -> Iterator[Metric]:
+    """Per ``virtual:`` group (docs/routing.md): bounded by the groups subscribed
+    (each at most engine.targets.MAX_MEMBERS members)."""
+    sent = CounterMetricFamily(
+        PREFIX + "group_member_datagrams_total",
+        "Datagrams a virtual group sent to each of its members.",
+        labels=["event", "group", "member"],
+    )
+    failovers = CounterMetricFamily(
+        PREFIX + "group_failovers_total",
+        "Datagrams a failed member of the group passed on to another member.",
+        labels=["event", "group"],
+    )
+    down = GaugeMetricFamily(
+        PREFIX + "group_members_down",
+        "Members the group skips until engine.failover_timeout_s (as of its last event).",
+        labels=["event", "group"],
+    )
+    for g in groups:
+        for member, n in g.sent_by_member:
+            sent.add_metric([g.event, g.group, member], n)
+        failovers.add_metric([g.event, g.group], g.failovers)
+        down.add_metric([g.event, g.group], g.members_down)
+    yield sent
+    yield failovers
+    yield down
 
 
 HTTP_AUTH_REASONS: Final = ("missing", "malformed", "bad_credentials")

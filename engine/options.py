@@ -77,6 +77,9 @@ class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Per batch: how long a worker may wait for full UNIX receiver queues to drain
     before the rest counts as eagain failures. A receiver that drained nothing in
     that time is not waited for again until it reads. 0 = never wait."""
+    failover_timeout_s: float = 30.0
+    """A group member (virtual FAILOVER, ROUND-ROBIN, HASH) whose send failed is
+    skipped this long, then tried again (OpenSIPS event_virtual's failover_timeout)."""
     heartbeat_timeout_s: float = 5.0
     """A worker whose ring holds records while it shows no progress for this long is
     killed and restarted (its heartbeat: each poll, batch and subscriber); 0 = never."""
@@ -104,6 +107,11 @@ class EngineOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             (self.socket_limit >= 0, "socket_limit", "must be >= 0"),
             (self.sndbuf_bytes >= 0, "sndbuf_bytes", "must be >= 0"),
             (0 <= self.unix_wait_ms <= 1000, "unix_wait_ms", "must be 0-1000"),
+            (
+                0 < self.failover_timeout_s <= 86_400,
+                "failover_timeout_s",
+                "must be more than 0 and at most 86400",
+            ),
             (
                 self.heartbeat_timeout_s == 0 or 0.5 <= self.heartbeat_timeout_s <= 3600,
                 "heartbeat_timeout_s",

@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
-from engine.address import Destination, parse_destination
+from engine.address import Destination
 from engine.errors import EngineError, PayloadTooLarge
 from engine.guards import Guards
 from engine.options import EngineOptions
-from engine.routing import Router
+from engine.routing import Router, member_key
 from engine.shm.counters import CounterBlock, CounterLayout, Region
 from engine.shm.ring import (
     KIND_EVENT,
@@ -37,16 +37,23 @@ from engine.shm.ring import (
     Ring,
 )
 from engine.signals import SignalCatcher
-from engine.statistics import EngineStatistics, SourceStatistics, WorkerStatistics
+from engine.statistics import (
+    EngineStatistics,
+    GroupStatistics,
+    SourceStatistics,
+    WorkerStatistics,
+)
 from engine.subscriptions import (
     DEFAULT_EXPIRE,
     AllowList,
     Change,
     NotAllowed,
     Registry,
+    Subscriber,
     UnknownEvents,
 )
 from engine.supervisor import Supervisor
+from engine.targets import Filter, Group, parse_target
 from engine.wire import MAX_PAYLOAD, Params, encode_notification
 
 log = logging.getLogger("event_datagram.engine")
@@ -175,6 +182,7 @@ class Engine:
                     assert counters is not None
                     self._regions = [counters.region(k) for k in range(len(self.supervisor.rings))]
                     self._router = Router(self.supervisor.rings, self._regions)
+                    self._router.failover_s = self.options.failover_timeout_s
                 self._replay_registry()  # subscriptions made before start()
                 self.registry.load()  # may rewrite the state file: `_hot` is not held
                 self._refresh_expiry()
@@ -250,16 +258,27 @@ class Engine:
             return self.registry.register_event(name)
 
     def subscribe(
-        self, event: str, socket: str | Destination, expire: int | None = DEFAULT_EXPIRE
+        self,
+        event: str,
+        socket: str | Destination | Group,
+        expire: int | None = DEFAULT_EXPIRE,
+        filter: str | list[str] | Filter | None = None,
     ) -> Change | None:
+        """Subscribe a socket or a ``virtual:`` group (engine.targets), optionally
+        with a filter (``name=pattern`` conditions, ANDed); see docs/routing.md."""
         if isinstance(socket, str) and expire != 0:
-            socket = parse_destination(socket)  # DNS happens here, outside the locks
+            socket = parse_target(socket)  # DNS happens here, outside the locks
         with self.lock:
-            return self.registry.subscribe(event, socket, expire)
+            return self.registry.subscribe(event, socket, expire, filter)
 
-    def unsubscribe(self, event: str, socket: str | Destination) -> Change | None:
+    def unsubscribe(
+        self,
+        event: str,
+        socket: str | Destination | Group,
+        filter: str | list[str] | Filter | None = None,
+    ) -> Change | None:
         with self.lock:
-            return self.registry.unsubscribe(event, socket)
+            return self.registry.unsubscribe(event, socket, filter)
 
     def own_socket(self, what: str, address: tuple[str, int] | str) -> int:
         """Register one of the engine's own listeners (as bound) and unsubscribe
@@ -642,6 +661,8 @@ class Engine:
                         pairs_failed=values[lay.scalar("pairs_failed")],
                         pairs_consumed=values[lay.scalar("pairs_consumed")],
                         pairs_stale=values[lay.scalar("pairs_stale")],
+                        pairs_filtered=values[lay.scalar("pairs_filtered")],
+                        failovers=values[lay.scalar("failovers")],
                         sleeps=ring.sleeps,
                         redelivered_pairs=values[lay.scalar("redelivered_pairs")],
                         subscribers=values[lay.scalar("subscribers")],
@@ -677,6 +698,32 @@ class Engine:
                         out[key] = region.subscriber_counts(slot)
             return out
 
+    def group_statistics(self) -> list[GroupStatistics]:
+        """Every live ``virtual:`` group: its failovers, members down (as of its last
+        event) and datagrams sent per member (docs/routing.md)."""
+        with self._hot:
+            block, router = self.supervisor.counters, self._router
+            if block is None or router is None:
+                return []
+            out = []
+            for (eid, key), sub in router.routed.items():
+                group, worker = sub.dest, router.special_owner.get(eid)
+                if not isinstance(group, Group) or worker is None:
+                    continue
+                route, region = router.routes[worker], block.region(worker)
+                slot = route.group_slots.get(f"{eid} {key}", -1)
+                lay = region.layout
+                failovers = region.counter(lay.group(slot, 0)) if slot >= 0 else 0
+                down = region.counter(lay.group(slot, 1)) if slot >= 0 else 0
+                members = []
+                for m in group.members:
+                    mslot = route.slots.get(member_key(key, m), -1)
+                    sent = region.subscriber_counts(mslot)[0] if mslot >= 0 else 0
+                    members.append((m.key, sent))
+                name = self.registry.event_name(eid)
+                out.append(GroupStatistics(name, group.key, failovers, down, members))
+            return out
+
     def add_source(self, source: Source) -> None:
         """Count `source` in statistics() (and so in /metrics and the identity)."""
         with self.lock:
@@ -690,18 +737,20 @@ class Engine:
     def set_allow(self, allow: AllowList) -> list[tuple[str, str]]:
         """Check subscriptions against `allow` from now on, and remove the ones it
         refuses (a reload that narrows the allow-list). Returns them (event, socket)."""
-        refused: list[tuple[str, str]] = []
+        refused: list[tuple[str, Subscriber]] = []
         with self.lock:
             self.registry.allow = allow
             for name, _eid in self.registry.events():
                 for sub in self.registry.subscribers(name):
+                    members = sub.dest.members if isinstance(sub.dest, Group) else (sub.dest,)
                     try:
-                        allow.check(sub.dest)
+                        for member in members:  # a group is refused whole, as at subscribe
+                            allow.check(member)
                     except NotAllowed:
-                        refused.append((name, sub.dest.key))
-            for name, key in refused:
-                self.unsubscribe(name, key)
-        return refused
+                        refused.append((name, sub))
+            for name, sub in refused:
+                self.unsubscribe(name, sub.dest, sub.filter)
+        return [(name, sub.key) for name, sub in refused]
 
     def describe(self) -> dict[str, Any]:
         """Where the engine runs, for logs and the `run` command's ready line."""

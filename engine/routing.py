@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.address import Destination
-from engine.shm.counters import SUBSCRIBER_SLOTS, Region
+from engine.shm.counters import GROUP_SLOTS, SUBSCRIBER_SLOTS, Region
 from engine.shm.ring import (
     CONTROL_ENCODER,
     KIND_SUBSCRIBE,
@@ -35,7 +35,8 @@ from engine.shm.ring import (
     ControlPayload,
     Ring,
 )
-from engine.subscriptions import Change
+from engine.subscriptions import Change, Subscriber
+from engine.targets import Group
 
 
 @dataclass(slots=True)
@@ -66,6 +67,17 @@ class WorkerRoute:
     retired: deque[list[int]] = field(default_factory=deque)
     unplaced: deque[tuple[list[int], ControlPayload]] = field(default_factory=deque)
     reset: Callable[[int], None] | None = None  # zeroes a slot's counts (the region's)
+
+    # Group counter slots (counters.GROUP_SLOTS), by subscription key; never reused.
+    group_slots: dict[str, int] = field(default_factory=dict)
+
+    def group_for(self, key: str) -> int:
+        slot = self.group_slots.get(key)
+        if slot is None:
+            if len(self.group_slots) >= GROUP_SLOTS:
+                return -1  # counted in the aggregate failovers only
+            slot = self.group_slots[key] = len(self.group_slots)
+        return slot
 
     def slot_for(self, key: str, read_pos: int = -1) -> int:
         """`key`'s slot, given one if it has none: the oldest freed slot if the worker
@@ -113,7 +125,13 @@ class Router:
         ]
         self.owner: dict[str, int] = {}  # subscriber key -> worker index
         self.targets: dict[int, list[tuple[int, int]]] = {}  # event id -> [(worker, fanout)]
-        self.routed: dict[tuple[int, str], Destination] = {}  # (event id, key) -> socket
+        self.routed: dict[tuple[int, str], Subscriber] = {}  # (event id, key) -> subscriber
+        # Groups and filtered subscribers (engine.targets) of one event all live in
+        # one worker, which decodes an event's params once for all of them.
+        self.special_owner: dict[int, int] = {}  # event id -> worker
+        self.special: dict[tuple[int, str], int] = {}  # (event id, key) -> fan-out weight
+        self.special_count: dict[int, int] = {}  # event id -> its groups/filtered here
+        self.failover_s = 30.0  # [engine] failover_timeout
         self._expires: dict[tuple[int, str], float] = {}  # (event id, key) -> instant
         self._heap: list[tuple[float, int, str]] = []  # lazy: stale entries are skipped
         self.next_expiry = math.inf  # no routed subscription expires before this
@@ -124,12 +142,12 @@ class Router:
         a removal of what already expired here is nothing, a refresh of it adds
         it again."""
         sub = change.subscriber
-        member = (change.event_id, sub.dest.key)
+        member = (change.event_id, sub.key)
         if change.kind == "removed":
             if member in self.routed:
-                self._route(False, change.event_id, sub.dest)
+                self._route(False, change.event_id, self.routed[member])
         elif member not in self.routed:
-            self._route(True, change.event_id, sub.dest)
+            self._route(True, change.event_id, sub)
         self._set_expiry(member, sub.expires_at if change.kind != "removed" else None)
 
     def expire(self, now: float) -> int:
@@ -158,10 +176,14 @@ class Router:
             heapq.heapify(self._heap)
         self.next_expiry = self._heap[0][0]
 
-    def _route(self, add: bool, eid: int, dest: Destination) -> None:
+    def _route(self, add: bool, eid: int, sub: Subscriber) -> None:
+        dest = sub.dest
+        if not isinstance(dest, Destination) or sub.filter is not None:
+            self._route_special(add, eid, sub)
+            return
         key = dest.key
         if add:
-            self.routed[(eid, key)] = dest
+            self.routed[(eid, key)] = sub
             worker = self.owner.get(key)
             if worker is None:  # a new socket goes to the worker holding the fewest
                 worker = min(range(len(self.routes)), key=lambda k: len(self.routes[k].keys))
@@ -189,10 +211,66 @@ class Router:
         control = ControlPayload(key, dest.transport, dest.family, sockaddr, slot)
         if not add and key not in route.keys:
             route.retire(key, control)
+        self._send_control(worker, kind, eid, control)
+
+    def _send_control(self, worker: int, kind: int, eid: int, control: ControlPayload) -> None:
+        route = self.routes[worker]
         route.pending.append((kind, eid, CONTROL_ENCODER.encode(control)))
         route.log.append((-1, kind, eid, control))
         self._flush(worker)
         self._rebuild_targets(eid)
+
+    def _route_special(self, add: bool, eid: int, sub: Subscriber) -> None:
+        """A group or a filtered subscriber: one control record with its members
+        and conditions, in the worker that holds the event's others; its fan-out
+        weight is the datagrams one event makes (PARALLEL: one per member)."""
+        key, dest = sub.key, sub.dest
+        member = (eid, key)
+        if add:
+            worker = self.special_owner.get(eid)
+            if worker is None:
+                worker = min(range(len(self.routes)), key=lambda k: len(self.routes[k].keys))
+                self.special_owner[eid] = worker
+            weight = (
+                len(dest.members) if isinstance(dest, Group) and dest.policy == "PARALLEL" else 1
+            )
+            self.routed[member] = sub
+            self.special[member] = weight
+            kind = KIND_SUBSCRIBE
+        else:
+            worker = self.special_owner[eid]
+            weight = self.special.pop(member)
+            del self.routed[member]
+            kind = KIND_UNSUBSCRIBE
+        route = self.routes[worker]
+        route.fanout[eid] = route.fanout.get(eid, 0) + (weight if add else -weight)
+        if not route.fanout[eid]:
+            del route.fanout[eid]
+        route.keys[key] = route.keys.get(key, 0) + (1 if add else -1)
+        if not route.keys[key]:
+            del route.keys[key]
+        count = self.special_count[eid] = self.special_count.get(eid, 0) + (1 if add else -1)
+        if not count:
+            del self.special_count[eid]
+            self.special_owner.pop(eid, None)
+        conditions = [] if sub.filter is None else list(sub.filter.conditions)
+        policy: str
+        sockaddr: str | list[str | int]
+        group = -1
+        if isinstance(dest, Group):
+            members = [_plain(m, route.slot_for(member_key(key, m))) for m in dest.members]
+            policy, hash_param = dest.policy, dest.hash_param
+            transport, family, sockaddr = "udp", 0, ""
+            group = route.group_for(f"{eid} {key}")
+        else:
+            members, policy, hash_param = [], "SINGLE", ""
+            transport, family = dest.transport, dest.family
+            sockaddr = _plain(dest, -1).sockaddr
+        control = ControlPayload(
+            key, transport, family, sockaddr, route.slot_for(key), policy, members,
+            conditions, hash_param, self.failover_s, group,
+        )  # fmt: skip
+        self._send_control(worker, kind, eid, control)
 
     def flush(self) -> bool:
         """Move waiting control records into their rings where they fit now; True
@@ -249,3 +327,15 @@ class Router:
             self.targets[eid] = targets
         else:
             self.targets.pop(eid, None)
+
+
+def member_key(key: str, member: Destination) -> str:
+    """A group member's per-subscriber counter key (its slot's name)."""
+    return f"{key} member={member.key}"
+
+
+def _plain(dest: Destination, slot: int) -> ControlPayload:
+    sockaddr: str | list[str | int] = (
+        dest.sockaddr if isinstance(dest.sockaddr, str) else list(dest.sockaddr)
+    )
+    return ControlPayload(dest.key, dest.transport, dest.family, sockaddr, slot)

@@ -73,29 +73,46 @@ Socket = Annotated[str, msgspec.Meta(min_length=1)]
 Expire = Annotated[int, msgspec.Meta(ge=1, le=MAX_EXPIRE)]
 
 
-class StateEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class StateEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """One persisted subscription."""
 
     event: EventName
     socket: Socket
     expire: Expire
     subscribed_at: float
+    filter: str = ""  # a filter's canonical text (engine.targets); "" = none
 
 
-class SetRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="op", tag="set"):
+class SetRecord(
+    msgspec.Struct,
+    frozen=True,
+    forbid_unknown_fields=True,
+    tag_field="op",
+    tag="set",
+    omit_defaults=True,
+):
     """Journal: this subscription now (added, or refreshed in its place)."""
 
     event: EventName
     socket: Socket
     expire: Expire
     subscribed_at: float
+    filter: str = ""
 
 
-class DelRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="op", tag="del"):
-    """Journal: the subscription of `socket` to `event` is gone."""
+class DelRecord(
+    msgspec.Struct,
+    frozen=True,
+    forbid_unknown_fields=True,
+    tag_field="op",
+    tag="del",
+    omit_defaults=True,
+):
+    """Journal: the subscription of `socket` (with `filter`) to `event` is gone."""
 
     event: EventName
     socket: Socket
+    filter: str = ""
 
 
 Record = SetRecord | DelRecord
@@ -160,7 +177,7 @@ def load_state(path: str) -> StateFile | None:
     except msgspec.DecodeError as exc:
         raise StateFileError(path, f"corrupt: line 1: {exc}") from None
     _check_finite(path, snapshot, "line 1: `$.subscriptions[{}].subscribed_at`")
-    table = {(e.event, e.socket): e for e in snapshot}
+    table = {(e.event, e.socket, e.filter): e for e in snapshot}
     lines = data[end + 1 :].split(b"\n") if end >= 0 else [b""]
     tail = lines.pop()  # after the last newline: b"" unless an append was torn
     records = len(snapshot)
@@ -175,11 +192,15 @@ def load_state(path: str) -> StateFile | None:
         records += len(changes)
         for change in changes:
             if isinstance(change, SetRecord):
-                table[(change.event, change.socket)] = StateEntry(
-                    change.event, change.socket, change.expire, change.subscribed_at
+                table[(change.event, change.socket, change.filter)] = StateEntry(
+                    change.event,
+                    change.socket,
+                    change.expire,
+                    change.subscribed_at,
+                    change.filter,
                 )
             else:
-                table.pop((change.event, change.socket), None)
+                table.pop((change.event, change.socket, change.filter), None)
     if tail:
         log.warning(
             "state file %s: ignored its incomplete last line (%d bytes at line %d): a change "

@@ -30,11 +30,25 @@ class WorkerStatistics:
     counters: tuple[int, ...]  # the raw counter area (see counters.CounterLayout)
 
     sleeps: int  # times the worker went to sleep until woken (idle)
+    pairs_filtered: int = 0  # pairs not sent: the subscription's filter did not match
+    failovers: int = 0  # datagrams a failed group member passed on to another member
 
     @property
     def pairs_in_ring(self) -> int:
-        """Pairs queued but not yet handled: queued = sent + failed + stale + in ring."""
+        """Pairs queued but not yet handled: queued = sent + failed + stale + filtered
+        + in ring."""
         return self.pairs_queued - self.pairs_consumed
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatistics:
+    """One ``virtual:`` group of one event (engine.targets)."""
+
+    event: str
+    group: str  # as listed: virtual:POLICY m1 m2 ...
+    failovers: int  # datagrams a failed member passed on to another member
+    members_down: int  # members skipped until failover_timeout_s, as of its last event
+    sent_by_member: list[tuple[str, int]]  # (member socket, datagrams sent to it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +116,22 @@ class EngineStatistics:
             for eid, name in self.event_names.items()
         }
 
+    def filtered_by_event(self) -> dict[str, int]:
+        """Event -> pairs a subscription's filter kept from being sent."""
+        layout = CounterLayout(self.max_events)
+        return {
+            name: sum(w.counters[layout.filtered(eid)] for w in self.workers)
+            for eid, name in self.event_names.items()
+        }
+
+    @property
+    def pairs_filtered(self) -> int:
+        return sum(w.pairs_filtered for w in self.workers)
+
+    @property
+    def failovers(self) -> int:
+        return sum(w.failovers for w in self.workers)
+
     def sent_by_event(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(event, transport) -> (datagrams, bytes) over all workers."""
         layout = CounterLayout(self.max_events)
@@ -131,10 +161,12 @@ class EngineStatistics:
                 f"{self.drops} + queued {self.events_queued}"
             )
         for w in self.workers:
-            if w.pairs_consumed != w.pairs_sent + w.pairs_failed + w.pairs_stale:
+            handled = w.pairs_sent + w.pairs_failed + w.pairs_stale + w.pairs_filtered
+            if w.pairs_consumed != handled:
                 errors.append(
                     f"worker {w.index}: pairs consumed {w.pairs_consumed} != sent "
-                    f"{w.pairs_sent} + failed {w.pairs_failed} + stale {w.pairs_stale}"
+                    f"{w.pairs_sent} + failed {w.pairs_failed} + stale {w.pairs_stale} "
+                    f"+ filtered {w.pairs_filtered}"
                 )
             if w.pairs_in_ring < 0 or (w.pairs_in_ring and not w.ring.used_bytes):
                 errors.append(

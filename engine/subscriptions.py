@@ -39,7 +39,7 @@ from typing import Final, Literal
 
 import msgspec
 
-from engine.address import AddressError, Destination, parse_destination
+from engine.address import AddressError, Destination
 from engine.errors import (
     BadExpire,
     NotAllowed,
@@ -50,6 +50,7 @@ from engine.errors import (
 )
 from engine.guards import Endpoint, Guards, reason
 from engine.state import MAX_EXPIRE, DelRecord, Record, SetRecord, StateEntry, StateStore
+from engine.targets import Filter, Group, parse_filter, parse_target, subscription_key
 from engine.wire import check_event_name
 
 __all__ = [
@@ -141,9 +142,19 @@ class AllowList:
 
 @dataclass(frozen=True, slots=True)
 class Subscriber:
-    dest: Destination
+    dest: Destination | Group
     expire: int | None  # None = never expires (static, from config)
     subscribed_at: float  # the registry's wall clock
+    filter: Filter | None = None  # engine.targets: only the events it matches
+
+    @property
+    def key(self) -> str:
+        """The identity within its event (engine.targets.subscription_key)."""
+        return subscription_key(self.dest, self.filter)
+
+    @property
+    def filter_text(self) -> str:
+        return "" if self.filter is None else self.filter.text
 
     def ttl(self, now: float) -> int | None:
         """Seconds left as OpenSIPS shows them (may be <= 0); None for never."""
@@ -267,34 +278,44 @@ class Registry:
         return [(name, eid) for eid, name in enumerate(self._names)]
 
     def subscribe(
-        self, event: str, socket: str | Destination, expire: int | None = DEFAULT_EXPIRE
+        self,
+        event: str,
+        socket: str | Destination | Group,
+        expire: int | None = DEFAULT_EXPIRE,
+        filter: str | list[str] | Filter | None = None,
     ) -> Change | None:
         """Add or refresh a subscriber; expire 0 unsubscribes, None never expires.
+
+        `socket` may be a ``virtual:`` group (engine.targets): every member goes
+        through the same checks as a plain socket. `filter` (``name=pattern``
+        conditions) is part of the subscription's identity.
 
         O(1) amortised (the expiry heap: O(log n)); with a state file, the change is
         durable (fsynced) before this returns, or it raises and is not made."""
         _check_expire(expire)
         eid = self.event_id(event)
+        filt = filter if isinstance(filter, Filter) else parse_filter(filter)
         if expire == 0:
-            return self.unsubscribe(event, socket)
-        dest = socket if isinstance(socket, Destination) else parse_destination(_text(socket))
-        try:  # first: a loop is named as one, even when the allow-list refuses it too
-            self.guards.own.check(dest)
-        except SelfSubscription:
-            self.guards.count_self_refused("subscribe")
-            raise
-        self._allow.check(dest)
+            return self.unsubscribe(event, socket, filt)
+        dest = socket if isinstance(socket, (Destination, Group)) else parse_target(_text(socket))
+        self._check_dest(dest, "subscribe")
         now = self._clock()
         self._sweep(now)  # an expired subscriber of this socket is gone: this one is new
-        subs, name, key = self._subs[eid], self._names[eid], dest.key
+        new = Subscriber(dest, expire, now, filt)
+        subs, name, key = self._subs[eid], self._names[eid], new.key
         old = subs.get(key)
-        subs[key] = new = Subscriber(dest, expire, now)
+        if old is not None and isinstance(old.dest, Group):
+            new = Subscriber(old.dest, expire, now, filt)  # PARALLEL: listed as first given
+        subs[key] = new
+        socket_text, ftext = new.dest.key, new.filter_text
         was_saved = old is not None and old.expire is not None
         if expire is not None or was_saved:
             carried = self._carried.pop((name, key), None)
             self._expiring += (expire is not None) - was_saved
             record: Record = (
-                DelRecord(name, key) if expire is None else SetRecord(name, key, expire, now)
+                DelRecord(name, socket_text, ftext)
+                if expire is None
+                else SetRecord(name, socket_text, expire, now, ftext)
             )
             try:
                 # A static subscriber that becomes expiring keeps its place in the list,
@@ -316,18 +337,36 @@ class Registry:
         self._emit(change)
         return change
 
-    def unsubscribe(self, event: str, socket: str | Destination) -> Change | None:
+    def _check_dest(self, dest: Destination | Group, origin: str) -> None:
+        """The guard and the allow-list, for a socket or every member of a group."""
+        members = _members(dest)
+        try:  # first: a loop is named as one, even when the allow-list refuses it too
+            for member in members:
+                self.guards.own.check(member)
+        except SelfSubscription:
+            self.guards.count_self_refused(origin)
+            raise
+        for member in members:
+            self._allow.check(member)
+
+    def unsubscribe(
+        self,
+        event: str,
+        socket: str | Destination | Group,
+        filter: str | list[str] | Filter | None = None,
+    ) -> Change | None:
         """Remove a subscriber; None when it was not subscribed. O(1) amortised;
         durable before it returns, like subscribe()."""
         eid = self.event_id(event)
-        key = _key(socket)
+        key = _key(socket, filter)
         self._sweep(self._clock())
         subs, name = self._subs[eid], self._names[eid]
         old = subs.get(key)
         if old is None:
             return None
         if old.expire is not None:  # written first: a failure leaves the list as it was
-            self._persist([DelRecord(name, key)], removing=(eid, key))
+            record = DelRecord(name, old.dest.key, old.filter_text)
+            self._persist([record], removing=(eid, key))
             self._expiring -= 1
         del subs[key]
         change = Change("removed", name, eid, old)
@@ -340,11 +379,16 @@ class Registry:
         self.sweep()
         return list(reversed(self._subs[eid].values()))
 
-    def find(self, event: str, socket: str | Destination) -> Subscriber | None:
+    def find(
+        self,
+        event: str,
+        socket: str | Destination | Group,
+        filter: str | list[str] | Filter | None = None,
+    ) -> Subscriber | None:
         """The live subscriber with exactly this key; None also for an unparsable socket."""
         eid = self.event_id(event)
         try:
-            key = _key(socket)
+            key = _key(socket, filter)
         except ValueError:
             return None
         self.sweep()
@@ -368,7 +412,10 @@ class Registry:
         if changes:
             self._expiring -= len(changes)
             if self._store is not None:  # best effort: a reload drops expired ones anyway
-                records = [DelRecord(c.event, c.subscriber.dest.key) for c in changes]
+                records = [
+                    DelRecord(c.event, c.subscriber.dest.key, c.subscriber.filter_text)
+                    for c in changes
+                ]
                 self._store.commit_quietly(records, self._entries, self._live())
             for change in changes:
                 self._emit(change)
@@ -416,9 +463,11 @@ class Registry:
         live = self._known_events(path, live)
         for entry in live:
             try:
-                dest = parse_destination(entry.socket)
-                self.guards.own.check(dest)
-                self._allow.check(dest)
+                dest = parse_target(entry.socket)
+                filt = parse_filter(entry.filter or None)
+                for member in _members(dest):
+                    self.guards.own.check(member)
+                    self._allow.check(member)
             except SelfSubscription as exc:  # a saved loop: never resumed, dropped
                 log.warning(
                     "state file %s: dropped %s %s: %s", path, entry.event, entry.socket, exc
@@ -430,13 +479,14 @@ class Registry:
                     "state file %s: cannot restore %s %s now (%s); kept in the file until "
                     "it expires", path, entry.event, entry.socket, exc,
                 )  # fmt: skip
-                self._carried[(entry.event, entry.socket)] = entry
+                self._carried[(entry.event, _entry_key(entry))] = entry
                 continue
             eid = self.register_event(entry.event)
             subs = self._subs[eid]
-            old = subs.get(dest.key)
-            subs[dest.key] = sub = Subscriber(dest, entry.expire, entry.subscribed_at)
-            self._push(entry.subscribed_at + entry.expire, eid, dest.key)
+            sub = Subscriber(dest, entry.expire, entry.subscribed_at, filt)
+            old = subs.get(sub.key)
+            subs[sub.key] = sub
+            self._push(entry.subscribed_at + entry.expire, eid, sub.key)
             kind: Literal["added", "refreshed"] = "added" if old is None else "refreshed"
             changes.append(Change(kind, entry.event, eid, sub))
         self._expiring = sum(s.expire is not None for subs in self._subs for s in subs.values())
@@ -485,15 +535,16 @@ class Registry:
         own sockets opened after it subscribed; logged and counted. O(n)."""
         among = [endpoint]
         doomed = [
-            (name, sub.dest)
+            (name, sub, member)
             for eid, name in enumerate(self._names)
             for sub in self._subs[eid].values()
-            if self.guards.own.match(sub.dest, among) is not None
+            for member in _members(sub.dest)
+            if self.guards.own.match(member, among) is not None
         ]
         changes = []
-        for name, dest in doomed:
-            log.warning("unsubscribed %s %s: %s", name, dest.key, reason(dest, endpoint))
-            change = self.unsubscribe(name, dest)
+        for name, sub, member in doomed:
+            log.warning("unsubscribed %s %s: %s", name, sub.key, reason(member, endpoint))
+            change = self.unsubscribe(name, sub.dest, sub.filter)
             if change is not None:
                 self.guards.count_self_refused("listener")
                 changes.append(change)
@@ -544,7 +595,7 @@ class Registry:
         now = self._clock()
         self._carried = {k: c for k, c in self._carried.items() if now < c.subscribed_at + c.expire}
         return [
-            StateEntry(self._names[eid], key, s.expire, s.subscribed_at)
+            StateEntry(self._names[eid], s.dest.key, s.expire, s.subscribed_at, s.filter_text)
             for eid, subs in enumerate(self._subs)
             for key, s in subs.items()
             if s.expire is not None and (eid, key) != without
@@ -557,7 +608,17 @@ def _text(socket: object) -> str:
     return socket
 
 
-def _key(socket: str | Destination) -> str:
-    if isinstance(socket, Destination):
-        return socket.key
-    return parse_destination(_text(socket), resolve=False).key
+def _key(socket: str | Destination | Group, filt: str | list[str] | Filter | None = None) -> str:
+    target = socket if not isinstance(socket, str) else parse_target(socket, resolve=False)
+    if not isinstance(target, (Destination, Group)):
+        raise AddressError(f"socket {socket!r}: expected a string")
+    return subscription_key(target, filt if isinstance(filt, Filter) else parse_filter(filt))
+
+
+def _members(dest: Destination | Group) -> tuple[Destination, ...]:
+    return dest.members if isinstance(dest, Group) else (dest,)
+
+
+def _entry_key(entry: StateEntry) -> str:
+    """A saved entry's identity, as far as its text tells without parsing it."""
+    return entry.socket if not entry.filter else f"{entry.socket} filter={entry.filter}"

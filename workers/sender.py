@@ -93,7 +93,14 @@ class BatchSender:
         words[2 * index] = self.data_address + offset
         words[2 * index + 1] = length
 
-    def send(self, sock: socket.socket, start: int, count: int, wait_until: float = 0.0) -> int:
+    def send(
+        self,
+        sock: socket.socket,
+        start: int,
+        count: int,
+        wait_until: float = 0.0,
+        stop_on_error: bool = False,
+    ) -> int:
         """Send entries [start, start+count) on `sock`; return how many went out.
 
         Failures land in `self.errors` as (entry, errno); whole-batch errors
@@ -101,6 +108,9 @@ class BatchSender:
         With `wait_until` (a time.monotonic() deadline), EAGAIN first waits for the
         socket to become writable (the receiver's queue to drain) until then;
         `self.sent_after_wait` tells how much went out after such waits.
+        With `stop_on_error` (a group member: what it cannot take goes to another
+        member) the first error ends the send: entries from it on are not sent,
+        and `self.errors` holds that one entry.
         """
         errors = self.errors
         errors.clear()
@@ -108,7 +118,7 @@ class BatchSender:
         end = start + count
         fn = self.sendmmsg
         if fn is None:
-            return self._send_each(sock, start, end)
+            return self._send_each(sock, start, end, stop_on_error)
         fd = sock.fileno()
         sent = 0
         waited = False
@@ -120,6 +130,13 @@ class BatchSender:
                 start += n
                 if waited:
                     self.sent_after_wait += n
+                if stop_on_error and start < end and sock.family != socket.AF_UNIX:
+                    # A short sendmmsg on UDP hides its error (the kernel reports an
+                    # ICMP-set error once, and sendmmsg drops it after a partial send):
+                    # sending on would reach a receiver known dead. Stop here.
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    errors.append((start, err or errno.ECONNREFUSED))
+                    break
                 continue
             err = ctypes.get_errno() if n < 0 else errno.EIO
             if err == errno.EINTR:
@@ -127,6 +144,9 @@ class BatchSender:
             if err == errno.EAGAIN and wait_until and _wait_writable(fd, wait_until):
                 waited = True
                 continue  # bounded: the deadline ends the waiting
+            if stop_on_error:
+                errors.append((start, err))
+                break
             if err in _WHOLE_BATCH:
                 errors.extend((i, err) for i in range(start, end))
                 break
@@ -134,7 +154,7 @@ class BatchSender:
             start += 1
         return sent
 
-    def _send_each(self, sock: socket.socket, start: int, end: int) -> int:
+    def _send_each(self, sock: socket.socket, start: int, end: int, stop: bool = False) -> int:
         """The portable path: one send() per datagram, same error rules."""
         sent = 0
         words = self.iov_words
@@ -150,6 +170,9 @@ class BatchSender:
                 continue
             except OSError as exc:
                 err = exc.errno or errno.EIO
+                if stop:
+                    self.errors.append((i, err))
+                    break
                 if err in _WHOLE_BATCH:
                     self.errors.extend((j, err) for j in range(i, end))
                     break

@@ -30,6 +30,7 @@ from engine.shm.ring import KIND_STOP, KIND_SUBSCRIBE, KIND_UNSUBSCRIBE, Ring
 from engine.shm.segment import Segment
 from engine.shm.spec import WorkerSpec
 from workers import logs
+from workers.routes import RouteSender, RouteTable
 from workers.sender import RECONNECT_ERRNOS, BatchSender, reason_index
 from workers.table import FD_RESERVE, Subscriber, SubscriberTable, raise_fd_limit
 
@@ -94,8 +95,12 @@ class Worker:
         self.values = self.region.counters()
         limit = spec.socket_limit or max(1, raise_fd_limit() - FD_RESERVE)
         self.table = SubscriberTable(limit, spec.sndbuf)
+        self.routes = RouteTable(spec.sndbuf)  # groups and filtered sockets (routes.py)
         for event_id, control in spec.snapshot:
-            self.table.subscribe(event_id, control)
+            if control.policy:
+                self.routes.subscribe(event_id, control)
+            else:
+                self.table.subscribe(event_id, control)
         self.sender = BatchSender(self.ring.data, spec.batch_max, spec.use_sendmmsg)
         self.touched: set[int] = set()
         self.unix_wait_s = spec.unix_wait_ms / 1000.0
@@ -111,8 +116,14 @@ class Worker:
         self.i_consumed = lay.scalar("pairs_consumed")
         self.i_stale = lay.scalar("pairs_stale")
         self.i_shared = lay.scalar("shared_subscribers")
-        self._set(self.i_subscribers, len(self.table.by_key))
+        self._set(self.i_subscribers, len(self.table.by_key) + self.routes.sockets)
         self._set(self.i_shared, self.table.shared_count)
+        self.route_sender = RouteSender(
+            self.routes, self.sender, self.region, self.layout, self._add, self._set,
+            spec.batch_max,
+            self.unix_wait_s,
+        )  # fmt: skip
+        self.route_deadline = [0.0]
 
     def _add(self, index: int, delta: int) -> None:
         self.values[index] += delta
@@ -129,6 +140,7 @@ class Worker:
         finally:
             self.region.mark_exited()
             self.table.close()
+            self.routes.close()
 
     def _loop(self) -> None:
         ring = self.ring
@@ -205,11 +217,18 @@ class Worker:
         if kind == KIND_STOP:
             return True
         control = self.ring.control_payload(offset, length)
+        if control.policy:  # a group or a filtered socket
+            if kind == KIND_SUBSCRIBE:
+                self.routes.subscribe(event_id, control)
+            elif kind == KIND_UNSUBSCRIBE:
+                self.routes.unsubscribe(event_id, control.key)
+            self._set(self.i_subscribers, len(self.table.by_key) + self.routes.sockets)
+            return False
         if kind == KIND_SUBSCRIBE:
             self.table.subscribe(event_id, control)
         elif kind == KIND_UNSUBSCRIBE:
             self.table.unsubscribe(event_id, control.key)
-        self._set(self.i_subscribers, len(self.table.by_key))
+        self._set(self.i_subscribers, len(self.table.by_key) + self.routes.sockets)
         self._set(self.i_shared, self.table.shared_count)
         return False
 
@@ -226,6 +245,10 @@ class Worker:
             pairs = self._send_mixed(n, eids, lengths)
         if self.table.shared_by_event:
             pairs += self._send_shared(n, eids, lengths)
+        if self.routes.by_event:  # groups and filters: nothing to pay when there are none
+            self.route_deadline[0] = self.batch_deadline
+            pairs += self.route_sender.send(n, eids, lengths, self.route_deadline)
+            self.batch_deadline = self.route_deadline[0]
         self._observe(pairs, stamps)
 
     def _send_shared(self, n: int, eids: list[int], lengths: list[int]) -> int:

@@ -197,6 +197,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "CPUs alone (busy < 0.15 core); 0 = do not wait (default)",
     )
     a(
+        "--routing",
+        action="store_true",
+        help="instead of the stress run: virtual groups and filters against plain "
+        "subscribers, --rounds interleaved rounds of 30000 events to --subscribers UDP "
+        "sinks (python -m engine.bench.routing; docs/routing.md)",
+    )
+    a(
         "--receiver-cpus",
         choices=("auto", "none"),
         default="auto",
@@ -241,6 +248,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"event-datagram bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.routing:
+        from engine.bench.routing import MODES, report
+
+        workers = args.workers or 1
+        report(list(MODES), args.rounds, 30_000, workers, args.subscribers, args.json)
+        return EXIT_OK
     bench = Bench(args)
     main_thread = threading.current_thread() is threading.main_thread()
     old = {}

@@ -19,7 +19,7 @@ import socket
 import stat
 import sys
 import time
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import msgspec
 
@@ -89,6 +89,7 @@ def run_listener(
     as_json: bool,
     timeout: float = 5.0,
     out: BinaryIO | None = None,
+    filters: list[str] | None = None,
 ) -> int:
     out = out if out is not None else sys.stdout.buffer
     sock, me = bind(socket_text)
@@ -100,7 +101,7 @@ def run_listener(
     status = 0
     try:
         for event in events:
-            call(target, "event_subscribe", [event, me, expire], timeout=timeout)
+            call(target, "event_subscribe", _params(event, me, expire, filters), timeout=timeout)
             subscribed.append(event)
         print(
             f"listening on {me} for {', '.join(events)} (expire {expire} s)",
@@ -116,7 +117,7 @@ def run_listener(
                 _drain(sock, out, as_json)
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + refresh_every
-                _refresh(target, me, subscribed, expire, timeout)
+                _refresh(target, me, subscribed, expire, timeout, filters)
     except MIReplyError as exc:
         if len(subscribed) < len(events):  # refused while subscribing: say why
             params: list[object] = [events[len(subscribed)], me, expire]
@@ -135,7 +136,7 @@ def run_listener(
         caught.__exit__(None, None, None)
         for event in subscribed:
             try:
-                call(target, "event_subscribe", [event, me, 0], timeout=timeout)
+                call(target, "event_subscribe", _params(event, me, 0, filters), timeout=timeout)
             except (MIReplyError, MIClientError) as exc:
                 print(f"event-datagram listen: unsubscribe {event}: {exc}", file=sys.stderr)
                 status = 1
@@ -146,10 +147,24 @@ def run_listener(
     return status
 
 
-def _refresh(target: str, me: str, events: list[str], expire: int, timeout: float) -> None:
+def _params(event: str, me: str, expire: int, filters: list[str] | None) -> Any:
+    """OpenSIPS's positional params, or named ones with our `filter` (docs/routing.md)."""
+    if not filters:
+        return [event, me, expire]
+    return {"event": event, "socket": me, "expire": expire, "filter": filters}
+
+
+def _refresh(
+    target: str,
+    me: str,
+    events: list[str],
+    expire: int,
+    timeout: float,
+    filters: list[str] | None = None,
+) -> None:
     for event in events:
         try:
-            call(target, "event_subscribe", [event, me, expire], timeout=timeout)
+            call(target, "event_subscribe", _params(event, me, expire, filters), timeout=timeout)
         except (MIReplyError, MIClientError) as exc:  # keep listening; retry next time
             print(f"event-datagram listen: refresh {event}: {exc}", file=sys.stderr, flush=True)
 

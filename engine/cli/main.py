@@ -184,9 +184,12 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     sub.add_argument(
         "--expire", dest="expire_flag", type=int, metavar="N", help="the same as EXPIRE"
     )
+    filter_help = "name=pattern on the event's params, shell wildcards (repeat: ANDed)"
+    sub.add_argument("--filter", action="append", metavar="NAME=PATTERN", help=filter_help)
     unsub = _verb(verbs, "unsubscribe", parents=[client], help="remove a subscription")
     unsub.add_argument("event")
     unsub.add_argument("socket")
+    unsub.add_argument("--filter", action="append", metavar="NAME=PATTERN", help=filter_help)
     _verb(verbs, "events", parents=[client], help="list the events")
     subs = _verb(verbs, "subscribers", parents=[client], help="list subscribers")
     subs.add_argument("event", nargs="?")
@@ -198,6 +201,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     listen.add_argument("socket", help="udp:IP:PORT (port 0 = any), unix:/PATH or /PATH")
     listen.add_argument("events", nargs="+", metavar="EVENT")
     listen.add_argument("--expire", type=int, default=60, help="seconds (default 60)")
+    listen.add_argument("--filter", action="append", metavar="NAME=PATTERN", help=filter_help)
 
     if argv and argv[0] == "bench":
         bench = _verb(verbs, "bench", help="stress run (make bench)")
@@ -284,7 +288,8 @@ def _client(args: argparse.Namespace) -> int:
     try:
         result = call(args.mi, method, params, timeout=args.timeout)
     except MIReplyError as exc:
-        why = explain(args.mi, method, params, exc, args.timeout)
+        positional = list(params.values()) if isinstance(params, dict) else params
+        why = explain(args.mi, method, positional, exc, args.timeout)
         print(f"event-datagram {args.verb}: {why}", file=sys.stderr)
         return 1
     except MIClientError as exc:
@@ -297,19 +302,26 @@ def _client(args: argparse.Namespace) -> int:
     return 0
 
 
-def _request(args: argparse.Namespace) -> tuple[str | None, list[Any]]:
+def _request(args: argparse.Namespace) -> tuple[str | None, list[Any] | dict[str, Any]]:
     verb = args.verb
     socket = getattr(args, "socket", None)
     if socket is not None and (problem := socket_problem(socket, ours_only=True)):
         print(f"event-datagram {verb}: {problem}", file=sys.stderr)  # never sent
         return None, []
+    filters = getattr(args, "filter", None)
     if verb == "subscribe":
         if args.expire is not None and args.expire_flag is not None:
             print("event-datagram subscribe: give EXPIRE or --expire, not both", file=sys.stderr)
             return None, []
         expire = args.expire if args.expire_flag is None else args.expire_flag
+        if filters:  # named params: `filter` is ours, OpenSIPS's clients never send it
+            named = {"event": args.event, "socket": args.socket, "filter": filters}
+            return "event_subscribe", named if expire is None else {**named, "expire": expire}
         extra = [] if expire is None else [expire]
         return "event_subscribe", [args.event, args.socket, *extra]
+    if verb == "unsubscribe" and filters:
+        named = {"event": args.event, "socket": args.socket, "filter": filters, "expire": 0}
+        return "event_subscribe", named
     if verb == "unsubscribe":
         return "event_subscribe", [args.event, args.socket, 0]
     if verb == "events":
@@ -365,9 +377,10 @@ def _human_event(event: dict[str, Any]) -> str:
 
 
 def _human_sub(sub: dict[str, Any]) -> str:
+    shown = f"  filter {sub['filter']}" if "filter" in sub else ""
     if sub.get("expire") == "never":
-        return f"{sub.get('socket')}  expire never"
-    return f"{sub.get('socket')}  expire {sub.get('expire')}  ttl {sub.get('ttl')}"
+        return f"{sub.get('socket')}  expire never{shown}"
+    return f"{sub.get('socket')}  expire {sub.get('expire')}  ttl {sub.get('ttl')}{shown}"
 
 
 def _listen(args: argparse.Namespace) -> int:
@@ -377,7 +390,10 @@ def _listen(args: argparse.Namespace) -> int:
         print("event-datagram listen: --expire must be at least 1", file=sys.stderr)
         return 2
     try:
-        return run_listener(args.mi, args.socket, args.events, args.expire, args.json, args.timeout)
+        return run_listener(
+            args.mi, args.socket, args.events, args.expire, args.json, args.timeout,
+            filters=args.filter or None,
+        )  # fmt: skip
     except ListenError as exc:
         print(f"event-datagram listen: {exc}", file=sys.stderr)
         return 1

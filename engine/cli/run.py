@@ -177,7 +177,7 @@ class Runner:
         for i, sub in enumerate(cfg.subscription):
             try:
                 self.engine.register_event(sub.event)
-                self.engine.subscribe(sub.event, sub.socket, None)
+                self.engine.subscribe(sub.event, sub.socket, None, sub.filter or None)
             except (AddressError, SubscriptionError, ValueError) as exc:
                 where = f"$.subscription[{i}]"
                 raise ConfigError(f"config error in {self.source}: {exc} - at `{where}`") from None

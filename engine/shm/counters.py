@@ -1,6 +1,6 @@
 """The counter block: per-worker counters in shared memory, written once per batch.
 
-Layout, version 4 (u64 words, native little-endian):
+Layout, version 5 (u64 words, native little-endian):
 
     Block header, 64 bytes
       0   u64  magic          COUNTERS_MAGIC ("EDGCNTR" + 0x01)
@@ -23,7 +23,10 @@ Layout, version 4 (u64 words, native little-endian):
       6   generation          1 + restarts of this region's worker
       7   reserved
       8   journal             JOURNAL_MAX (counter index, new absolute value) pairs
-      8 + 2*JOURNAL_MAX       counters, indexed by `CounterLayout` (below)
+      8 + 2*JOURNAL_MAX       counters, indexed by `CounterLayout` (below); version 5
+                              added the scalars pairs_filtered and failovers, and after
+                              the latency histogram: filtered pairs per event id, then
+                              GROUP_SLOTS (failovers, members down) pairs (routing)
       then                    SUBSCRIBER_SLOTS (datagrams sent, sends failed) pairs, one
                               per subscriber slot the producer assigned (per-subscriber
                               metrics). Written directly, outside the journal: a worker
@@ -50,11 +53,12 @@ from typing import Final
 from engine.shm.ring import Ring
 
 COUNTERS_MAGIC: Final = int.from_bytes(b"EDGCNTR\x01", "little")
-COUNTERS_VERSION: Final = 4
+COUNTERS_VERSION: Final = 5
 BLOCK_HEADER_WORDS: Final = 8
 REGION_HEADER_WORDS: Final = 8
 JOURNAL_MAX: Final = 4096
 SUBSCRIBER_SLOTS: Final = 16384  # per worker, reused; subscribers beyond: in the aggregates only
+GROUP_SLOTS: Final = 256  # per worker: virtual groups with failover/down counters of their own
 
 STATE_BOOTING: Final = 0
 STATE_READY: Final = 1
@@ -84,6 +88,8 @@ SCALARS: Final = (
     "pairs_consumed",  # fan-out of the event records consumed (= sent + failed + stale)
     "pairs_stale",  # pairs not sent: the event was older than engine.max_delay_ms
     "shared_subscribers",  # of `subscribers`, those on a shared unconnected socket (a gauge)
+    "pairs_filtered",  # pairs not sent: the subscription's filter did not match the event
+    "failovers",  # datagrams a group member failed that went to another member instead
 )
 
 
@@ -137,8 +143,25 @@ class CounterLayout:
         return self.batch_base + len(BATCH_BUCKETS) + 2
 
     @property
-    def size(self) -> int:
+    def filtered_base(self) -> int:
         return self.latency_base + len(LATENCY_BUCKETS_NS) + 2
+
+    def filtered(self, event_id: int) -> int:
+        """Pairs of `event_id` a subscription's filter kept from being sent."""
+        return self.filtered_base + event_id
+
+    @property
+    def group_base(self) -> int:
+        return self.filtered_base + self.max_events
+
+    def group(self, slot: int, which: int) -> int:
+        """Group slot `slot` (engine.routing assigns them, never reused): which 0 =
+        datagrams passed on to another member (failovers), 1 = members down now."""
+        return self.group_base + 2 * slot + which
+
+    @property
+    def size(self) -> int:
+        return self.group_base + 2 * GROUP_SLOTS
 
 
 def region_words(layout: CounterLayout) -> int:

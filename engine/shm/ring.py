@@ -103,6 +103,16 @@ class ControlPayload(msgspec.Struct, array_like=True, frozen=True):
     family: int
     sockaddr: str | list[str | int]  # a UNIX path, or [host, port(, flowinfo, scope)]
     slot: int = -1  # per-subscriber counter slot in the worker's region; -1 = none
+    # Routing (engine.targets), all empty for a plain subscriber: a policy of ""
+    # is one socket (this one); "SINGLE" one socket with a filter; otherwise a
+    # group of `members` (each a plain payload) under PARALLEL, FAILOVER,
+    # ROUND-ROBIN or HASH (by the top-level param `hash_param`).
+    policy: str = ""
+    members: list[ControlPayload] = []
+    conditions: list[tuple[str, str]] = []  # ANDed (name, fnmatch pattern)
+    hash_param: str = ""
+    failover_s: float = 30.0  # a failed member is skipped this long
+    group: int = -1  # the group's counter slot (counters.GROUP_SLOTS); -1 = none
 
     def address(self) -> str | tuple[str | int, ...]:
         """The sockaddr as socket.connect() takes it."""

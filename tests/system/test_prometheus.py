@@ -121,7 +121,7 @@ class MI:
         self.address = address
         self.conn: http.client.HTTPConnection | None = None
 
-    def call(self, method: str, params: list[Any]) -> Any:
+    def call(self, method: str, params: list[Any] | dict[str, Any]) -> Any:
         body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
         for attempt in (1, 2):
             if self.conn is None:
@@ -369,6 +369,12 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
             mi.call("event_subscribe", ["E_LOAD", rx_udp.socket_text])
             mi.call("event_subscribe", ["E_OTHER", rx_udp.socket_text])
             mi.call("event_subscribe", ["E_OTHER", rx_unix.socket_text])
+            # Routing (docs/routing.md): a FAILOVER group whose first member is gone
+            # (every event fails over) and a filtered subscription.
+            group = f"virtual:FAILOVER unix:{tmp_path}/gone.sock {rx_udp.socket_text}"
+            mi.call("event_subscribe", ["E_LOAD", group])
+            filtered = {"event": "E_LOAD", "socket": rx_unix.socket_text, "filter": "seq=*0"}
+            mi.call("event_subscribe", filtered)
             with pytest.raises(AssertionError, match="this engine's own ingest socket"):
                 mi.call("event_subscribe", ["E_OTHER", engine.ingest_text])  # a loop
             mi.close()
@@ -380,10 +386,17 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
                 check_sources(url, engine)
                 check_guards(url)
                 check_alert_series(url)
+                check_routing(url, group, rx_udp.socket_text)
                 # [metrics] per_subscriber = true reached the exposition.
                 ttl = query(url, "event_datagram_subscriber_ttl_seconds")["data"]["result"]
                 sockets = {r["metric"]["socket"] for r in ttl}
-                assert sockets == {rx_udp.socket_text, rx_unix.socket_text}
+                by_filter = f"{rx_unix.socket_text} filter=seq=*0"
+                assert sockets == {rx_udp.socket_text, rx_unix.socket_text, group, by_filter}
+                sent = query(url, "event_datagram_subscriber_datagrams_sent_total")["data"][
+                    "result"
+                ]
+                counts = {r["metric"]["socket"]: float(r["value"][1]) for r in sent}
+                assert counts[by_filter] > 0 and counts[group] > 0, counts
         assert rx_udp.datagrams and rx_unix.datagrams
         assert any(b'"ingested"' in d for d in rx_udp.datagrams), "no ingested event relayed"
         assert any(b'"amqp"' in d for d in rx_unix.datagrams), "no broker message relayed"
@@ -448,17 +461,35 @@ def check_panels(url: str, log: Path) -> None:
 
 def check_alert_series(url: str) -> None:
     """Every series the alert rules read exists, with the labels they select on
-    (grafana/alerts; the rules' logic is unit-tested in test_alerts.py). The reload
-    gauge comes with the reload code (issue 18, item 2)."""
+    (grafana/alerts; the rules' logic is unit-tested in test_alerts.py)."""
     selectors = rule_selectors()
     assert len(selectors) >= 10, selectors
     missing = []
     for selector in sorted(selectors):
-        if selector.startswith("event_datagram_config_last_reload"):
-            continue
         if not query(url, selector)["data"]["result"]:
             missing.append(selector)
     assert not missing, f"alert rules read series the engine does not expose: {missing}"
+
+
+def check_routing(url: str, group: str, second: str) -> None:
+    """The routing panels show the group failing over to its second member, and the
+    filtered subscription's events filtered out."""
+
+    def by(title: str, *labels: str) -> dict[tuple[str, ...], float]:
+        rows = query(url, concrete(panel_expr(title)))["data"]["result"]
+        return {tuple(r["metric"][k] for k in labels): float(r["value"][1]) for r in rows}
+
+    filtered = by("Filtered datagrams by event", "event")
+    assert filtered[("E_LOAD",)] > 0 and filtered[("E_OTHER",)] == 0, filtered
+    members = by("Group datagrams by member", "group", "member")
+    assert members[(group, second)] > 0, members
+    assert members[(group, group.split()[1])] == 0, members
+    # Its first member failed once, then is skipped for failover_timeout_s (30 s): the
+    # counter moved (by its first batch), its rate may be back at 0.
+    assert by("Group failovers", "group")[(group,)] >= 0
+    total = query(url, 'event_datagram_group_failovers_total{job="event-datagram"}')
+    assert [float(r["value"][1]) > 0 for r in total["data"]["result"]] == [True], total
+    assert by("Group members down", "group") == {(group,): 1.0}
 
 
 def check_sources(url: str, engine: Running) -> None:
