@@ -225,9 +225,8 @@ def http_post(
             "Content-Type: application/json\r\nAccept: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode("latin-1")
-        sock.settimeout(max(0.001, deadline - time.monotonic()))
         try:
-            sock.sendall(head + body)  # the timeout bounds the whole sendall
+            _send_all(sock, head + body, deadline)
         except TimeoutError:
             raise MIClientError(f"{url}: the request was not taken in time", "timeout") from None
         except OSError as exc:
@@ -235,6 +234,18 @@ def http_post(
         return _reply(_Reader(sock, url, deadline, limit), url)
     finally:
         sock.close()
+
+
+def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """sendall by the deadline (an SSLSocket's sendall gives each piece the whole
+    timeout again; here every piece waits at most for what is left)."""
+    view = memoryview(data)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        view = view[sock.send(view) :]
 
 
 def _handshake(
