@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import ipaddress
 import logging
 import os
 import re
@@ -227,7 +228,8 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         action="append",
         metavar="MI",
         help="subscribe the first ingest socket to every event of the OpenSIPS MI at "
-        "udp:HOST:PORT, http://HOST:PORT/mi or fifo:PATH (repeat; adds to [[upstream]])",
+        "udp:HOST:PORT, http(s)://HOST:PORT/mi or fifo:PATH (repeat; adds to [[upstream]]; "
+        "TLS and credentials: [[upstream]] keys)",
     )
     run.add_argument(
         "--amqp",
@@ -361,10 +363,29 @@ def _reload(args: argparse.Namespace) -> int:
 def _auth_or_usage(args: argparse.Namespace) -> tuple[bool, ClientAuth | None]:
     """(False, None) after printing why the client options are unusable."""
     try:
-        return True, client_auth(args)
+        auth = client_auth(args)
     except ValueError as exc:
         print(f"event-datagram {args.verb}: {exc}", file=sys.stderr)
         return False, None
+    if auth is not None and auth.user and _plain_beyond_loopback(args.mi):
+        print(
+            f"event-datagram {args.verb}: warning: the password goes unencrypted to "
+            f"{args.mi} (http:// beyond loopback): use https://",
+            file=sys.stderr,
+        )
+    return True, auth
+
+
+def _plain_beyond_loopback(target: str) -> bool:
+    if not target.startswith("http://"):
+        return False
+    host = urllib.parse.urlsplit(target).hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: it may resolve anywhere
 
 
 def _client(args: argparse.Namespace) -> int:

@@ -6,12 +6,13 @@ tests/system/test_cli_auth.py)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
 from engine import config
-from engine.cli.main import build_parser, client_auth
+from engine.cli.main import _auth_or_usage, build_parser, client_auth
 from engine.errors import MIClientError
 from engine.mi.http_client import ClientAuth, http_post, read_password_file, shown
 
@@ -19,7 +20,7 @@ SECRET = "pa55-w0rd-never-shown"
 HTTPS = "https://127.0.0.1:1/mi"
 
 
-def _args(*argv: str) -> object:
+def _args(*argv: str) -> argparse.Namespace:
     return build_parser(["events"]).parse_args(["events", *argv])
 
 
@@ -56,7 +57,7 @@ def test_the_url_user_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     assert auth is not None and auth.user == "flag"
     # $EVENT_DATAGRAM_MI still names the target
     monkeypatch.setenv("EVENT_DATAGRAM_MI", "https://ops@127.0.0.1:2/mi")
-    assert _args().mi == "https://ops@127.0.0.1:2/mi"  # type: ignore[attr-defined]
+    assert _args().mi == "https://ops@127.0.0.1:2/mi"
     # Credentials in the environment are for HTTP MIs; a UDP MI ignores them.
     assert client_auth(_args("--mi", "udp:127.0.0.1:8559")) is None
 
@@ -163,3 +164,22 @@ def test_upstream_auth_errors_name_the_key(
         config.loads(INGEST + keys + "\n", "my.toml")
     assert message in str(info.value)
     assert SECRET not in str(info.value)
+
+
+def test_a_password_over_plain_http_beyond_loopback_is_warned(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EVENT_DATAGRAM_MI_PASSWORD", SECRET)
+    for target, warned in (
+        ("http://192.0.2.7:8888/mi", True),
+        ("http://mi.example:8888/mi", True),
+        ("http://127.0.0.1:8888/mi", False),
+        ("http://[::1]:8888/mi", False),
+        ("http://localhost:8888/mi", False),
+        ("https://192.0.2.7:8888/mi", False),
+    ):
+        ok, auth = _auth_or_usage(_args("--mi", target, "--user", "ops"))
+        assert ok and auth is not None
+        err = capsys.readouterr().err
+        assert ("the password goes unencrypted" in err) == warned, target
+        assert SECRET not in err
