@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import urllib.parse
 from importlib import resources
 from typing import Any, Literal
 
@@ -121,6 +122,17 @@ class UpstreamConfig(_Section):
     """Seconds the subscription lasts at the upstream; refreshed every expire/3."""
     max_reply_bytes: int = 4 << 20
     """Bytes of one MI reply at most; a larger one is refused unread (too_large)."""
+    ca_file: str = ""
+    """https:// MI: PEM CA certificates to trust; "" = the system's."""
+    cert_file: str = ""
+    """https:// MI: a PEM client certificate (mutual TLS); "" = none."""
+    key_file: str = ""
+    """https:// MI: the client certificate's key, when not in cert_file."""
+    user: str = ""
+    """http(s):// MI: basic-auth user (or the URL's user@); needs password_file."""
+    password_file: str = ""
+    """http(s):// MI: the file whose first line is the basic-auth password (read at
+    each call, so a rotated one is taken); never a password in the config."""
 
 
 UPSTREAM_MIN_EXPIRE = 6  # refreshed every expire/3: not more often than the 2 s checks
@@ -249,6 +261,7 @@ class Config(_Section):
                     "an upstream sends to an ingest socket, and ingest.listen is empty"
                     f" - at `{where}`"
                 )
+            _check_upstream_auth(up, where)  # first: a URL with a password is never shown
             why = _mi_target_problem(up.mi)
             if why:
                 raise ConfigError(f"upstream MI {up.mi!r}: {why} - at `{where}.mi`")
@@ -301,6 +314,49 @@ def _mi_target_problem(text: str) -> str | None:
             return "expected udp:IP:PORT with a port"
         return None
     return "expected udp:IP:PORT, http://HOST:PORT/mi or fifo:PATH"
+
+
+def _check_upstream_auth(up: UpstreamConfig, where: str) -> None:
+    """TLS files for https:// only, credentials for HTTP only, the password from a
+    readable file (a password in the URL would be shown in every log line)."""
+    http = up.mi.startswith(("http://", "https://"))
+    parts = urllib.parse.urlsplit(up.mi) if http else None
+    if parts is not None and ":" in parts.netloc.rpartition("@")[0]:
+        raise ConfigError(
+            "a password in the MI URL is refused (it would be in logs): give it in"
+            f" password_file - at `{where}.mi`"
+        )
+    tls_keys = {"ca_file": up.ca_file, "cert_file": up.cert_file, "key_file": up.key_file}
+    for key, value in tls_keys.items():
+        if value and not up.mi.startswith("https://"):
+            raise ConfigError(f"{key} is for an https:// MI - at `{where}.{key}`")
+        if value and not os.access(value, os.R_OK):
+            raise ConfigError(f"{key} {value!r} cannot be read - at `{where}.{key}`")
+    if up.key_file and not up.cert_file:
+        raise ConfigError(f"key_file needs cert_file - at `{where}.key_file`")
+    user = up.user or (urllib.parse.unquote(parts.username or "") if parts else "")
+    for key, value in (("user", up.user), ("password_file", up.password_file)):
+        if value and not http:
+            raise ConfigError(f"{key} is for an http:// or https:// MI - at `{where}.{key}`")
+    if ":" in user:
+        raise ConfigError(f"user {user!r}: a basic-auth user name has no ':' - at `{where}.user`")
+    if user and not up.password_file:
+        raise ConfigError(f"user {user!r} needs password_file - at `{where}.password_file`")
+    if up.password_file and not user:
+        raise ConfigError(f"password_file needs a user - at `{where}.user`")
+    if up.password_file:
+        try:
+            with open(up.password_file, "rb") as f:
+                empty = not f.read(4096).split(b"\n", 1)[0].rstrip(b"\r")
+        except OSError as exc:
+            raise ConfigError(
+                f"password_file {up.password_file!r}: {exc.strerror} - at `{where}.password_file`"
+            ) from None
+        if empty:
+            raise ConfigError(
+                f"password_file {up.password_file!r} is empty (its first line is the password)"
+                f" - at `{where}.password_file`"
+            )
 
 
 def _is_wildcard(ingest_socket: str) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 from engine.address import parse_destination
 from engine.errors import AddressError, MIClientError, MIReplyError
 from engine.mi.client import call
+from engine.mi.http_client import ClientAuth
 
 KNOWN_SHOWN = 20  # event names listed in "known: ..." before "and N more"
 
@@ -38,10 +39,10 @@ def socket_problem(text: str, *, ours_only: bool) -> str | None:
     return None
 
 
-def _known_events(target: str, timeout: float) -> list[str] | None:
+def _known_events(target: str, timeout: float, auth: ClientAuth | None) -> list[str] | None:
     """The MI's event names, or None when it cannot tell (not an events_list we know)."""
     try:
-        result = call(target, "events_list", [], timeout=timeout)
+        result = call(target, "events_list", [], timeout=timeout, auth=auth)
     except (MIReplyError, MIClientError):
         return None
     if not isinstance(result, dict) or not isinstance(result.get("Events"), list):
@@ -57,14 +58,26 @@ def _unknown_event(event: str, known: list[str]) -> str:
     return f"unknown event {event}; known: {shown}" + (f" and {more} more" if more > 0 else "")
 
 
-def explain(target: str, method: str, params: list[Any], exc: MIReplyError, timeout: float) -> str:
+def explain(
+    target: str,
+    method: str,
+    params: list[Any],
+    exc: MIReplyError,
+    timeout: float,
+    auth: ClientAuth | None = None,
+) -> str:
     """The line to print for ``exc``, the MI's error reply to ``method(params)``."""
-    why = _why(target, method, params, exc, timeout)
+    why = _why(target, method, params, exc, timeout, auth)
     return f"{why} ({exc})" if why else str(exc)
 
 
 def _why(
-    target: str, method: str, params: list[Any], exc: MIReplyError, timeout: float
+    target: str,
+    method: str,
+    params: list[Any],
+    exc: MIReplyError,
+    timeout: float,
+    auth: ClientAuth | None,
 ) -> str | None:
     event = str(params[0]) if params else ""
     code = exc.code
@@ -76,7 +89,7 @@ def _why(
         or (method == "subscribers_list" and code == 404 and exc.message == "Event not published")
     )
     if unknown_event:
-        known = _known_events(target, timeout)
+        known = _known_events(target, timeout, auth)
         if known is not None and event not in known:
             return _unknown_event(event, known)
     if method == "event_subscribe" and code == 400 and len(params) > 1:

@@ -27,6 +27,7 @@ from engine.address import format_listen, parse_listen
 from engine.cli.explain import explain
 from engine.errors import ListenError, MIClientError, MIReplyError
 from engine.mi.client import call
+from engine.mi.http_client import ClientAuth
 from engine.signals import SignalCatcher
 
 
@@ -90,6 +91,7 @@ def run_listener(
     timeout: float = 5.0,
     out: BinaryIO | None = None,
     filters: list[str] | None = None,
+    auth: ClientAuth | None = None,
 ) -> int:
     out = out if out is not None else sys.stdout.buffer
     sock, me = bind(socket_text)
@@ -101,7 +103,13 @@ def run_listener(
     status = 0
     try:
         for event in events:
-            call(target, "event_subscribe", _params(event, me, expire, filters), timeout=timeout)
+            call(
+                target,
+                "event_subscribe",
+                _params(event, me, expire, filters),
+                timeout=timeout,
+                auth=auth,
+            )
             subscribed.append(event)
         print(
             f"listening on {me} for {', '.join(events)} (expire {expire} s)",
@@ -117,11 +125,11 @@ def run_listener(
                 _drain(sock, out, as_json)
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + refresh_every
-                _refresh(target, me, subscribed, expire, timeout, filters)
+                _refresh(target, me, subscribed, expire, timeout, auth, filters)
     except MIReplyError as exc:
         if len(subscribed) < len(events):  # refused while subscribing: say why
             params: list[object] = [events[len(subscribed)], me, expire]
-            why = explain(target, "event_subscribe", params, exc, timeout)
+            why = explain(target, "event_subscribe", params, exc, timeout, auth)
         else:
             why = str(exc)
         print(f"event-datagram listen: {why}", file=sys.stderr)
@@ -136,7 +144,13 @@ def run_listener(
         caught.__exit__(None, None, None)
         for event in subscribed:
             try:
-                call(target, "event_subscribe", _params(event, me, 0, filters), timeout=timeout)
+                call(
+                    target,
+                    "event_subscribe",
+                    _params(event, me, 0, filters),
+                    timeout=timeout,
+                    auth=auth,
+                )
             except (MIReplyError, MIClientError) as exc:
                 print(f"event-datagram listen: unsubscribe {event}: {exc}", file=sys.stderr)
                 status = 1
@@ -160,11 +174,18 @@ def _refresh(
     events: list[str],
     expire: int,
     timeout: float,
+    auth: ClientAuth | None,
     filters: list[str] | None = None,
 ) -> None:
     for event in events:
         try:
-            call(target, "event_subscribe", _params(event, me, expire, filters), timeout=timeout)
+            call(
+                target,
+                "event_subscribe",
+                _params(event, me, expire, filters),
+                timeout=timeout,
+                auth=auth,
+            )
         except (MIReplyError, MIClientError) as exc:  # keep listening; retry next time
             print(f"event-datagram listen: refresh {event}: {exc}", file=sys.stderr, flush=True)
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import ipaddress
 import logging
 import os
 import re
 import signal
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -29,6 +31,7 @@ from engine.cli.explain import explain, socket_problem
 from engine.cli.logs import LEVELS
 from engine.errors import ListenError, MIClientError, MIReplyError, RunError
 from engine.mi.client import DEFAULT_TARGET, call
+from engine.mi.http_client import ClientAuth, read_password_file, url_password_problem
 from engine.signals import SignalCatcher
 
 log = logging.getLogger("event_datagram.cli")
@@ -47,7 +50,86 @@ def _client_options() -> argparse.ArgumentParser:
     )
     parent.add_argument("--json", action="store_true", help="print the MI result as JSON")
     parent.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    # An authenticated MI (docs/security-http.md). No --password: argv is readable by
+    # every local user; the password comes from a file or the environment only.
+    parent.add_argument("--ca-file", metavar="PATH", help="https: the CA to trust (PEM)")
+    parent.add_argument("--cert-file", metavar="PATH", help="https: a client certificate (PEM)")
+    parent.add_argument("--key-file", metavar="PATH", help="https: the client certificate's key")
+    parent.add_argument(
+        "--user",
+        metavar="NAME",
+        help="basic-auth user (or the URL's user@, or $EVENT_DATAGRAM_MI_USER)",
+    )
+    parent.add_argument(
+        "--password-file",
+        metavar="PATH",
+        help="basic-auth password: the first line of PATH (or $EVENT_DATAGRAM_MI_PASSWORD)",
+    )
+    # Taken only to be refused (argparse would read "--password X" as the
+    # abbreviation of --password-file, and a message would show X).
+    parent.add_argument("--password", nargs="?", action=_NoPassword, help=argparse.SUPPRESS)
     return parent
+
+
+class _NoPassword(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        parser.error(
+            "there is no --password (argv is readable by every local user): use "
+            "--password-file PATH or $EVENT_DATAGRAM_MI_PASSWORD"
+        )
+
+
+USER_ENV: Final = "EVENT_DATAGRAM_MI_USER"
+PASSWORD_ENV: Final = "EVENT_DATAGRAM_MI_PASSWORD"
+
+
+def client_auth(args: argparse.Namespace) -> ClientAuth | None:
+    """The TLS and basic-auth settings of the client verbs, from their flags and the
+    environment; ValueError saying what is wrong (never showing a password)."""
+    target: str = args.mi
+    if problem := url_password_problem(target):
+        raise ValueError(problem)
+    http = target.startswith(("http://", "https://"))
+    flags = {
+        "--ca-file": args.ca_file,
+        "--cert-file": args.cert_file,
+        "--key-file": args.key_file,
+        "--user": args.user,
+        "--password-file": args.password_file,
+    }
+    given = [flag for flag, value in flags.items() if value is not None]
+    if not http:
+        if given:
+            raise ValueError(f"{given[0]} is for an http:// or https:// MI, not {target}")
+        return None  # the environment's credentials are for HTTP MIs only
+    if target.startswith("http://") and (args.ca_file or args.cert_file or args.key_file):
+        raise ValueError("--ca-file, --cert-file and --key-file are for an https:// MI")
+    if args.key_file and not args.cert_file:
+        raise ValueError("--key-file needs --cert-file")
+    url_user = urllib.parse.unquote(urllib.parse.urlsplit(target).username or "")
+    user = args.user or url_user or os.environ.get(USER_ENV, "")
+    if args.password_file:
+        try:
+            password = read_password_file(args.password_file)
+        except MIClientError as exc:
+            raise ValueError(str(exc)) from None
+    else:
+        password = os.environ.get(PASSWORD_ENV, "")
+    if password and not user:
+        raise ValueError(
+            f"a password needs a user: --user NAME, https://NAME@HOST/mi or ${USER_ENV}"
+        )
+    if user and not password:
+        raise ValueError(f"user {user!r} needs a password: --password-file PATH or ${PASSWORD_ENV}")
+    if ":" in user:
+        raise ValueError(f"user {user!r}: a basic-auth user name has no ':'")
+    return ClientAuth(
+        ca_file=args.ca_file or "",
+        cert_file=args.cert_file or "",
+        key_file=args.key_file or "",
+        user=user,
+        password=password,
+    )
 
 
 # Each verb's --help: what it does in one line, then an example (argparse's epilog).
@@ -146,7 +228,8 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         action="append",
         metavar="MI",
         help="subscribe the first ingest socket to every event of the OpenSIPS MI at "
-        "udp:HOST:PORT, http://HOST:PORT/mi or fifo:PATH (repeat; adds to [[upstream]])",
+        "udp:HOST:PORT, http(s)://HOST:PORT/mi or fifo:PATH (repeat; adds to [[upstream]]; "
+        "TLS and credentials: [[upstream]] keys)",
     )
     run.add_argument(
         "--amqp",
@@ -281,15 +364,46 @@ def _reload(args: argparse.Namespace) -> int:
 # -- client verbs ---------------------------------------------------------------------------
 
 
+def _auth_or_usage(args: argparse.Namespace) -> tuple[bool, ClientAuth | None]:
+    """(False, None) after printing why the client options are unusable."""
+    try:
+        auth = client_auth(args)
+    except ValueError as exc:
+        print(f"event-datagram {args.verb}: {exc}", file=sys.stderr)
+        return False, None
+    if auth is not None and auth.user and _plain_beyond_loopback(args.mi):
+        print(
+            f"event-datagram {args.verb}: warning: the password goes unencrypted to "
+            f"{args.mi} (http:// beyond loopback): use https://",
+            file=sys.stderr,
+        )
+    return True, auth
+
+
+def _plain_beyond_loopback(target: str) -> bool:
+    if not target.startswith("http://"):
+        return False
+    host = urllib.parse.urlsplit(target).hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: it may resolve anywhere
+
+
 def _client(args: argparse.Namespace) -> int:
+    ok, auth = _auth_or_usage(args)
+    if not ok:
+        return 2
     method, params = _request(args)
     if method is None:
         return 2
     try:
-        result = call(args.mi, method, params, timeout=args.timeout)
+        result = call(args.mi, method, params, timeout=args.timeout, auth=auth)
     except MIReplyError as exc:
         positional = list(params.values()) if isinstance(params, dict) else params
-        why = explain(args.mi, method, positional, exc, args.timeout)
+        why = explain(args.mi, method, positional, exc, args.timeout, auth)
         print(f"event-datagram {args.verb}: {why}", file=sys.stderr)
         return 1
     except MIClientError as exc:
@@ -389,10 +503,13 @@ def _listen(args: argparse.Namespace) -> int:
     if args.expire < 1:
         print("event-datagram listen: --expire must be at least 1", file=sys.stderr)
         return 2
+    ok, auth = _auth_or_usage(args)
+    if not ok:
+        return 2
     try:
         return run_listener(
             args.mi, args.socket, args.events, args.expire, args.json, args.timeout,
-            filters=args.filter or None,
+            filters=args.filter or None, auth=auth,
         )  # fmt: skip
     except ListenError as exc:
         print(f"event-datagram listen: {exc}", file=sys.stderr)

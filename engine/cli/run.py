@@ -30,6 +30,7 @@ from engine.guards import Endpoint, Guards, OwnSockets
 from engine.mi.fifo import FifoServer
 from engine.mi.health import not_ready
 from engine.mi.http import RequestPolicy, SecurityCounters, exposure_warning, is_loopback_bind
+from engine.mi.http_client import ClientAuth
 from engine.mi.server import DatagramServer, HTTPServer
 from engine.mi.webconfig import WebConfig
 from engine.paths import migrate_state
@@ -43,7 +44,7 @@ from engine.subscriptions import StateFileError, SubscriptionError
 log = logging.getLogger("event_datagram.run")
 
 # What an upstream does: (mi, events, the socket it subscribes, expire).
-UpstreamKey = tuple[str, tuple[str, ...], str, int]
+UpstreamKey = tuple[str, tuple[str, ...], str, int, tuple[str, ...]]
 
 
 class _Listener(Protocol):
@@ -72,6 +73,19 @@ def _configured_sockets(cfg: Config, own: OwnSockets) -> None:
                 own.add(what, address)
     if cfg.mi.fifo:
         own.add("MI FIFO", cfg.mi.fifo)
+
+
+def _upstream_auth(up: UpstreamConfig) -> ClientAuth | None:
+    """An [[upstream]]'s TLS and basic auth (the password file is read at each call)."""
+    if not (up.ca_file or up.cert_file or up.user or up.password_file):
+        return None  # an https:// MI without them: the system's CAs, no credentials
+    return ClientAuth(
+        ca_file=up.ca_file,
+        cert_file=up.cert_file,
+        key_file=up.key_file,
+        user=up.user,
+        password_file=up.password_file,
+    )
 
 
 def _mi_target_endpoint(target: str, own: OwnSockets) -> Endpoint | None:
@@ -256,7 +270,8 @@ class Runner:
         """`socket` "" = the first ingest socket, as bound (port 0 is its real port)."""
         if self.ingest is None:  # Config.validate refuses this
             raise RunError(f"upstream {up.mi}: no ingest socket to subscribe")
-        return (up.mi, tuple(up.events), up.socket or self.ingest.names[0], up.expire)
+        auth = (up.ca_file, up.cert_file, up.key_file, up.user, up.password_file)
+        return (up.mi, tuple(up.events), up.socket or self.ingest.names[0], up.expire, auth)
 
     def start_upstream(self, up: UpstreamConfig) -> Upstream:
         """Each [[upstream]] subscribes its socket in a thread of its own."""
@@ -268,7 +283,13 @@ class Runner:
                 " it would feed the engine its own events"
             )
         upstream = Upstream(
-            self.engine, up.mi, up.events, key[2], up.expire, max_reply=up.max_reply_bytes
+            self.engine,
+            up.mi,
+            up.events,
+            key[2],
+            up.expire,
+            max_reply=up.max_reply_bytes,
+            auth=_upstream_auth(up),
         )
         self.upstreams.append(upstream)
         self.upstream_keys.append(key)

@@ -23,7 +23,7 @@ import msgspec
 
 from engine.address import parse_listen
 from engine.errors import MIClientError, MIReplyError
-from engine.mi.http_client import http_post
+from engine.mi.http_client import ClientAuth, http_post
 
 DEFAULT_TARGET: Final = "http://127.0.0.1:8558/mi"
 MAX_REPLY: Final = 64 << 20  # bytes; the CLI's limit (an upstream sets its own, smaller)
@@ -40,6 +40,7 @@ def call(
     timeout: float = 5.0,
     reply_dir: str = "/tmp",
     max_reply: int = MAX_REPLY,
+    auth: ClientAuth | None = None,
 ) -> Any:
     """Run ``method`` on the MI at ``target``; return its result or raise.
 
@@ -47,14 +48,15 @@ def call(
     together: a reply trickled a byte at a time fails at it); a reply of more than
     ``max_reply`` bytes is refused without being read whole. Raises MIReplyError
     (the MI answered an error) or MIClientError, whose ``reason`` is one of
-    ERROR_REASONS."""
+    ERROR_REASONS. ``auth`` (http:// and https:// targets): the CA to trust, a
+    client certificate and basic-auth credentials."""
     request_id = next(_ids)
     request = msgspec.json.encode(
         {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or []}
     )
     deadline = time.monotonic() + timeout
     if target.startswith(("http://", "https://")):
-        raw = http_post(target, request, deadline, max_reply)
+        raw = http_post(target, request, deadline, max_reply, auth)
     elif target.startswith("udp:"):
         raw = _udp(target, request, request_id, timeout)
     elif target.startswith("fifo:"):

@@ -9,20 +9,109 @@ limit (a Content-Length over it is refused before any body is read), and every
 failure is an MIClientError with a reason: "unreachable" (no connection),
 "timeout", "bad_reply" (not HTTP, cut short, a bad chunk) or "too_large".
 Replies may have a Content-Length, be chunked, or end when the server closes.
+
+An https:// target is verified against `ClientAuth.ca_file` (default: the
+system's CAs) and may present a client certificate (mutual TLS); its handshake
+runs non-blocking, so a server that stalls it fails at the deadline. Basic-auth
+credentials go in an `Authorization: Basic` header. The password is never part
+of a message: a URL with one is refused (it would be shown in errors and logs,
+and on a command line in argv), and a 401 says only that authentication failed.
 """
 
 from __future__ import annotations
 
+import base64
+import select
 import socket
 import ssl
 import time
 import urllib.parse
+from dataclasses import dataclass, field
 from typing import Final
 
 from engine.errors import MIClientError
 
 MAX_LINE: Final = 16384  # bytes of one status or header line
 MAX_HEADERS: Final = 100
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """How to reach an authenticated MI: the CA to trust, a client certificate, and
+    basic-auth credentials. The password is read from `password_file` at each call
+    (a rotated one is taken without a restart) unless given as `password`; neither
+    is ever in repr() or a message."""
+
+    ca_file: str = ""  # PEM CA certificates to trust; "" = the system's
+    cert_file: str = ""  # PEM client certificate (mutual TLS); may hold the key too
+    key_file: str = ""  # its key, when not in cert_file
+    user: str = ""
+    password: str = field(default="", repr=False)
+    password_file: str = ""
+
+    def secret(self) -> str:
+        """The password: `password`, or the first line of `password_file`."""
+        if self.password or not self.password_file:
+            return self.password
+        return read_password_file(self.password_file)
+
+    def tls_context(self) -> ssl.SSLContext:
+        """A verifying client context (read per call: renewed files are taken)."""
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise MIClientError(f"cannot load the CA file {self.ca_file}: {_why(exc)}") from None
+        if self.cert_file:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise MIClientError(
+                    f"cannot load the client certificate {self.cert_file}: {_why(exc)}"
+                ) from None
+        return context
+
+
+def read_password_file(path: str) -> str:
+    """The first line of `path`, without its line end; MIClientError naming the file
+    (never its content) when it cannot be read or is empty."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(4096).split(b"\n", 1)[0].rstrip(b"\r")
+    except OSError as exc:
+        raise MIClientError(f"cannot read the password file {path}: {_why(exc)}") from None
+    if not first:
+        raise MIClientError(f"the password file {path} is empty (its first line is the password)")
+    try:
+        return first.decode()
+    except UnicodeDecodeError:
+        raise MIClientError(f"the password file {path} is not UTF-8") from None
+
+
+def _why(exc: Exception) -> str:
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else None) or str(exc)
+
+
+def url_password_problem(url: str) -> str | None:
+    """Why `url` must not be used (it holds a password), or None."""
+    if not url.startswith(("http://", "https://")):
+        return None
+    netloc = urllib.parse.urlsplit(url).netloc
+    userinfo, at, _ = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        return (
+            "a password in the MI URL is refused (it would be readable in ps and in"
+            " messages): give the user in the URL or --user, and the password in"
+            " --password-file PATH or $EVENT_DATAGRAM_MI_PASSWORD"
+        )
+    return None
+
+
+def shown(url: str) -> str:
+    """`url` as messages show it: without any user information."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 class _Reader:
@@ -93,10 +182,16 @@ def _bad(url: str, what: str) -> MIClientError:
     return MIClientError(f"{url} answered {what}", "bad_reply")
 
 
-def http_post(url: str, body: bytes, deadline: float, limit: int) -> bytes:
+def http_post(
+    url: str, body: bytes, deadline: float, limit: int, auth: ClientAuth | None = None
+) -> bytes:
     """POST `body` (JSON) to `url`; the reply body (also for an HTTP error status when
     it is JSON: a JSON-RPC error sent with 4xx/5xx). Raises MIClientError."""
+    if url_password_problem(url):
+        raise MIClientError(f"MI target {shown(url)}: {url_password_problem(url)}")
+    auth = auth or ClientAuth()
     parts = urllib.parse.urlsplit(url)
+    url = shown(url)  # from here on, messages name it without user information
     host = parts.hostname
     if not host:
         raise MIClientError(f"MI target {url!r}: no host")
@@ -106,6 +201,14 @@ def http_post(url: str, body: bytes, deadline: float, limit: int) -> bytes:
     except ValueError:
         raise MIClientError(f"MI target {url!r}: bad port") from None
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    user = auth.user or urllib.parse.unquote(parts.username or "")
+    authorization = ""
+    if user:
+        if ":" in user:
+            raise MIClientError(f"MI user {user!r}: a basic-auth user name has no ':'")
+        token = base64.b64encode(f"{user}:{auth.secret()}".encode()).decode()
+        authorization = f"Authorization: Basic {token}\r\n"
+    context = auth.tls_context() if tls else None  # before connecting: a bad file fails fast
     left = deadline - time.monotonic()
     try:
         sock = socket.create_connection((host, port), timeout=max(0.001, left))
@@ -114,22 +217,16 @@ def http_post(url: str, body: bytes, deadline: float, limit: int) -> bytes:
     except OSError as exc:
         raise MIClientError(f"cannot reach the MI at {url}: {exc.strerror or exc}") from None
     try:
-        if tls:
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            try:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-            except TimeoutError:
-                raise MIClientError(f"{url}: TLS handshake timed out", "timeout") from None
-            except (ssl.SSLError, OSError) as exc:
-                raise MIClientError(f"cannot reach the MI at {url}: {exc}") from None
+        if context is not None:
+            sock = _handshake(context, sock, host, url, deadline)
+        netloc = parts.netloc.rpartition("@")[2]  # the Host header never carries a user
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {netloc}\r\n{authorization}"
             "Content-Type: application/json\r\nAccept: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode("latin-1")
-        sock.settimeout(max(0.001, deadline - time.monotonic()))
         try:
-            sock.sendall(head + body)  # the timeout bounds the whole sendall
+            _send_all(sock, head + body, deadline)
         except TimeoutError:
             raise MIClientError(f"{url}: the request was not taken in time", "timeout") from None
         except OSError as exc:
@@ -137,6 +234,51 @@ def http_post(url: str, body: bytes, deadline: float, limit: int) -> bytes:
         return _reply(_Reader(sock, url, deadline, limit), url)
     finally:
         sock.close()
+
+
+def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """sendall by the deadline (an SSLSocket's sendall gives each piece the whole
+    timeout again; here every piece waits at most for what is left)."""
+    view = memoryview(data)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        view = view[sock.send(view) :]
+
+
+def _handshake(
+    context: ssl.SSLContext, sock: socket.socket, host: str, url: str, deadline: float
+) -> ssl.SSLSocket:
+    """The TLS handshake, non-blocking, by the deadline (a blocking one with a socket
+    timeout restarts the timeout at every byte a stalling server trickles)."""
+    sock.setblocking(False)
+    try:
+        tls = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    except (ssl.SSLError, OSError) as exc:
+        raise MIClientError(f"cannot reach the MI at {url}: {exc}") from None
+    poller = select.poll()
+    poller.register(tls, select.POLLIN)
+    while True:
+        try:
+            tls.do_handshake()
+            return tls
+        except ssl.SSLWantReadError:
+            poller.modify(tls, select.POLLIN)
+        except ssl.SSLWantWriteError:
+            poller.modify(tls, select.POLLOUT)
+        except ssl.SSLCertVerificationError as exc:
+            raise MIClientError(
+                f"cannot reach the MI at {url}: its certificate is not trusted"
+                f" ({exc.verify_message}; --ca-file names the CA to trust)"
+            ) from None
+        except (ssl.SSLError, OSError) as exc:
+            raise MIClientError(f"cannot reach the MI at {url}: TLS handshake: {exc}") from None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise MIClientError(f"{url}: TLS handshake not done by the deadline", "timeout")
+        poller.poll(max(1, int(left * 1000)))  # ready or not, the next round decides
 
 
 def _reply(reader: _Reader, url: str) -> bytes:
@@ -172,6 +314,10 @@ def _reply(reader: _Reader, url: str) -> bytes:
         body = reader.exactly(length)
     else:
         body = reader.rest()
+    if code == 401:  # whatever its body says: the one clear message
+        raise MIClientError(
+            f"{url}: authentication failed (HTTP 401): check the user and the password"
+        )
     if code != 200 and not body.startswith(b"{"):
         raise MIClientError(f"{url}: HTTP {code} {reason}", "bad_reply")
     return body

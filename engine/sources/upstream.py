@@ -31,6 +31,7 @@ engine's max_events bounds; events_list replies are bounded by max_reply.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from engine.errors import MIClientError, MIReplyError, SubscriptionError, WireError
 from engine.mi import client
+from engine.mi.http_client import ClientAuth
 from engine.sources.guard import Backoff, Guard, LogBudget
 from engine.statistics import SourceStatistics
 
@@ -96,6 +98,7 @@ class Upstream:
         *,
         max_reply: int = MAX_REPLY,
         call: MICall = client.call,
+        auth: ClientAuth | None = None,
     ) -> None:
         self.engine = engine
         self.name = mi
@@ -105,7 +108,8 @@ class Upstream:
         self.socket = socket
         self.expire = expire
         self.max_reply = max_reply
-        self._call_mi = call
+        # TLS and basic auth of an http(s):// MI, on every call (a test's call stays as is)
+        self._call_mi = call if auth is None else functools.partial(call, auth=auth)
         self._lock = threading.Lock()  # guards the counters statistics() reads
         self._errors = dict.fromkeys(ERROR_REASONS, 0)
         self._up = False
