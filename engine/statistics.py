@@ -41,7 +41,7 @@ class WorkerStatistics:
 class SourceStatistics:
     """One source's counters (an ingest socket, an upstream, a broker queue)."""
 
-    kind: str  # "ingest", "upstream", "amqp"
+    kind: str  # "ingest", "upstream", "amqp", "stream"
     name: str  # its socket, MI target or queue
     received: int = 0  # datagrams or messages read
     raised: int = 0  # events handed to the raise path
@@ -52,6 +52,8 @@ class SourceStatistics:
     errors: dict[str, int] = field(default_factory=dict)  # reason -> failures of its own
     reconnects: int = 0  # connections made again after one was lost (a broker source)
     lag: int | None = None  # messages waiting at the broker for it; None: not known
+    offset: int | None = None  # a stream source's offset stored on the broker; None: none
+    missed: int = 0  # a stream's messages gone (retention) before the source read them
 
     def identity_errors(self) -> list[str]:
         if self.received != self.raised + sum(self.rejected.values()):

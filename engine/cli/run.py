@@ -29,6 +29,7 @@ from engine.mi.webconfig import WebConfig
 from engine.producer import Engine
 from engine.sources.amqp import AmqpSource
 from engine.sources.ingest import Ingest
+from engine.sources.stream import StreamSource
 from engine.sources.upstream import Upstream, stop_all
 from engine.subscriptions import StateFileError, SubscriptionError
 
@@ -59,6 +60,7 @@ class Runner:
         self.ingest: Ingest | None = None
         self.upstreams: list[Upstream] = []
         self.amqp: list[AmqpSource] = []
+        self.streams: list[StreamSource] = []
 
     def start(self) -> None:
         """Start everything; on any failure stop what was started and raise
@@ -116,6 +118,23 @@ class Runner:
             self.ingest.start()
         self._start_upstreams()
         self._start_amqp()
+        self._start_streams()
+
+    def _start_streams(self) -> None:
+        """Each [[stream]] reads in a thread of its own (an asyncio loop); a broker
+        that is down is retried there, never waited for here."""
+        if self.config.stream:
+            try:
+                import rstream  # noqa: F401  # the optional extra
+            except ImportError:
+                raise RunError(
+                    "[[stream]] needs the stream extra: pip install 'event-datagram[stream]'"
+                ) from None
+        for cfg in self.config.stream:
+            source = StreamSource(self.engine, cfg, instance=self.config.engine.instance)
+            self.streams.append(source)
+            self.engine.add_source(source)
+            source.start()
 
     def _start_amqp(self) -> None:
         """Each [[amqp]] consumes in a thread of its own; a broker that is down is
@@ -229,6 +248,9 @@ class Runner:
         for source in self.amqp:  # each acknowledges what it raised, then closes
             source.stop()
         self.amqp = []
+        for stream in self.streams:  # each stores the offset it handled, then closes
+            stream.stop()
+        self.streams = []
         if self.ingest is not None:
             self.ingest.stop()
             self.ingest = None
@@ -254,6 +276,8 @@ class Runner:
             parts.append(f"upstream {' '.join(u.mi for u in self.upstreams)}")
         for source in self.amqp:
             parts.append(source.name)
+        for stream in self.streams:
+            parts.append(stream.name)
         info = self.engine.describe()
         parts.append(f"{info['workers']} worker(s)")
         with self.engine.lock:
