@@ -131,7 +131,12 @@ class Runner:
                     "[[stream]] needs the stream extra: pip install 'event-datagram[stream]'"
                 ) from None
         for cfg in self.config.stream:
-            source = StreamSource(self.engine, cfg, instance=self.config.engine.instance)
+            source = StreamSource(
+                self.engine,
+                cfg,
+                instance=self.config.engine.instance,
+                offsets_dir=self.config.engine.resolved_runtime_dir(),
+            )
             self.streams.append(source)
             self.engine.add_source(source)
             source.start()
