@@ -122,13 +122,16 @@ def body(message: bytes) -> bytes:
     data: list[bytes] = []
     other_body = False
     while pos < end:
-        code, value = _section(message, pos, end)
+        if message[pos] == 0x00 and message[pos + 1 : pos + 2] == b"\x53" and pos + 3 < end:
+            code, value = message[pos + 2], pos + 3  # smallulong: what every encoder writes
+        else:
+            code, value = _section(message, pos, end)
         if not HEADER <= code <= FOOTER or code < last or (code == last and code not in _REPEAT):
             raise NotAmqp10("not_amqp10", f"section 0x{code:02x} out of order or unknown")
         if last in _BODY and code in _BODY and code != last:
             raise NotAmqp10("not_amqp10", "a body of data and of values")
+        kind = message[value] if value < end else -1
         if code == DATA:
-            kind = message[value] if value < end else -1
             if kind == 0xA0 and value + 2 <= end:
                 start = value + 2
                 stop = start + message[value + 1]
@@ -143,7 +146,12 @@ def body(message: bytes) -> bytes:
             pos = stop
         else:
             other_body = other_body or code in _BODY
-            pos = _skip(message, value, end)
+            if (kind == 0xC0 or kind == 0xC1) and value + 2 <= end:  # list8, map8: inline
+                pos = value + 2 + message[value + 1]
+                if pos > end:
+                    raise NotAmqp10("not_amqp10", "a section past the end")
+            else:
+                pos = _skip(message, value, end)
         last = code
     if not data:
         raise NotAmqp10("no_data", "the body is an amqp-value" if other_body else "no body")

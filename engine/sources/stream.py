@@ -53,7 +53,14 @@ from typing import TYPE_CHECKING, Any, Final
 from engine.sources.amqp10 import REJECT_REASONS as AMQP10_REASONS
 from engine.sources.amqp10 import NotAmqp10, body
 from engine.sources.relay import SOURCE_REJECT_REASONS, Relay
-from engine.sources.stream_client import CONNECT_TIMEOUT, LagProbe, declare, ignore, new_consumer
+from engine.sources.stream_client import (
+    CONNECT_TIMEOUT,
+    CREDIT,
+    LagProbe,
+    declare,
+    ignore,
+    new_consumer,
+)
 from engine.sources.stream_config import StreamConfig, offset_spec
 from engine.statistics import SourceStatistics
 
@@ -75,7 +82,6 @@ ERROR_REASONS: Final = (
     "stream_deleted",  # the stream was deleted (or lost its leader) while read
     "subscribe_failed",  # the broker refused the subscription or the offset query
 )
-CREDIT: Final = 10  # chunks the broker may send ahead
 LAG_INTERVAL: Final = 2.0  # seconds between reads of the stream's last offset
 BACKOFF_FIRST: Final = 0.25
 BACKOFF_MAX: Final = 5.0

@@ -2,9 +2,10 @@
 
 - `new_consumer()`: rstream's Consumer, handing whole chunks to `on_chunk` (one
   call per chunk of messages, not one per message: no per-message context
-  object) and telling `on_gone` when the stream's metadata changes (deleted, or
-  its leader moved) instead of re-subscribing by itself (its recovery is off:
-  the source reconnects, from its own offset);
+  object), giving credit back in batches, and telling `on_gone` when the
+  stream's metadata changes (deleted, or its leader moved) instead of
+  re-subscribing by itself (its recovery is off: the source reconnects, from
+  its own offset);
 - `LagProbe`: the stream's last offset, read on a connection of its own by a
   short subscription at "last" (RabbitMQ 3.10 has no stream statistics command);
 - `declare()`: exchange, stream (x-queue-type stream, retention) and bindings
@@ -23,6 +24,8 @@ from engine.sources.stream_config import STREAM_PORT, StreamConfig, endpoint
 CONNECT_TIMEOUT: Final = 5.0  # seconds for connecting, declaring, querying, subscribing
 LAG_WAIT: Final = 1.0  # seconds one read of the last offset waits for the last chunk
 HEARTBEAT: Final = 10  # seconds
+CREDIT: Final = 32  # chunks the broker may send ahead (initial credit of a subscription)
+CREDIT_BATCH: Final = 8  # chunks handled before their credit is given back, in one frame
 
 
 def ignore(_message: Any, _context: Any) -> None:
@@ -39,10 +42,18 @@ def _chunk_consumer_class() -> type[Any]:
         def on_gone(self, stream: str) -> None:
             """Replaced per instance."""
 
+        owed = 0  # chunks handled whose credit is not given back yet
+
         async def _on_deliver(self, frame: Any, subscriber: Any, filter_value: Any) -> None:
             if frame.subscription_id != subscriber.subscription_id:
                 return
-            await subscriber.client.credit(subscriber.subscription_id, 1)
+            # Credit given back CREDIT_BATCH chunks at a time, not one frame per chunk
+            # (a send per chunk was the largest cost of reading small chunks); the
+            # broker still holds CREDIT - CREDIT_BATCH or more, so it never waits.
+            self.owed += 1
+            if self.owed >= CREDIT_BATCH:
+                owed, self.owed = self.owed, 0
+                await subscriber.client.credit(subscriber.subscription_id, owed)
             self.on_chunk(frame)
 
         async def _on_metadata_update(self, frame: Any) -> None:
