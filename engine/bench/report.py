@@ -612,7 +612,8 @@ def _stream_lines(result: dict[str, Any]) -> list[str]:
         costs = scaling.get(kind)
         if costs:
             each = ", ".join(
-                f"{n} engine(s) {v['broker_cpu_us_per_published_message']:.1f}"
+                f"{n} engine(s) {v['total']:.1f} (store {v['store']:.1f} + deliver "
+                f"{v['deliver']:.1f})"
                 for n, v in costs.items()
                 if isinstance(v, dict)
             )

@@ -207,12 +207,13 @@ def _broker_cpu(feed: BrokerFeed) -> float:
 
 
 def engines_scaling(feed: BrokerFeed, count: int, progress: Any = None) -> dict[str, Any]:
-    """Broker CPU us per published message with 1, 2 and 3 engines reading one stream,
-    and with 1, 2 and 3 classic queues (one per engine), while `count` messages are
-    published to EXCHANGE (see the module's docstring). Needs the private broker
-    (its processes are what is measured)."""
-    import pika
-
+    """The broker's CPU us per published message with 1, 2 and 3 engines on one
+    stream and on classic queues (one per engine), in two parts: `store` (while
+    `count` messages are published to EXCHANGE, nobody reading) and `deliver`
+    (while the engines read them all). A stream is filled once and read by 1, then 2,
+    then 3 new consumers (the same chunks each time); classic queues are filled once
+    per case (the broker stores a copy per queue). Needs the private broker (its
+    processes are what is measured)."""
     if not feed.broker_pids():
         return {"skipped": "the broker is not the bench's own: its CPU cannot be measured"}
     instance = f"bench{os.getpid()}scale"
@@ -220,61 +221,94 @@ def engines_scaling(feed: BrokerFeed, count: int, progress: Any = None) -> dict[
     engine.start()  # no subscribers: what the sources raise is counted dropped, no sends
     bodies = [encode_notification(EVENT, {"seq": i, "pad": "x" * 60}) for i in range(count)]
     out: dict[str, Any] = {"messages_published": count, "stream": {}, "classic": {}}
+    url = stream_url(feed)
+    base = f"edg-bench-scale-{os.getpid()}"
+
+    def phase(text: str) -> None:
+        if progress is not None:
+            progress.phase = f"broker cost: {text}"
+
+    def us(seconds: float) -> float:
+        return per(1e6 * seconds, count)
+
     try:
-        for kind in ("stream", "classic"):
-            for n in ENGINES:
-                if progress is not None:
-                    progress.phase = f"broker cost: {n} engine(s) on a {kind} queue"
-                name = f"edg-bench-scale-{os.getpid()}-{kind}-{n}"
-                sources: list[Any] = []
-                connection = pika.BlockingConnection(pika.URLParameters(feed.url))
-                channel = connection.channel()
-                try:
-                    channel.exchange_declare(EXCHANGE, "topic", durable=True)
-                    if kind == "stream":
-                        channel.queue_declare(
-                            name, durable=True, arguments={"x-queue-type": "stream"}
-                        )
-                        channel.queue_bind(name, EXCHANGE, routing_key="#")
-                        for i in range(n):
-                            cfg = StreamConfig(url=stream_url(feed), stream=name, consumer=f"e{i}")
-                            sources.append(StreamSource(engine, cfg, instance=instance))
-                    else:
-                        for i in range(n):
-                            cfg_a = AmqpConfig(
-                                url=feed.url, exchange=EXCHANGE, queue=f"{name}-{i}", prefetch=2000
-                            )
-                            sources.append(AmqpSource(engine, cfg_a))
-                    for source in sources:
-                        source.start()
-                    deadline = time.monotonic() + 60
-                    while not all(s.up for s in sources) and time.monotonic() < deadline:
-                        time.sleep(0.05)
-                    time.sleep(0.5)  # the sources' declare and bind have settled
-                    before = _broker_cpu(feed)
-                    started = time.perf_counter()
-                    _publish(channel, bodies)
-                    for source in sources:
-                        _wait_read(_reader(source), count)
-                    elapsed = time.perf_counter() - started
-                    used = _broker_cpu(feed) - before
-                    out[kind][str(n)] = {
-                        "broker_cpu_us_per_published_message": per(1e6 * used, count),
-                        "seconds": elapsed,
-                    }
-                finally:
-                    for source in sources:
-                        source.stop()
-                    for queue in [name, *(f"{name}-{i}" for i in range(n))]:
-                        feed.delete(queue)
-                    if connection.is_open:
-                        connection.close()
+        phase("filling a stream")
+        store = _measured(feed, lambda: _fill(feed, [f"{base}-s"], bodies, stream=True))
+        for n in ENGINES:
+            phase(f"{n} engine(s) reading the stream")
+            sources: list[Any] = [
+                StreamSource(engine, StreamConfig(url=url, stream=f"{base}-s", consumer=f"e{n}{i}",
+                             offset="first"), instance=instance)
+                for i in range(n)
+            ]  # fmt: skip
+            deliver = _measured(feed, lambda s=sources: _read_all(s, count))  # type: ignore[misc]
+            out["stream"][str(n)] = _costs(us(store), us(deliver))
+        feed.delete(f"{base}-s")
+        for n in ENGINES:
+            phase(f"{n} classic queue(s)")
+            queues = [f"{base}-c{n}-{i}" for i in range(n)]
+            store = _measured(feed, lambda q=queues: _fill(feed, q, bodies, stream=False))  # type: ignore[misc]
+            sources = [
+                AmqpSource(engine, AmqpConfig(url=feed.url, exchange=EXCHANGE, queue=q,
+                           prefetch=2000))
+                for q in queues
+            ]  # fmt: skip
+            deliver = _measured(feed, lambda s=sources: _read_all(s, count))  # type: ignore[misc]
+            out["classic"][str(n)] = _costs(us(store), us(deliver))
+            for queue in queues:
+                feed.delete(queue)
     finally:
+        for name in [f"{base}-s", *(f"{base}-c{n}-{i}" for n in ENGINES for i in range(n))]:
+            feed.delete(name)
         stop_engine(engine, instance)
     for kind in ("stream", "classic"):
-        costs = [out[kind][str(n)]["broker_cpu_us_per_published_message"] for n in ENGINES]
-        out[kind]["added_per_engine_us"] = (costs[-1] - costs[0]) / (len(costs) - 1)
+        totals = [out[kind][str(n)]["total"] for n in ENGINES]
+        out[kind]["added_per_engine_us"] = (totals[-1] - totals[0]) / (len(totals) - 1)
     return out
+
+
+def _costs(store: float, deliver: float) -> dict[str, float]:
+    """Broker CPU us per published message: storing it, delivering it, both."""
+    return {"store": store, "deliver": deliver, "total": store + deliver}
+
+
+def _measured(feed: BrokerFeed, work: Callable[[], None]) -> float:
+    """The broker's CPU seconds while `work` runs."""
+    before = _broker_cpu(feed)
+    work()
+    return _broker_cpu(feed) - before
+
+
+def _fill(feed: BrokerFeed, queues: list[str], bodies: list[bytes], stream: bool) -> None:
+    """Declare `queues` (streams or durable classic queues) bound to EXCHANGE, and
+    publish `bodies` to EXCHANGE (confirmed at the end: all of them are stored)."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(feed.url))
+    try:
+        channel = connection.channel()
+        channel.exchange_declare(EXCHANGE, "topic", durable=True)
+        arguments = {"x-queue-type": "stream"} if stream else None
+        for queue in queues:
+            channel.queue_declare(queue, durable=True, arguments=arguments)
+            channel.queue_bind(queue, EXCHANGE, routing_key="#")
+        _publish(channel, bodies)
+        for queue in queues:  # read by the next case only
+            channel.queue_unbind(queue, EXCHANGE, routing_key="#")
+    finally:
+        connection.close()
+
+
+def _read_all(sources: list[Any], count: int) -> None:
+    """Start `sources`, wait until each has read `count` messages, stop them."""
+    try:
+        for source in sources:
+            source.start()
+        for source in sources:
+            _wait_read(_reader(source), count)
+    finally:
+        for source in sources:
+            source.stop()
 
 
 def stream_summary(
