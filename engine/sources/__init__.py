@@ -7,7 +7,8 @@ relay.py     the step they share: validate, raise byte for byte, count every out
 amqp.py      a RabbitMQ queue per engine on the exchange OpenSIPS publishes to
 amqp_frames.py  its fast path: whole deliveries read off pika's buffer
 stream.py    a RabbitMQ stream read by every engine, each resuming at its stored offset
-stream_config.py  its [[stream]] section; stream_client.py  what it asks of rstream and pika
+stream_config.py  its [[stream]] section
+stream_client.py  what it asks of rstream (chunks, lag) and pika (declare)
 amqp10.py    its bodies: the data section of an AMQP 1.0 message, not decoded
 upstream.py  subscribing those sockets at an OpenSIPS MI, and keeping them there
 """
