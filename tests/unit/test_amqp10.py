@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.sources import amqp10
 from engine.sources.amqp10 import NotAmqp10, body
 
 NOTIFICATION = b'{"jsonrpc":"2.0","method":"E_PIKE_BLOCKED","params":{"ip":"10.0.0.1"}}'
@@ -164,3 +165,34 @@ def test_every_truncation_of_a_valid_message_is_rejected(data: bytes, cut: int) 
     except NotAmqp10:
         return
     assert got == data  # only possible when the footer alone was cut off
+
+
+def full_walk(message: bytes) -> bytes | str:
+    """body() without its fast path: the bytes, or the reason it rejects."""
+    fast = amqp10._rabbitmq_body
+    amqp10._rabbitmq_body = lambda _m: None  # type: ignore[assignment]
+    try:
+        return amqp10.body(message)
+    except NotAmqp10 as exc:
+        return exc.reason
+    finally:
+        amqp10._rabbitmq_body = fast
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(min_value=0, max_value=2000), st.binary(max_size=4))
+def test_the_fast_path_agrees_with_the_full_walk(data: bytes, cut: int, junk: bytes) -> None:
+    """On RabbitMQ's layout, cut anywhere, and with bytes after it: the same answer."""
+    message = (
+        section(0x72, map32(sym(b"x-routing-key"), str8(b"k")))
+        + section(0x73, b"\x45")
+        + section(0x74, map8(str8(b"h"), str8(b"v")))
+        + section(0x75, vbin(data))
+    )
+    for variant in (message, message[: cut % (len(message) + 1)], message + junk):
+        try:
+            got: bytes | str = body(variant)
+        except NotAmqp10 as exc:
+            got = exc.reason
+        assert got == full_walk(variant)
+    assert body(message) == data
