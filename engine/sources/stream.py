@@ -285,7 +285,6 @@ class _Session:
         self._resumed_at = -1  # the offset a resumed subscription asked for, until a chunk came
         self._gap_task: asyncio.Task[None] | None = None
         self._unstored = 0  # messages handled since the last store
-        self._first_unstored = 0.0  # monotonic time of the first of them
         self._stored_at = -1
         self._max_age_ms = self.config.max_age_ms
         self._store_task: asyncio.Task[None] | None = None
@@ -384,7 +383,10 @@ class _Session:
     def _on_chunk(self, frame: Any) -> None:
         source = self.source
         first = frame.chunk_first_offset
-        messages = frame.get_messages()
+        try:
+            messages = frame.get_messages()
+        except Exception:  # a sub-entry batch it cannot read (an unknown compression)
+            messages = [b""] * frame.num_records  # each counted not_amqp10 below
         last = first + len(messages) - 1
         expected = self._next
         if first < expected:  # a chunk starts before the offset asked for
@@ -422,8 +424,6 @@ class _Session:
             for reason, n in bad.items():
                 rejected[reason] += n
         source.handled = last  # queued for the workers (or counted): may be stored
-        if not self._unstored:
-            self._first_unstored = time.monotonic()
         self._unstored += len(messages)
         if self._unstored >= self.config.store_every_messages:
             self._store_soon()
