@@ -25,9 +25,14 @@ One thread per `[[stream]]` with an asyncio loop of its own. Per connection:
   `store_every_messages` messages or `store_every_ms` after the first one not
   yet stored, and when the source stops. A SIGKILL loses at most what came
   after the last store: the restarted engine delivers those again (duplicates,
-  at most one storing interval), never skips anything;
-- messages missing between the offset asked for and the first one delivered
-  (retention removed them while the engine was away) are counted `missed`;
+  at most one storing interval), never skips anything (the offset of a
+  message that was only counted, stale or rejected, is stored all the same);
+- the broker forgets an offset once retention removed what it points to, so
+  the source also keeps a copy of its stored offset (a small file in
+  `offsets_dir`, the engine's runtime dir): with no offset at the broker but a
+  copy older than the stream's first offset, it continues at the first message
+  retained, counting the offsets in between `missed` (not the messages: the
+  broker's own offset-tracking records take offsets too);
 - every LAG_INTERVAL a second connection reads the stream's last offset (a
   short subscription at "last": RabbitMQ 3.10 has no stream statistics
   command): lag = that minus the engine's last handled offset.
