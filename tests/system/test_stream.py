@@ -203,6 +203,25 @@ def test_stopped_and_started_again_it_continues_after_its_offset_skipping_stale(
     publisher.close()
 
 
+def test_the_offset_is_stored_by_time_when_few_messages_come(
+    rabbitmq: LocalBroker, make_engine: Callable[..., Engine]
+) -> None:
+    exchange, stream = unique("x"), unique("s")
+    publisher = Publisher(rabbitmq.url, exchange)
+    cfg = config(rabbitmq, stream, exchange, store_every_messages=1_000_000, store_every_ms=200)
+    engine, rx = engine_with_receiver(make_engine, ["E_A"])
+    with reading(engine, cfg) as source:
+        for seq in range(5):
+            publisher.publish(notification("E_A", seq))
+        assert len(rx.quiet(expect=5)) == 5
+        handled = source.handled
+        assert handled is not None
+        # stored while the source still runs (not only when it stops)
+        eventually(lambda: stats(source).offset == handled, what="the offset stored")
+    rx.close()
+    publisher.close()
+
+
 def test_retention_exceeded_while_away_continues_from_the_first_retained(
     rabbitmq: LocalBroker, make_engine: Callable[..., Engine], tmp_path: Path
 ) -> None:
