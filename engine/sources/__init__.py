@@ -9,6 +9,7 @@ amqp_frames.py  its fast path: whole deliveries read off pika's buffer
 stream.py    a RabbitMQ stream read by every engine, each resuming at its stored offset
 stream_config.py  its [[stream]] section
 stream_client.py  what it asks of rstream (chunks, lag) and pika (declare)
+stream_offsets.py  the engine's copy of its stored offset (retention may drop the broker's)
 amqp10.py    its bodies: the data section of an AMQP 1.0 message, not decoded
 upstream.py  subscribing those sockets at an OpenSIPS MI, and keeping them there
 """

@@ -46,10 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
-import os
 import random
 import threading
 import time
@@ -67,6 +64,7 @@ from engine.sources.stream_client import (
     new_consumer,
 )
 from engine.sources.stream_config import StreamConfig, offset_spec
+from engine.sources.stream_offsets import OffsetCopy
 from engine.statistics import SourceStatistics
 
 if TYPE_CHECKING:
@@ -130,10 +128,7 @@ class StreamSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None  # set to end the session (stop, loss)
         self._thread = threading.Thread(target=self._run, name="edg-stream", daemon=True)
-        self._copy = (
-            None if offsets_dir is None else os.path.join(offsets_dir, _copy_name(instance, self))
-        )
-        self.remembered = self._read_copy()  # the copy's offset, if there is one
+        self.copy = OffsetCopy(offsets_dir, instance, self.name, config.stream, self.consumer)
 
     @property
     def up(self) -> bool:
@@ -231,40 +226,8 @@ class StreamSource:
     def _set_stored(self, offset: int | None) -> None:
         with self._lock:
             self._stored = offset
-        if offset is not None and offset != self.remembered:
-            self._write_copy(offset)
-
-    # The copy of the stored offset: the broker forgets a stored offset once
-    # retention has removed it (its tracking keeps no offset below the stream's
-    # first), and a restarted engine then cannot tell "never read" from "read,
-    # then away for too long". The copy tells: it continues at the first message
-    # retained, counting what it missed, instead of at `offset` ("next": all lost).
-    def _read_copy(self) -> int | None:
-        if self._copy is None:
-            return None
-        try:
-            with open(self._copy, "rb") as file:
-                saved = json.loads(file.read())
-            if saved.get("stream") == self.config.stream and saved.get("consumer") == self.consumer:
-                offset = saved.get("offset")
-                return offset if isinstance(offset, int) and offset >= 0 else None
-        except (OSError, ValueError, AttributeError):
-            pass  # none yet, or not ours: the broker's offset (or `offset`) decides
-        return None
-
-    def _write_copy(self, offset: int) -> None:
-        self.remembered = offset
-        if self._copy is None:
-            return
-        record = {"stream": self.config.stream, "consumer": self.consumer, "offset": offset}
-        try:
-            os.makedirs(os.path.dirname(self._copy), mode=0o700, exist_ok=True)
-            temporary = f"{self._copy}.tmp"
-            with open(temporary, "w") as file:
-                json.dump(record, file)
-            os.replace(temporary, self._copy)
-        except OSError as exc:  # a hint only: the broker's offset is the truth
-            log.debug("stream %s: offset copy not written: %r", self.name, exc)
+        if offset is not None:
+            self.copy.write(offset)
 
     def _set_lag(self, lag: int) -> None:
         with self._lock:
@@ -360,7 +323,7 @@ class _Session:
             stored = None
         source._set_stored(stored)
         self._stored_at = -1 if stored is None else stored
-        remembered = source.remembered
+        remembered = source.copy.offset
         if stored is None and remembered is not None and source.handled is None:
             # the broker forgot it: retention removed it (then continue at the first
             # retained, counting the gap), or the stream is a new one (then `offset`)
@@ -523,9 +486,3 @@ class _Session:
                 if tail is not None:
                     self.source._set_lag(max(0, tail - (-1 if handled is None else handled)))
             await asyncio.sleep(LAG_INTERVAL)
-
-
-def _copy_name(instance: str, source: StreamSource) -> str:
-    """One file per engine instance, stream and consumer name."""
-    key = f"{source.name} {source.consumer}".encode()
-    return f"{instance}.stream-{hashlib.sha256(key).hexdigest()[:16]}.offset"

@@ -237,7 +237,7 @@ def test_retention_exceeded_while_away_continues_from_the_first_retained(
     with reading(engine, cfg, offsets_dir=tmp_path) as source:
         publisher.publish(notification("E_A", 0))
         assert len(rx.quiet(expect=1)) == 1
-    assert source.remembered == 0 and len(list(tmp_path.iterdir())) == 1
+    assert source.copy.offset == 0 and len(list(tmp_path.iterdir())) == 1
     away = [notification("E_A", 1 + i, 400) for i in range(1000)]  # 400 KB: most of it goes
     for body in away:
         publisher.publish(body)
