@@ -124,6 +124,7 @@ class StreamSource:
         # The thread's own (never read elsewhere but for tests):
         self.handled: int | None = None  # offset of the last message handled
         self.chunks = 0
+        self.declare_noted = False  # the declare note was logged (once per source)
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None  # set to end the session (stop, loss)
@@ -268,7 +269,10 @@ class _Session:
         where = cfg.display_name()
         if cfg.declare:
             try:
-                await asyncio.wait_for(asyncio.to_thread(declare, cfg), CONNECT_TIMEOUT * 2)
+                note = await asyncio.wait_for(asyncio.to_thread(declare, cfg), CONNECT_TIMEOUT * 2)
+                if note and not self.source.declare_noted:
+                    log.warning("stream %s: %s", source.name, note)
+                    self.source.declare_noted = True
             except Exception as exc:
                 source._count_error("declare_failed", f"cannot declare {cfg.stream!r}: {exc!r}")
                 return

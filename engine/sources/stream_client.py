@@ -142,10 +142,12 @@ class LagProbe:
             await asyncio.wait_for(self.consumer.close(), 1.0)
 
 
-def declare(cfg: StreamConfig) -> None:
+def declare(cfg: StreamConfig) -> str:
     """Declare the exchange, the stream and the bindings over AMQP 0-9-1 (blocking;
-    every step bounded by CONNECT_TIMEOUT)."""
+    every step bounded by CONNECT_TIMEOUT). A stream that exists with other
+    arguments (its retention) is kept as it is and bound: returns why ("" if not)."""
     import pika
+    import pika.exceptions
 
     ep = cfg.declare_endpoint()
     params = pika.ConnectionParameters(
@@ -159,14 +161,23 @@ def declare(cfg: StreamConfig) -> None:
         blocked_connection_timeout=CONNECT_TIMEOUT,
     )
     connection = pika.BlockingConnection(params)
+    note = ""
     try:
         channel = connection.channel()
         if cfg.exchange:
             channel.exchange_declare(cfg.exchange, cfg.exchange_type, durable=True)
-        channel.queue_declare(cfg.stream, durable=True, arguments=cfg.declare_arguments())
+        try:
+            channel.queue_declare(cfg.stream, durable=True, arguments=cfg.declare_arguments())
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 406:  # PRECONDITION_FAILED: it exists, other arguments
+                raise
+            channel = connection.channel()
+            channel.queue_declare(cfg.stream, passive=True)  # a stream? else this fails
+            note = f"stream {cfg.stream!r} exists with other arguments (kept): {exc.reply_text}"
         if cfg.exchange:
             for key in cfg.binding_keys:
                 channel.queue_bind(cfg.stream, cfg.exchange, routing_key=key)
     finally:
         with contextlib.suppress(Exception):
             connection.close()
+    return note

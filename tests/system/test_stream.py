@@ -328,6 +328,23 @@ def test_a_missing_stream_is_retried_and_a_deleted_one_declared_again(
     publisher.close()
 
 
+def test_declare_keeps_a_stream_that_exists_with_another_retention(
+    rabbitmq: LocalBroker, make_engine: Callable[..., Engine]
+) -> None:
+    exchange, stream = unique("x"), unique("s")
+    publisher = Publisher(rabbitmq.url, exchange)
+    publisher.channel.queue_declare(
+        stream, durable=True, arguments={"x-queue-type": "stream", "x-max-age": "2h"}
+    )  # not bound yet: declare binds it
+    engine, rx = engine_with_receiver(make_engine, ["E_A"])
+    with reading(engine, config(rabbitmq, stream, exchange, retention_max_age="1h")) as source:
+        publisher.publish(notification("E_A", 1))
+        assert len(rx.quiet(expect=1)) == 1
+        assert stats(source).errors["declare_failed"] == 0
+    rx.close()
+    publisher.close()
+
+
 def test_broker_restarted_engines_reconnect_and_continue_from_their_offsets(
     fresh_rabbitmq: LocalBroker, make_engine: Callable[..., Engine]
 ) -> None:
