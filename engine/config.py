@@ -28,6 +28,7 @@ from engine.options import EngineOptions
 from engine.shm.segment import check_instance_name
 from engine.sources.amqp import AmqpConfig
 from engine.sources.ingest import parse_allow, parse_ingest_socket
+from engine.sources.stream_config import StreamConfig
 from engine.subscriptions import AllowList
 from engine.targets import parse_filter, parse_target
 from engine.wire import check_event_name
@@ -42,6 +43,7 @@ __all__ = [
     "MetricsConfig",
     "StateConfig",
     "StaticSubscription",
+    "StreamConfig",
     "UpstreamConfig",
     "default_text",
     "load",
@@ -168,6 +170,7 @@ class Config(_Section):
     upstream: list[UpstreamConfig] = msgspec.field(default_factory=list)
     amqp: list[AmqpConfig] = msgspec.field(default_factory=list)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    stream: list[StreamConfig] = msgspec.field(default_factory=list)
 
     def state_path(self) -> str | None:
         """Where subscriptions are persisted, or None when persistence is off."""
@@ -236,6 +239,19 @@ class Config(_Section):
                 raise ConfigError(f"{exc} - at `$.subscription[{i}].filter`") from None
         self._validate_upstreams()
         self._validate_amqp()
+        self._validate_streams()
+
+    def _validate_streams(self) -> None:
+        seen: set[str] = set()
+        for i, source in enumerate(self.stream):
+            where = f"$.stream[{i}]"
+            problem = source.problem()
+            if problem:
+                raise ConfigError(f"{problem[1]} - at `{where}.{problem[0]}`")
+            name = f"{source.display_name()} {source.consumer_name(self.engine.instance)}"
+            if name in seen:  # one consumer name twice: both would store one offset
+                raise ConfigError(f"the same stream and consumer twice - at `{where}`")
+            seen.add(name)
 
     def _validate_amqp(self) -> None:
         seen: set[str] = set()

@@ -421,6 +421,7 @@ def _source_families(stats: EngineStatistics) -> Iterator[Metric]:
             errors.add_metric([s.name, reason], n)
     yield from (up, events, errors, refused)
     yield from _amqp_families([s for s in stats.sources if s.kind == "amqp"])
+    yield from _stream_families([s for s in stats.sources if s.kind == "stream"])
 
 
 def _guard_families(engine: Engine) -> Iterator[Metric]:
@@ -502,6 +503,69 @@ def _amqp_families(sources: list[SourceStatistics]) -> Iterator[Metric]:
         if s.lag is not None:
             lag.add_metric([s.name], s.lag)
     yield from (up, received, raised, rejected, reconnects, errors, lag)
+
+
+def _stream_families(sources: list[SourceStatistics]) -> Iterator[Metric]:
+    """Stream sources (SPEC section 14), by source (URL without credentials, stream)."""
+    labels = ["source"]
+    up = GaugeMetricFamily(
+        PREFIX + "stream_up", "1 while subscribed to the stream, else 0.", labels=labels
+    )
+    received = CounterMetricFamily(
+        PREFIX + "stream_messages_total", "Messages read from the stream.", labels=labels
+    )
+    raised = CounterMetricFamily(
+        PREFIX + "stream_events_raised_total",
+        "Stream messages raised (their data section's bytes) to the subscribers.",
+        labels=labels,
+    )
+    rejected = CounterMetricFamily(
+        PREFIX + "stream_rejected_total",
+        "Stream messages not forwarded, by reason (malformed, unknown_event, oversize, "
+        "engine_stopped, stale, not_amqp10, no_data).",
+        labels=[*labels, "reason"],
+    )
+    offset = GaugeMetricFamily(
+        PREFIX + "stream_stored_offset",
+        "The offset this engine last stored on the broker (it resumes after it).",
+        labels=labels,
+    )
+    lag = GaugeMetricFamily(
+        PREFIX + "stream_lag_offsets",
+        "The stream's last offset minus this engine's last handled one (read every 2 s).",
+        labels=labels,
+    )
+    missed = CounterMetricFamily(
+        PREFIX + "stream_missed_offsets_total",
+        "Offsets retention removed before this engine read them (it continued after them).",
+        labels=labels,
+    )
+    reconnects = CounterMetricFamily(
+        PREFIX + "stream_reconnects_total",
+        "Subscriptions made again after one was lost.",
+        labels=labels,
+    )
+    errors = CounterMetricFamily(
+        PREFIX + "stream_errors_total",
+        "Stream failures, by reason (connect_failed, connection_lost, declare_failed, "
+        "stream_missing, stream_deleted, subscribe_failed).",
+        labels=[*labels, "reason"],
+    )
+    for s in sources:
+        up.add_metric([s.name], s.up or 0)
+        received.add_metric([s.name], s.received)
+        raised.add_metric([s.name], s.raised)
+        missed.add_metric([s.name], s.missed)
+        reconnects.add_metric([s.name], s.reconnects)
+        for reason, n in s.rejected.items():
+            rejected.add_metric([s.name, reason], n)
+        for reason, n in s.errors.items():
+            errors.add_metric([s.name, reason], n)
+        if s.offset is not None:
+            offset.add_metric([s.name], s.offset)
+        if s.lag is not None:
+            lag.add_metric([s.name], s.lag)
+    yield from (up, received, raised, rejected, offset, lag, missed, reconnects, errors)
 
 
 def _worker_families(stats: EngineStatistics) -> Iterator[Metric]:

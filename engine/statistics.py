@@ -55,7 +55,7 @@ class GroupStatistics:
 class SourceStatistics:
     """One source's counters (an ingest socket, an upstream, a broker queue)."""
 
-    kind: str  # "ingest", "upstream", "amqp"
+    kind: str  # "ingest", "upstream", "amqp", "stream"
     name: str  # its socket, MI target or queue
     received: int = 0  # datagrams or messages read
     raised: int = 0  # events handed to the raise path
@@ -67,6 +67,8 @@ class SourceStatistics:
     reconnects: int = 0  # connections made again after one was lost (a broker source)
     lag: int | None = None  # messages waiting at the broker for it; None: not known
     refused: int = 0  # events asked for that it cannot take (an upstream's: here or there)
+    offset: int | None = None  # a stream source's offset stored on the broker; None: none
+    missed: int = 0  # a stream's messages gone (retention) before the source read them
 
     def identity_errors(self) -> list[str]:
         if self.received != self.raised + sum(self.rejected.values()):

@@ -3,12 +3,14 @@
 `LocalBroker` runs Debian's `rabbitmq-server` (the real one, not a fake) in a
 temporary directory of its own: its own node name, AMQP port, distribution
 port and epmd port (all on 127.0.0.1, all chosen free), its own Erlang cookie,
-config, empty plugin list and data dir, so two of them, or a system broker on
-5672, never meet. As root it runs as user `rabbitmq` (the directory is handed
-to that user); otherwise as the current user.
+config, plugin list (rabbitmq_stream only: a stream listener on a free port
+too) and data dir, so two of them, or a system broker on 5672, never meet.
+As root it runs as user `rabbitmq` (the directory is handed to that user);
+otherwise as the current user.
 
     with LocalBroker() as broker:          # started, ready for AMQP
         connect(broker.url)                # amqp://guest:guest@127.0.0.1:PORT/%2F
+        broker.stream_url                  # rabbitmq-stream://guest:guest@127.0.0.1:SPORT/%2F
         broker.kill()                      # SIGKILL, nothing of it left
         broker.start()                     # same port, same data: durable queues survive
     # closed: stopped and its directory removed
@@ -135,6 +137,7 @@ class LocalBroker:
         self.epmd_port = 0
         try:
             self.port = port or free_port()
+            self.stream_port = free_port(avoid={self.port})  # the stream protocol's
             self._prepare()
         except BaseException:
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -146,6 +149,11 @@ class LocalBroker:
     @property
     def url(self) -> str:
         return f"amqp://{USER}:{PASSWORD}@127.0.0.1:{self.port}/%2F"
+
+    @property
+    def stream_url(self) -> str:
+        """The stream protocol's listener (the rabbitmq_stream plugin)."""
+        return f"rabbitmq-stream://{USER}:{PASSWORD}@127.0.0.1:{self.stream_port}/%2F"
 
     @property
     def log_file(self) -> Path:
@@ -169,12 +177,14 @@ class LocalBroker:
         if self.running:
             return self
         self.kill()  # whatever is left of an earlier run
-        if not _port_free(self.port):
-            raise BrokerError(
-                f"cannot start broker {self.nodename}: 127.0.0.1:{self.port} is in use"
-            )
-        self.dist_port = free_port(avoid={self.port})
-        self.epmd_port = free_port(avoid={self.port, self.dist_port})
+        for port in (self.port, self.stream_port):
+            if not _port_free(port):
+                raise BrokerError(
+                    f"cannot start broker {self.nodename}: 127.0.0.1:{port} is in use"
+                )
+        ours = {self.port, self.stream_port}
+        self.dist_port = free_port(avoid=ours)
+        self.epmd_port = free_port(avoid={*ours, self.dist_port})
         self._write_config()
         started = time.monotonic()
         with open(self.console_log, "ab") as console:
@@ -296,7 +306,9 @@ class LocalBroker:
     def _prepare(self) -> None:
         for name in ("mnesia", "log"):
             (self.directory / name).mkdir()
-        (self.directory / "enabled_plugins").write_text("[].\n")
+        # The stream plugin only (Debian's rabbitmq-server ships it): streams over
+        # their own protocol, for [[stream]] sources and `bench --source stream`.
+        (self.directory / "enabled_plugins").write_text("[rabbitmq_stream].\n")
         (self.directory / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq's
         cookie = self.directory / ".erlang.cookie"
         cookie.write_text(secrets.token_hex(16).upper())
@@ -314,6 +326,10 @@ class LocalBroker:
             "log.file.level = info\n"
             "disk_free_limit.absolute = 1MB\n"
             "collect_statistics = none\n"
+            f"stream.listeners.tcp.1 = 127.0.0.1:{self.stream_port}\n"
+            # what the broker tells stream clients to connect to (else its host name)
+            "stream.advertised_host = 127.0.0.1\n"
+            f"stream.advertised_port = {self.stream_port}\n"
         )
         if self._user is not None:
             os.chown(config, self._user.pw_uid, self._user.pw_gid)
@@ -356,7 +372,10 @@ class LocalBroker:
                     f"(port {self.port}):\n{self.logs()}"
                 )
             try:
-                amqp_handshake(self.port, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+                budget = max(1.0, min(5.0, deadline - time.monotonic()))
+                amqp_handshake(self.port, timeout=budget)
+                # the stream listener comes up with its plugin, just before AMQP's
+                socket.create_connection(("127.0.0.1", self.stream_port), timeout=budget).close()
                 return
             except (OSError, BrokerError) as error:
                 last = f"{type(error).__name__}: {error}"

@@ -67,7 +67,7 @@ from engine.options import EngineOptions
 FOREIGN_WARN_CORES: Final = 0.25
 FOREIGN_WARN_LATENCY_CORES: Final = 0.05
 TRANSPORTS: Final = ("udp", "udp6", "unix", "mixed")
-SOURCES: Final = ("api", "ingest", "both", "amqp")
+SOURCES: Final = ("api", "ingest", "both", "amqp", "stream")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PLOT, EXIT_IDENTITY = 0, 1, 2, 3, 4
 
 
@@ -95,13 +95,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how events reach the engine: api (Engine.raise_event, default), ingest (an "
         "emitter process sends the notifications to an ingest socket with sendmmsg), or "
         "both (an api and an ingest round in every round, interleaved), or amqp (an api "
-        "round and a round consuming from RabbitMQ, interleaved; needs the amqp extra)",
+        "round and a round consuming from RabbitMQ, interleaved; needs the amqp extra), or "
+        "stream (an api round and a round reading a RabbitMQ stream, then the broker's cost "
+        "with 1-3 engines on a stream and on classic queues; needs the stream extra)",
     )
     a(
         "--amqp-url",
         default="",
         help="--source amqp: the broker (amqp://USER:PASS@HOST:PORT/VHOST); default: start "
         "a private rabbitmq-server for the run",
+    )
+    a(
+        "--stream-url",
+        default="",
+        help="--source stream: the broker's stream listener "
+        "(rabbitmq-stream://USER:PASS@HOST:PORT/VHOST); default: the private broker's, or "
+        "--amqp-url's host on port 5552",
     )
     a(
         "--amqp-messages",
@@ -336,6 +345,8 @@ def _finish(
         metrics,
         interrupted,
     )
+    if bench.stream_scaling:
+        result.setdefault("stream", {})["engines_scaling"] = bench.stream_scaling
     result["error"] = error
     json_failed = plot_failed = False
     if args.json:

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from engine.bench.amqp import amqp_summary
 from engine.bench.common import read_sysctl
+from engine.bench.stream import stream_summary
 
 SCHEMA_VERSION: Final = 1
 OPENSIPS_DG_PER_S: Final = 37_486  # MEASUREMENTS.md 7.2: 1 process, 4 subscribers (median)
@@ -230,11 +231,12 @@ def summarize(
     metrics: dict[str, Any],
     interrupted: str | None,
 ) -> dict[str, Any]:
-    contenders = ("engine", "ingest", "amqp", "baseline", "ceiling")
+    contenders = ("engine", "ingest", "amqp", "stream", "baseline", "ceiling")
     by = {c: [r for r in rounds if r["contender"] == c] for c in contenders}
     engine, baseline, ceiling = _side(by["engine"]), _side(by["baseline"]), _side(by["ceiling"])
     ingest = _ingest_side(by["ingest"])
     amqp = amqp_summary(by["amqp"], by["engine"], _side(by["amqp"]))
+    stream = stream_summary(by["stream"], by["engine"], _side(by["stream"]))
     ingest_ratios = []
     for g in by["ingest"]:
         e = next((r for r in by["engine"] if r["round"] == g["round"]), None)
@@ -321,10 +323,13 @@ def summarize(
         "ratios_ingest_vs_api": ingest_ratios,
         "amqp": amqp,
         "ratio_amqp_vs_api_median": amqp.get("ratio_vs_api_median"),
+        "stream": stream,
+        "ratio_stream_vs_api_median": stream.get("ratio_vs_api_median"),
         "loss": {
             "engine": engine.get("loss"),
             "ingest": ingest.get("loss"),
             "amqp": amqp.get("loss"),
+            "stream": stream.get("loss"),
             "baseline": baseline.get("loss"),
             "ceiling": ceiling.get("loss"),
             "latency_phase": lat_loss,
@@ -483,6 +488,7 @@ def format_table(result: dict[str, Any]) -> str:
             + ", ".join(f"{k} {v:.2f}" for k, v in per_message.items() if v is not None)
             + (f"; amqp / api (datagrams/s received): median {ratio_a:.2f}x" if ratio_a else "")
         )
+    lines += _stream_lines(result)
     drops = result["drops"]
     lines.append(f"engine drops: {_counts(drops['engine'])}; oversize {result['oversize']:,}")
     lines.append(
@@ -585,3 +591,34 @@ def _fmt_target(t: dict[str, Any]) -> str:
         return "n/a"
     text = f"{v:.3g}" if isinstance(v, float) else str(v)
     return f"{text} ({'met' if t['met'] else 'NOT met'}, target {t['target']})"
+
+
+def _stream_lines(result: dict[str, Any]) -> list[str]:
+    """--source stream: the stream rounds, and the broker's cost per engine."""
+    stream = result.get("stream") or {}
+    lines = []
+    if stream.get("messages_consumed_per_s") is not None:
+        ratio = result.get("ratio_stream_vs_api_median")
+        lines.append(
+            f"stream: {_n(stream['messages_consumed_per_s'])} messages/s read from one stream "
+            "(median); CPU us per message: "
+            + ", ".join(
+                f"{k} {v:.2f}" for k, v in stream["cpu_us_per_message"].items() if v is not None
+            )
+            + (f"; stream / api (datagrams/s received): median {ratio:.2f}x" if ratio else "")
+        )
+    scaling = stream.get("engines_scaling") or {}
+    for kind in ("stream", "classic"):
+        costs = scaling.get(kind)
+        if costs:
+            each = ", ".join(
+                f"{n} engine(s) {v['total']:.1f} (store {v['store']:.1f} + deliver "
+                f"{v['deliver']:.1f})"
+                for n, v in costs.items()
+                if isinstance(v, dict)
+            )
+            lines.append(
+                f"broker CPU us per published message, {kind}: {each}; "
+                f"+{costs['added_per_engine_us']:.1f} per added engine"
+            )
+    return lines

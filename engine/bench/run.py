@@ -74,6 +74,7 @@ from engine.bench.live import (
 )
 from engine.bench.receivers import ReceiverPool, RoundSpec
 from engine.bench.report import latency_summary, median
+from engine.bench.stream import engines_scaling, stream_round
 from engine.options import EngineOptions
 from engine.producer import Engine
 from engine.shm.counters import LATENCY_BUCKETS_S
@@ -115,6 +116,7 @@ class Bench:
         self.pool: ReceiverPool | None = None
         self.sender: SenderProcess | None = None
         self.broker: BrokerFeed | None = None  # --source amqp: started by execute()
+        self.stream_scaling: dict[str, Any] = {}  # --source stream: engines_scaling()
         self.scraper = Scraper()
         self.progress = Progress(False, lambda: 0)
         self.socket_dir = ""
@@ -163,7 +165,7 @@ class Bench:
             )
             self.sender = SenderProcess(self.sender_cpus, self.lifetime_s)
             self.progress = Progress(not args.quiet, self.pool.received_total)
-            if "amqp" in self.contenders():
+            if {"amqp", "stream"} & set(self.contenders()):
                 self.progress.phase = "starting the broker"
                 self.broker = BrokerFeed(getattr(args, "amqp_url", None))
             contenders = self.contenders()
@@ -182,10 +184,17 @@ class Bench:
                     elif contender == "amqp":
                         assert self.broker is not None
                         result = amqp_round(self, self.broker, r)
+                    elif contender == "stream":
+                        assert self.broker is not None
+                        result = stream_round(self, self.broker, r)
                     else:
                         result = self._sender_round(r, contender)
                     result["idle_wait"] = idle
                     self._record(result)
+            if self.broker is not None and "stream" in contenders:
+                self.stream_scaling = engines_scaling(
+                    self.broker, args.amqp_messages, self.progress
+                )
             if args.latency_duration:
                 self._latency_phase()
             if self._idle_wanted():
@@ -205,6 +214,7 @@ class Bench:
             "ingest": ["ingest"],
             "both": ["engine", "ingest"],
             "amqp": ["engine", "amqp"],
+            "stream": ["engine", "stream"],
         }[source]
         return [*sides, "baseline"] + ([] if self.args.no_ceiling else ["ceiling"])
 

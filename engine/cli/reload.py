@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("event_datagram.reload")
 
 # Sections whose change needs a restart: the shared memory, the workers, the
-# listeners (the MI, /metrics and what it shows), and where the state lives.
-RESTART_KEYS: Final = ("engine", "mi", "state", "metrics")
+# listeners (the MI, /metrics and what it shows), where the state lives, and the
+# stream sources (their offsets are stored as they stop: a restart, not a reload).
+RESTART_KEYS: Final = ("engine", "mi", "state", "metrics", "stream")
 
 
 # What a step may raise for a reason to log in one line (anything else: a traceback).
@@ -70,8 +71,12 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     """The keys in RESTART_KEYS (as `section.key`) whose value differs."""
     out: list[str] = []
     for section in RESTART_KEYS:
-        before: dict[str, Any] = msgspec.structs.asdict(getattr(old, section))
-        after: dict[str, Any] = msgspec.structs.asdict(getattr(new, section))
+        was, now = getattr(old, section), getattr(new, section)
+        if isinstance(was, list):  # [[stream]]: named as a whole
+            out += [section] if was != now else []
+            continue
+        before: dict[str, Any] = msgspec.structs.asdict(was)
+        after: dict[str, Any] = msgspec.structs.asdict(now)
         out += [f"{section}.{k}" for k in before if before[k] != after.get(k)]
     return out
 

@@ -33,11 +33,12 @@ from engine.mi.http import RequestPolicy, SecurityCounters, exposure_warning, is
 from engine.mi.http_client import ClientAuth
 from engine.mi.server import DatagramServer, HTTPServer
 from engine.mi.webconfig import WebConfig
-from engine.paths import migrate_state
+from engine.paths import migrate_state, state_dir
 from engine.producer import Engine
 from engine.shm.segment import lock_holder
 from engine.sources.amqp import AmqpSource
 from engine.sources.ingest import Ingest, parse_ingest_socket
+from engine.sources.stream import StreamSource
 from engine.sources.upstream import Upstream, stop_all
 from engine.subscriptions import StateFileError, SubscriptionError
 
@@ -157,6 +158,7 @@ class Runner:
         self.upstream_keys: list[UpstreamKey] = []  # one per upstream, for reloads
         self.amqp: list[AmqpSource] = []
         self.amqp_configs: list[AmqpConfig] = []  # one per broker source, for reloads
+        self.streams: list[StreamSource] = []
 
     def start(self) -> None:
         """Start everything; on any failure stop what was started and raise
@@ -223,6 +225,34 @@ class Runner:
             self.start_upstream(up)
         for cfg in self.config.amqp:
             self.start_amqp_source(cfg)
+        self._start_streams()
+
+    def _stream_offsets_dir(self) -> str:
+        """Beside the state file (or in the state directory): the offset copies must
+        survive a reboot, as the subscriptions do."""
+        state = self.config.state_path()
+        return os.path.dirname(os.path.abspath(state)) if state else state_dir()
+
+    def _start_streams(self) -> None:
+        """Each [[stream]] reads in a thread of its own (an asyncio loop); a broker
+        that is down is retried there, never waited for here."""
+        if self.config.stream:
+            try:
+                import rstream  # noqa: F401  # the optional extra
+            except ImportError:
+                raise RunError(
+                    "[[stream]] needs the stream extra: pip install 'event-datagram[stream]'"
+                ) from None
+        for cfg in self.config.stream:
+            source = StreamSource(
+                self.engine,
+                cfg,
+                instance=self.config.engine.instance,
+                offsets_dir=self._stream_offsets_dir(),
+            )
+            self.streams.append(source)
+            self.engine.add_source(source)
+            source.start()
 
     def start_ingest(self, cfg: IngestConfig) -> None:
         if not cfg.listen:
@@ -402,6 +432,9 @@ class Runner:
             source.stop()
         self.amqp = []
         self.amqp_configs = []
+        for stream in self.streams:  # each stores the offset it handled, then closes
+            stream.stop()
+        self.streams = []
         if self.ingest is not None:
             self.ingest.stop()
             self.ingest = None
@@ -437,6 +470,8 @@ class Runner:
             parts.append(f"upstream {' '.join(u.mi for u in self.upstreams)}")
         for source in self.amqp:
             parts.append(source.name)
+        for stream in self.streams:
+            parts.append(stream.name)
         info = self.engine.describe()
         parts.append(f"{info['workers']} worker(s)")
         with self.engine.lock:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 _SOURCE_DOWN = {
     "upstream": "upstream {} is not subscribed",
     "amqp": "broker source {} is not connected",
+    "stream": "stream source {} is not reading",
 }
 
 

@@ -167,6 +167,8 @@ class Running:
 
 READY_INGEST = re.compile(rb"ready: .*\bingest udp:(127\.0\.0\.1):(\d+)")
 AMQP_EXCHANGE = f"edg-prom-{os.getpid()}"
+STREAM = f"edg-prom-stream-{os.getpid()}"  # the [[stream]]: bound with STREAM_KEY
+STREAM_KEY = "stream.E_OTHER"
 
 
 @contextlib.contextmanager
@@ -206,6 +208,14 @@ def engine_process(workdir: Path, broker: LocalBroker, upstream: str) -> Iterato
         f'exchange = "{AMQP_EXCHANGE}"\n'
         "declare = true\n"
         "max_age_ms = 60000\n"
+        "[[stream]]\n"
+        f'url = "{broker.stream_url}"\n'
+        f'amqp_url = "{broker.url}"\n'
+        f'stream = "{STREAM}"\n'
+        f'exchange = "{AMQP_EXCHANGE}"\n'
+        f'binding_keys = ["{STREAM_KEY}"]\n'
+        "declare = true\n"
+        "store_every_ms = 100\n"
     )
     log = workdir / "engine.log"
     script = Path(sys.executable).with_name("event-datagram")  # the console command
@@ -271,10 +281,13 @@ def load(engine: Running, seconds: float = 60.0) -> Iterator[None]:
                 sender.sendto(notification("E_OTHER", {"ingested": seq}), engine.ingest)
                 relayed = notification("E_OTHER", {"amqp": seq})
                 channel.basic_publish(AMQP_EXCHANGE, "E_OTHER", relayed)
+                streamed = notification("E_OTHER", {"stream": seq})
+                channel.basic_publish(AMQP_EXCHANGE, STREAM_KEY, streamed)
                 if seq % 10 == 0:
                     sender.sendto(b"{not json", engine.ingest)  # malformed
                     sender.sendto(notification("E_NOPE", [seq]), engine.ingest)  # unknown_event
                     channel.basic_publish(AMQP_EXCHANGE, "E_OTHER", b"{not json")
+                    channel.basic_publish(AMQP_EXCHANGE, STREAM_KEY, b"{not json")
                     channel.basic_publish(
                         AMQP_EXCHANGE, "E_OTHER", notification("E_OTHER", {"stale": seq}), old
                     )
@@ -400,6 +413,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
         assert rx_udp.datagrams and rx_unix.datagrams
         assert any(b'"ingested"' in d for d in rx_udp.datagrams), "no ingested event relayed"
         assert any(b'"amqp"' in d for d in rx_unix.datagrams), "no broker message relayed"
+        assert any(b'"stream"' in d for d in rx_unix.datagrams), "no stream message relayed"
         assert not any(b'"stale"' in d for d in rx_unix.datagrams), "a stale message relayed"
     finally:
         rx_udp.close()
@@ -536,6 +550,32 @@ def check_sources(url: str, engine: Running) -> None:
         "access_refused",
         "internal",
         "thread_restarted",
+    }, errors
+    check_stream(by)
+
+
+def check_stream(by: Callable[..., dict[tuple[str, ...], float]]) -> None:
+    """The stream panels show the [[stream]] source reading STREAM under load."""
+    (source,) = by("Stream up", "source")
+    assert source[0].endswith(f"/%2F {STREAM}") and "guest" not in source[0], source
+    assert by("Stream up", "source") == {source: 1.0}
+    messages = by("Stream messages / s", "source")
+    raised = by("Stream events raised / s", "source")
+    assert messages[source] > raised[source] > 0, (messages, raised)
+    rejected = by("Stream rejections by reason", "source", "reason")
+    assert rejected[(*source, "malformed")] > 0, rejected
+    assert rejected[(*source, "not_amqp10")] == 0.0, rejected
+    assert by("Stream stored offset", "source")[source] > 0
+    assert by("Stream lag (offsets)", "source")[source] >= 0
+    assert by("Stream offsets missed / s", "source") == {source: 0.0}
+    errors = by("Stream reconnects and errors", "source", "reason")
+    assert {reason for _s, reason in errors} == {
+        "connect_failed",
+        "connection_lost",
+        "declare_failed",
+        "stream_missing",
+        "stream_deleted",
+        "subscribe_failed",
     }, errors
 
 

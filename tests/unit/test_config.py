@@ -44,7 +44,9 @@ def test_default_toml_is_the_struct_defaults() -> None:
     # default.toml spells out every key except the (commented) static subscriptions
     # upstreams and broker queues.
     assert sorted(keys(shipped)) == sorted(
-        k for k in struct_keys(config.Config) if k not in ("subscription", "upstream", "amqp")
+        k
+        for k in struct_keys(config.Config)
+        if k not in ("subscription", "upstream", "amqp", "stream")
     )
     assert config.Config().events[0] == "E_PIKE_BLOCKED"
     assert config.Config().mi.http == "127.0.0.1:8558"
@@ -58,6 +60,7 @@ def test_every_key_is_documented_in_the_configuration_table() -> None:
     sub_keys = [f"subscription.{f.name}" for f in msgspec.structs.fields(config.StaticSubscription)]
     sub_keys += [f"upstream.{f.name}" for f in msgspec.structs.fields(config.UpstreamConfig)]
     sub_keys += [f"amqp.{f.name}" for f in msgspec.structs.fields(config.AmqpConfig)]
+    sub_keys += [f"stream.{f.name}" for f in msgspec.structs.fields(config.StreamConfig)]
     for key in [*struct_keys(config.Config), *sub_keys]:
         assert f"| `{key}` |" in rows, f"docs/configuration.md does not document `{key}`"
 
