@@ -247,6 +247,22 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         help="as --amqp, the URL read from the first line of PATH (keeps the password "
         "out of argv; repeat)",
     )
+    run.add_argument(
+        "--stream",
+        action="append",
+        metavar="URL",
+        help='read the RabbitMQ stream "opensips" at rabbitmq-stream://USER:PASS@HOST:PORT/'
+        "VHOST, resuming at this engine's stored offset (repeat; adds a [[stream]] of "
+        "defaults; needs the stream extra). A password here is rewritten out of the "
+        "process title, but prefer --stream-url-file",
+    )
+    run.add_argument(
+        "--stream-url-file",
+        action="append",
+        metavar="PATH",
+        help="as --stream, the URL read from the first line of PATH (keeps the password "
+        "out of argv; repeat)",
+    )
 
     run.add_argument(
         "--log-level", choices=LEVELS, help="lowest level logged (default: [log] level, info)"
@@ -579,12 +595,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
 
-_PASSWORD: Final = re.compile(r"(amqps?://[^:/@\s]*:)[^@\s]*@")
+_PASSWORD: Final = re.compile(r"((?:amqps?|rabbitmq-stream)://[^:/@\s]*:)[^@\s]*@")
 
 
 def _hide_passwords(argv: list[str]) -> bool:
     """Rewrite the process title without the password of a URL in argv (run --amqp
-    URL), so /proc/PID/cmdline and ps no longer show it, and warn once pointing at
+    URL, --stream URL), so /proc/PID/cmdline and ps no longer show it, and warn once pointing at
     the file and environment ways. True when there was one to hide."""
     redacted = [_PASSWORD.sub(r"\1***@", arg) for arg in argv]
     if redacted == argv:
@@ -594,15 +610,15 @@ def _hide_passwords(argv: list[str]) -> bool:
     except ImportError:
         log.warning(
             "a broker password is on the command line, readable by every local user in "
-            "ps (install setproctitle, the amqp extra, to hide it): use [[amqp]] url_file "
-            "or url_env, or run --amqp-url-file PATH"
+            "ps (install setproctitle, the amqp extra, to hide it): use [[amqp]] or "
+            "[[stream]] url_file or url_env, or run --amqp-url-file / --stream-url-file PATH"
         )
         return True
     setproctitle.setproctitle(" ".join([os.path.basename(sys.executable), *redacted]))
     log.warning(
         "a broker password was on the command line (now rewritten out of the process "
-        "title, but briefly readable in ps): use [[amqp]] url_file or url_env, or run "
-        "--amqp-url-file PATH"
+        "title, but briefly readable in ps): use [[amqp]] or [[stream]] url_file or "
+        "url_env, or run --amqp-url-file / --stream-url-file PATH"
     )
     return True
 
@@ -632,6 +648,10 @@ def _apply_flags(cfg: config_mod.Config, args: argparse.Namespace) -> None:
         cfg.amqp.append(config_mod.AmqpConfig(url=url))
     for path in args.amqp_url_file or []:
         cfg.amqp.append(config_mod.AmqpConfig(url="", url_file=path))
+    for url in args.stream or []:
+        cfg.stream.append(config_mod.StreamConfig(url=url))
+    for path in args.stream_url_file or []:
+        cfg.stream.append(config_mod.StreamConfig(url="", url_file=path))
     if args.log_level is not None:
         cfg.log.level = args.log_level
     if args.log_format is not None:

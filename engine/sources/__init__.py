@@ -12,5 +12,6 @@ stream_client.py  what it asks of rstream (chunks, lag) and pika (declare)
 stream_offsets.py  the engine's copy of its stored offset (retention may drop the broker's)
 amqp10.py    its bodies: the data section of an AMQP 1.0 message, not decoded
 upstream.py  subscribing those sockets at an OpenSIPS MI, and keeping them there
+secret_url.py  a broker URL (its password) from the config, a file or the environment
 guard.py     what keeps a source's thread alive (caught, counted, back-off) and its log short
 """

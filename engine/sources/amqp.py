@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import threading
 import urllib.parse
@@ -71,6 +70,7 @@ from engine.sources.amqp_frames import (
     too_old,
 )
 from engine.sources.relay import SOURCE_REJECT_REASONS, Relay
+from engine.sources.secret_url import SecretUrl, redact
 from engine.statistics import SourceStatistics
 
 if TYPE_CHECKING:
@@ -135,36 +135,22 @@ class AmqpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_message_bytes: int = DEFAULT_MAX_BYTES
     """A larger message is skipped as it arrives (never buffered), counted oversize."""
 
+    def _urls(self) -> SecretUrl:
+        return SecretUrl("", self.url, self.url_file, self.url_env, DEFAULT_URL)
+
     def _url_key(self) -> str:
-        return "url_file" if self.url_file else "url_env" if self.url_env else "url"
+        return self._urls().key
 
     def url_value(self) -> str:
         """The broker URL, from `url_file`, `url_env` or `url`. Raises ValueError
         saying why (never with the URL's text: it holds the password)."""
-        if self.url_file:
-            try:
-                with open(self.url_file, encoding="utf-8") as f:
-                    lines = f.read(65536).strip().splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                why = getattr(exc, "strerror", None) or type(exc).__name__
-                raise ValueError(f"cannot read {self.url_file!r}: {why}") from None
-            if not lines or not lines[0].strip():
-                raise ValueError(f"{self.url_file!r} is empty: expected the broker URL")
-            return lines[0].strip()
-        if self.url_env:
-            url = os.environ.get(self.url_env, "").strip()
-            if not url:
-                raise ValueError(f"the environment variable {self.url_env} is not set or empty")
-            return url
-        return self.url
+        return self._urls().value()
 
     def problem(self) -> tuple[str, str] | None:
         """(key, why) for the first bad value, or None."""
-        given = [k for k in ("url_file", "url_env") if getattr(self, k)]
-        if given and self.url not in ("", DEFAULT_URL):
-            given.insert(0, "url")
-        if len(given) > 1:
-            return given[-1], f"set one of url, url_file, url_env, not {' and '.join(given)}"
+        conflict = self._urls().conflict()
+        if conflict:
+            return conflict
         try:
             url = self.url_value()
             _parse_url(url)
@@ -198,19 +184,14 @@ class AmqpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 def _parse_url(url: str) -> urllib.parse.SplitResult:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("amqp", "amqps"):
-        raise ValueError(f"{_redact(url)!r}: expected amqp://USER:PASS@HOST:PORT/VHOST")
+        raise ValueError(f"{redact(url)!r}: expected amqp://USER:PASS@HOST:PORT/VHOST")
     if not parts.hostname:
-        raise ValueError(f"{_redact(url)!r}: no host")
+        raise ValueError(f"{redact(url)!r}: no host")
     try:
         parts.port  # noqa: B018  # raises on a bad port
     except ValueError:
-        raise ValueError(f"{_redact(url)!r}: bad port") from None
+        raise ValueError(f"{redact(url)!r}: bad port") from None
     return parts
-
-
-def _redact(url: str) -> str:
-    head, sep, tail = url.rpartition("@")
-    return f"{head.split('://', 1)[0]}://***@{tail}" if sep else url
 
 
 def _pika_url_problem(url: str) -> str:
@@ -228,7 +209,7 @@ def _pika_url_problem(url: str) -> str:
         password = urllib.parse.urlsplit(url).password
         for secret in {password, urllib.parse.unquote(password or "")} - {None, ""}:
             why = why.replace(str(secret), "***")
-        return f"{_redact(url)!r}: {why}"
+        return f"{redact(url)!r}: {why}"
     return ""
 
 

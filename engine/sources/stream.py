@@ -106,7 +106,9 @@ class StreamSource:
         problem = config.problem()
         if problem:
             raise ValueError(f"stream {problem[0]}: {problem[1]}")
-        self.config = config
+        # url_file / url_env are read once, here: a file changed later is read at
+        # the next start (a [[stream]] change needs a restart anyway).
+        self.config = config = config.resolved()
         self.name = config.display_name()
         self.consumer = config.consumer_name(instance)
         self.relay = Relay(

@@ -65,7 +65,8 @@ def _chunk_consumer_class() -> type[Any]:
 def new_consumer(
     cfg: StreamConfig, name: str, on_close: Callable[[Any], Awaitable[None]] | None = None
 ) -> Any:
-    """A chunk consumer (not started) for `cfg.url`, named `name` at the broker."""
+    """A chunk consumer (not started) for `cfg.url` (a resolved config: see
+    StreamConfig.resolved), named `name` at the broker."""
     from rstream.recovery import BackOffRecoveryStrategy
 
     ep = endpoint(cfg.url, ("rabbitmq-stream", "amqp"), STREAM_PORT)

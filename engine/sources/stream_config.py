@@ -12,6 +12,9 @@ from typing import Final, Literal, NamedTuple
 
 import msgspec
 
+from engine.sources.secret_url import SecretUrl, redact
+
+DEFAULT_URL: Final = "rabbitmq-stream://guest:guest@127.0.0.1:5552/%2F"
 STREAM_PORT: Final = 5552  # the stream protocol's default port
 AMQP_PORT: Final = 5672
 OFFSETS: Final = ("first", "last", "next")
@@ -31,9 +34,14 @@ class Endpoint(NamedTuple):
 class StreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One `[[stream]]` section (SPEC section 14; docs/streams.md)."""
 
-    url: str = "rabbitmq-stream://guest:guest@127.0.0.1:5552/%2F"
+    url: str = DEFAULT_URL
     """The stream listener: rabbitmq-stream:// (or amqp://) USER:PASS@HOST:PORT/VHOST;
     the port defaults to 5552 (the stream protocol's, not AMQP's)."""
+    url_file: str = ""
+    """Or: read the URL from this file (its first line), at start: no password in
+    argv or config."""
+    url_env: str = ""
+    """Or: read the URL from this environment variable, at start."""
     stream: str = "opensips"
     """The stream (a queue of x-queue-type stream) this engine reads."""
     consumer: str = ""
@@ -56,6 +64,10 @@ class StreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     false = they must exist (the stream is counted "stream_missing" until it does)."""
     amqp_url: str = ""
     """AMQP 0-9-1 URL for declare; "" = url's host, credentials and vhost on port 5672."""
+    amqp_url_file: str = ""
+    """Or: read amqp_url from this file (its first line), at start."""
+    amqp_url_env: str = ""
+    """Or: read amqp_url from this environment variable, at start."""
     exchange: str = "opensips"
     """The exchange OpenSIPS publishes to ("" = do not bind: publishers write to the stream)."""
     exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
@@ -73,16 +85,19 @@ class StreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def problem(self) -> tuple[str, str] | None:
         """(key, why) for the first bad value, or None."""
-        for key, url, schemes in (
-            ("url", self.url, ("rabbitmq-stream", "amqp")),
-            ("amqp_url", self.amqp_url, ("amqp",)),
+        for urls, schemes, port in (
+            (self._urls(), ("rabbitmq-stream", "amqp"), STREAM_PORT),
+            (self._amqp_urls(), ("amqp",), AMQP_PORT),
         ):
-            if key == "amqp_url" and not url:
-                continue
+            conflict = urls.conflict()
+            if conflict:
+                return conflict
             try:
-                endpoint(url, schemes, STREAM_PORT if key == "url" else AMQP_PORT)
+                url = urls.value()
+                if url or not urls.prefix:  # amqp_url "" = url's, on port 5672
+                    endpoint(url, schemes, port)
             except ValueError as exc:
-                return key, str(exc)
+                return urls.key, str(exc)
         if not self.stream or len(self.stream.encode()) > 255:
             return "stream", "expected a stream name of 1 to 255 bytes"
         if len(self.consumer.encode()) > 255:
@@ -108,10 +123,34 @@ class StreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             return "retention_max_bytes", "expected 0 or more bytes"
         return None
 
+    def _urls(self) -> SecretUrl:
+        return SecretUrl("", self.url, self.url_file, self.url_env, DEFAULT_URL)
+
+    def _amqp_urls(self) -> SecretUrl:
+        return SecretUrl("amqp_", self.amqp_url, self.amqp_url_file, self.amqp_url_env)
+
+    def url_value(self) -> str:
+        """The stream URL, from `url_file`, `url_env` or `url`. Raises ValueError
+        saying why (never with the URL's text: it holds the password)."""
+        return self._urls().value()
+
+    def resolved(self) -> StreamConfig:
+        """This section with url and amqp_url read from their file or variable (what
+        a source uses: the file is read once, at start). Raises ValueError as url_value."""
+        return msgspec.structs.replace(
+            self,
+            url=self.url_value(),
+            url_file="",
+            url_env="",
+            amqp_url=self._amqp_urls().value(),
+            amqp_url_file="",
+            amqp_url_env="",
+        )
+
     def display_name(self) -> str:
         """The source's name in metrics and logs: the URL without credentials, the
         stream (and the consumer name, when set)."""
-        where = endpoint(self.url, ("rabbitmq-stream", "amqp"), STREAM_PORT)
+        where = endpoint(self.url_value(), ("rabbitmq-stream", "amqp"), STREAM_PORT)
         vhost = urllib.parse.quote(where.vhost, safe="")
         return f"rabbitmq-stream://{where.host}:{where.port}/{vhost} {self.stream}"
 
@@ -120,9 +159,12 @@ class StreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return self.consumer or f"{instance}@{socket.gethostname()}"[:255]
 
     def declare_endpoint(self) -> Endpoint:
-        if self.amqp_url:
-            return endpoint(self.amqp_url, ("amqp",), AMQP_PORT)
-        return endpoint(self.url, ("rabbitmq-stream", "amqp"), STREAM_PORT)._replace(port=AMQP_PORT)
+        amqp_url = self._amqp_urls().value()
+        if amqp_url:
+            return endpoint(amqp_url, ("amqp",), AMQP_PORT)
+        return endpoint(self.url_value(), ("rabbitmq-stream", "amqp"), STREAM_PORT)._replace(
+            port=AMQP_PORT
+        )
 
     def declare_arguments(self) -> dict[str, object]:
         """The stream's x-arguments when the engine declares it."""
@@ -143,7 +185,7 @@ def endpoint(url: str, schemes: tuple[str, ...], default_port: int) -> Endpoint:
         ValueError: naming the URL without its credentials.
     """
     parts = urllib.parse.urlsplit(url)
-    shown = _redact(url)
+    shown = redact(url)
     if parts.scheme not in schemes:
         expected = " or ".join(f"{s}://" for s in schemes)
         raise ValueError(f"{shown!r}: expected {expected}USER:PASS@HOST:PORT/VHOST")
@@ -161,11 +203,6 @@ def endpoint(url: str, schemes: tuple[str, ...], default_port: int) -> Endpoint:
         urllib.parse.unquote(parts.password or "guest"),
         vhost,
     )
-
-
-def _redact(url: str) -> str:
-    head, sep, tail = url.rpartition("@")
-    return f"{head.split('://', 1)[0]}://***@{tail}" if sep else url
 
 
 def offset_spec(text: str) -> tuple[str, int | None]:
