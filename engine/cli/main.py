@@ -600,8 +600,8 @@ _PASSWORD: Final = re.compile(r"((?:amqps?|rabbitmq-stream)://[^:/@\s]*:)[^@\s]*
 
 def _hide_passwords(argv: list[str]) -> bool:
     """Rewrite the process title without the password of a URL in argv (run --amqp
-    URL, --stream URL), so /proc/PID/cmdline and ps no longer show it, and warn once pointing at
-    the file and environment ways. True when there was one to hide."""
+    URL, run --stream URL), so /proc/PID/cmdline and ps no longer show it, and warn
+    once pointing at the file and environment ways. True when there was one to hide."""
     redacted = [_PASSWORD.sub(r"\1***@", arg) for arg in argv]
     if redacted == argv:
         return False
@@ -610,8 +610,9 @@ def _hide_passwords(argv: list[str]) -> bool:
     except ImportError:
         log.warning(
             "a broker password is on the command line, readable by every local user in "
-            "ps (install setproctitle, the amqp extra, to hide it): use [[amqp]] or "
-            "[[stream]] url_file or url_env, or run --amqp-url-file / --stream-url-file PATH"
+            "ps (install setproctitle, in the amqp and stream extras, to hide it): use "
+            "[[amqp]] or [[stream]] url_file or url_env, or run --amqp-url-file / "
+            "--stream-url-file PATH"
         )
         return True
     setproctitle.setproctitle(" ".join([os.path.basename(sys.executable), *redacted]))
