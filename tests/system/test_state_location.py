@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,12 +24,32 @@ CLEAN = ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "XDG_RUNTIME_DIR", "XDG_STATE_H
 
 def probe(env: dict[str, str], as_nobody: bool = False) -> tuple[str, str]:
     base = {k: v for k, v in os.environ.items() if k not in CLEAN}
-    cmd = [sys.executable, "-c", PROBE]
-    if as_nobody:
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-    done = subprocess.run(
-        cmd, env={**base, **env}, capture_output=True, text=True, timeout=60, check=False
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-c", PROBE]
+        cwd = None
+        if as_nobody:
+            # nobody cannot read a checkout (or its venv) under a private directory,
+            # as CI's clone is: run the system interpreter on a world-readable copy of
+            # the package's two modules it needs (paths.py uses the standard library only).
+            package = Path(tmp) / "engine"
+            package.mkdir()
+            for name in ("__init__.py", "paths.py"):
+                shutil.copy(Path(__file__).parents[2] / "engine" / name, package / name)
+            for path in (Path(tmp), package, *package.iterdir()):
+                path.chmod(0o755)
+            cwd = tmp
+            interpreter = os.path.realpath(sys.executable)
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            cmd += [interpreter, "-c", PROBE]
+        done = subprocess.run(
+            cmd,
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=cwd,
+        )
     assert done.returncode == 0, done.stderr
     runtime, state = done.stdout.split()
     return runtime, state
