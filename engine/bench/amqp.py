@@ -30,6 +30,7 @@ from engine.bench.broker import LocalBroker, find_rabbitmq_server
 from engine.bench.common import EVENT, SEQ_BASE, bench_params, make_tag
 from engine.bench.live import (
     Progress,
+    add_engine_loss,
     per,
     round_record,
     send_failures,
@@ -209,6 +210,7 @@ def amqp_round(bench: BenchHost, feed: BrokerFeed, number: int) -> dict[str, Any
         sent,
         failures,
     )
+    add_engine_loss(result, stats, len(pool.sockets))
     cpu = result["cpu_s"]
     result["datagrams_per_sending_cpu_s"] = per(sent, cpu["producer"] + cpu["workers"])
     consume_s = (t_consumed - t_start) / 1e9

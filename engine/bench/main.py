@@ -52,15 +52,9 @@ from engine.bench.common import (
     prctl,
 )
 from engine.bench.plot import PLOT_HINT, write_plot
-from engine.bench.report import (
-    backlog_warning,
-    format_table,
-    machine_info,
-    median,
-    summarize,
-    sysctl_info,
-)
 from engine.bench.run import LATENCY_RATE_CAP, RCVBUF_BUDGET, Bench, Interrupted
+from engine.bench.summary import backlog_warning, machine_info, median, summarize, sysctl_info
+from engine.bench.table import format_table
 from engine.errors import EngineError
 from engine.options import EngineOptions
 

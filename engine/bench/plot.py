@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from engine.bench.report import OPENSIPS_DG_PER_S, TARGET_P99_S, format_us
+from engine.bench.summary import OPENSIPS_DG_PER_S, TARGET_P99_S
+from engine.bench.table import format_us
 
 PLOT_HINT: Final = (
     "--plot needs matplotlib, the optional 'bench' extra: "

@@ -63,6 +63,7 @@ from engine.bench.common import (
 from engine.bench.live import (
     Progress,
     Scraper,
+    add_engine_loss,
     affinity,
     per,
     round_record,
@@ -73,8 +74,8 @@ from engine.bench.live import (
     wait_idle,
 )
 from engine.bench.receivers import ReceiverPool, RoundSpec
-from engine.bench.report import latency_summary, median
 from engine.bench.stream import engines_scaling, stream_round
+from engine.bench.summary import latency_summary, median
 from engine.options import EngineOptions
 from engine.producer import Engine
 from engine.shm.counters import LATENCY_BUCKETS_S
@@ -234,7 +235,9 @@ class Bench:
         self.progress.note(
             f"round {result['round']} {result['contender']:<8} "
             f"{result['datagrams_received_per_s']:>11,.0f} dg/s received, "
-            f"{result['datagrams_sent_per_s']:>11,.0f} sent, loss {result['loss']:,}"
+            f"{result['datagrams_sent_per_s']:>11,.0f} sent, loss {result['loss']:,} "
+            f"(engine {result.get('engine_loss', 0):,}, receivers' overflow "
+            f"{result.get('receiver_overflow', 0):,})"
         )
 
     def _latency_phase(self) -> None:
@@ -417,6 +420,7 @@ class Bench:
             sent,
             failures,
         )
+        add_engine_loss(result, stats, len(sockets))
         cpu = result["cpu_s"]
         result["datagrams_per_sending_cpu_s"] = per(sent, cpu["producer"] + cpu["workers"])
         drain_s = (t_drained - t_raised) / 1e9
@@ -619,6 +623,7 @@ class Bench:
             sent,
             failures,
         )
+        add_engine_loss(result, stats, len(pool.sockets))
         cpu = result["cpu_s"]
         result["datagrams_per_sending_cpu_s"] = per(sent, cpu["producer"] + cpu["workers"])
         sending_s = (t_raised - t0) / 1e9

@@ -29,7 +29,15 @@ from typing import Any, Final
 from engine.bench.amqp import EXCHANGE, ROUTING_KEY, BenchBrokerError, BenchHost, BrokerFeed
 from engine.bench.amqp import median as _median
 from engine.bench.common import EVENT, SEQ_BASE, bench_params, make_tag
-from engine.bench.live import per, round_record, send_failures, snapshot, stop_engine, wait_drained
+from engine.bench.live import (
+    add_engine_loss,
+    per,
+    round_record,
+    send_failures,
+    snapshot,
+    stop_engine,
+    wait_drained,
+)
 from engine.bench.receivers import RoundSpec
 from engine.options import EngineOptions
 from engine.producer import Engine
@@ -153,6 +161,7 @@ def stream_round(bench: BenchHost, feed: BrokerFeed, number: int) -> dict[str, A
         number, "stream", report, before, after, t_start, t_consumed, t_drained,
         counts.raised, sent, send_failures(stats),
     )  # fmt: skip
+    add_engine_loss(result, stats, len(pool.sockets))
     cpu = result["cpu_s"]
     result["datagrams_per_sending_cpu_s"] = per(sent, cpu["producer"] + cpu["workers"])
     consume_s = (t_consumed - t_start) / 1e9

@@ -1,4 +1,5 @@
-"""The bench's results: the JSON document, the table, the system limits.
+"""The bench's results: the JSON document and the system limits (the table a person
+reads is `bench.table`).
 
 The JSON schema (version 1) is documented in docs/benchmark.md, "bench.json";
 `summarize()` builds it from the per-round dicts the orchestrator collected.
@@ -24,6 +25,8 @@ TARGET_RATIO: Final = 1.5
 TARGET_CEILING_FRACTION: Final = 0.9
 TARGET_OPENSIPS_FACTOR: Final = 5.0
 TARGET_P99_S: Final = 0.002
+TARGET_WORKERS_EFFICIENCY: Final = 0.9  # ceiling's CPU per datagram / the workers'
+TARGET_PATH_EFFICIENCY: Final = 0.65  # ... / (producer + workers)
 TARGET_IDLE_CPU_PERCENT: Final = 0.1  # of one core, per worker
 TARGET_IDLE_P99_S: Final = 200e-6
 SYSCTLS: Final = (
@@ -189,6 +192,15 @@ def _side(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "duplicates": sum(r["duplicates"] for r in rounds),
         "invalid": sum(r["invalid"] + r["truncated"] for r in rounds),
         "send_failures": _merge_counts([r["send_failures"] for r in rounds]),
+        # Loss told apart (totals): the sender's own versus the receivers' overflow.
+        "engine_loss": sum(r.get("engine_loss", 0) for r in rounds),
+        "receiver_kernel_drops": sum(r.get("receiver_kernel_drops", 0) for r in rounds),
+        "receiver_refused": sum(r.get("receiver_refused", 0) for r in rounds),
+        "receiver_overflow": sum(r.get("receiver_overflow", 0) for r in rounds),
+        "loss_unexplained": sum(r.get("loss_unexplained", 0) for r in rounds),
+        "limited_by": (
+            "receivers" if any(r.get("receiver_overflow", 0) for r in rounds) else "sender"
+        ),
         "cpu_s": cpu,
         "cpu_us_per_datagram": per_dg,
         "datagrams_per_sending_cpu_s": med("datagrams_per_sending_cpu_s"),
@@ -217,6 +229,64 @@ def _ingest_side(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         },
     )
     return side
+
+
+def headline(
+    engine_rounds: list[dict[str, Any]], ceiling_rounds: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The figures to quote: the engine's own, whatever the receivers managed. Its CPU
+    efficiency is compared with the ceiling contender's (pre-encoded sendmmsg) of the
+    same round number, so both ran on the same machine in the same conditions."""
+    if not engine_rounds:
+        return {}
+    fractions: list[dict[str, Any]] = []
+    for e in engine_rounds:
+        c = next((r for r in ceiling_rounds if r["round"] == e["round"]), None)
+        us = e["cpu_us_per_datagram"]
+        ceil_us = c["cpu_us_per_datagram"].get("sender") if c else None
+        workers, producer = us.get("workers"), us.get("producer")
+        both = workers + producer if workers and producer is not None else None
+        fractions.append(
+            {
+                "round": e["round"],
+                "ceiling_us_per_datagram": ceil_us,
+                "workers": ceil_us / workers if ceil_us and workers else None,
+                "producer_and_workers": ceil_us / both if ceil_us and both else None,
+            }
+        )
+
+    def med(values: list[float | None]) -> float | None:
+        return median([v for v in values if v is not None])
+
+    roles = ("producer", "workers")
+    us_per_dg = {
+        role: med([r["cpu_us_per_datagram"].get(role) for r in engine_rounds]) for role in roles
+    }
+    overflow = sum(r.get("receiver_overflow", 0) for r in engine_rounds)
+    return {
+        "datagrams_sent_per_s": med([r["datagrams_sent_per_s"] for r in engine_rounds]),
+        "cpu_us_per_datagram": {
+            **us_per_dg,
+            "producer_and_workers": med(
+                [
+                    r["cpu_us_per_datagram"]["producer"] + r["cpu_us_per_datagram"]["workers"]
+                    for r in engine_rounds
+                ]
+            ),
+        },
+        "ceiling_cpu_us_per_datagram": med([f["ceiling_us_per_datagram"] for f in fractions]),
+        "fraction_of_ceiling_efficiency": {
+            "workers": med([f["workers"] for f in fractions]),
+            "producer_and_workers": med([f["producer_and_workers"] for f in fractions]),
+        },
+        "fractions_of_ceiling_efficiency": fractions,
+        "engine_loss": sum(r.get("engine_loss", 0) for r in engine_rounds),
+        "receiver_overflow": overflow,
+        "limited_by": "receivers" if overflow else "sender",
+        "receivers_datagrams_received_per_s": med(
+            [r["datagrams_received_per_s"] for r in engine_rounds]
+        ),
+    }
 
 
 def summarize(
@@ -308,8 +378,46 @@ def summarize(
         "idle_latency_p99_s": _target_below(idle_p99, TARGET_IDLE_P99_S),
     }
     engine_drops = _merge_counts([r["drops"] for r in by["engine"]])
+    head = headline(by["engine"], by["ceiling"])
+    efficiency = head.get("fraction_of_ceiling_efficiency", {})
+    targets["cpu_efficiency_vs_ceiling_workers"] = _target(
+        efficiency.get("workers"), TARGET_WORKERS_EFFICIENCY
+    )
+    targets["cpu_efficiency_vs_ceiling_producer_and_workers"] = _target(
+        efficiency.get("producer_and_workers"), TARGET_PATH_EFFICIENCY
+    )
+    sides = {"engine": engine, "ingest": ingest, "amqp": amqp, "stream": stream}
+    sides |= {"baseline": baseline, "ceiling": ceiling}
+    phases = {"latency_phase": lat_round, "idle_phase": idle_round}
     return {
         "schema": SCHEMA_VERSION,
+        "headline": head,
+        "engine_loss": {
+            **{k: v.get("engine_loss") for k, v in sides.items()},
+            **{k: r.get("engine_loss") if r else None for k, r in phases.items()},
+        },
+        "receiver_overflow": {
+            **{
+                k: {
+                    "kernel_drops": v.get("receiver_kernel_drops"),
+                    "refused": v.get("receiver_refused"),
+                    "total": v.get("receiver_overflow"),
+                    "loss_unexplained": v.get("loss_unexplained"),
+                }
+                for k, v in sides.items()
+                if v
+            },
+            **{
+                k: {
+                    "kernel_drops": r.get("receiver_kernel_drops"),
+                    "refused": r.get("receiver_refused"),
+                    "total": r.get("receiver_overflow"),
+                    "loss_unexplained": r.get("loss_unexplained"),
+                }
+                for k, r in phases.items()
+                if r
+            },
+        },
         "engine": engine,
         "baseline": baseline,
         "ceiling": ceiling,
@@ -400,225 +508,3 @@ def _backlog(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "ring_full": sum(b["ring_full"] for b in found),
         "pairs_stale": sum(b["pairs_stale"] for b in found),
     }
-
-
-# -- the table --------------------------------------------------------------------------------
-def _n(v: float | None, unit: str = "") -> str:
-    if v is None:
-        return "-"
-    return f"{v:,.0f}{unit}"
-
-
-def format_us(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v * 1e6:,.0f} us" if v < 0.01 else f"{v * 1e3:,.1f} ms"
-
-
-def _counts(d: dict[str, int]) -> str:
-    items = [f"{k} {v:,}" for k, v in sorted(d.items()) if v]
-    return ", ".join(items) if items else "0"
-
-
-def format_table(result: dict[str, Any]) -> str:
-    s = result["settings"]
-    m = result["machine"]
-    sides = [(name, result[name]) for name in ("engine", "ingest", "amqp") if result.get(name)]
-    sides.append(("baseline", result["baseline"]))
-    if result["ceiling"]:
-        sides.append(("ceiling", result["ceiling"]))
-    lines = [
-        f"event-datagram bench: {s['subscribers']} x {s['transport']} subscriber(s), "
-        f"{s['payload_bytes']}-byte datagrams, {s['workers_effective']} worker(s), "
-        f"{s['rounds']} interleaved round(s) x {s['duration_s']:g} s",
-        f"machine: {m['cores']} CPU(s) {m['cpu_model']}, Linux {m['kernel']}, Python {m['python']}",
-        "",
-        f"{'median per round':<30}" + "".join(f"{name:>16}" for name, _ in sides),
-    ]
-
-    def row(label: str, values: list[str]) -> None:
-        lines.append(f"{label:<30}" + "".join(f"{v:>16}" for v in values))
-
-    row("datagrams/s received", [_n(d.get("datagrams_received_per_s")) for _, d in sides])
-    row("datagrams/s sent", [_n(d.get("datagrams_sent_per_s")) for _, d in sides])
-    row("events/s accepted", [_n(d.get("events_accepted_per_s")) for _, d in sides])
-    row("loss (sent - received), all", [_n(d.get("loss")) for _, d in sides])
-    row("dg per sending CPU-second", [_n(d.get("datagrams_per_sending_cpu_s")) for _, d in sides])
-    row(
-        "dg per CPU-s, with receivers",
-        [_n(d.get("datagrams_per_cpu_s_all_processes")) for _, d in sides],
-    )
-    for role in ("producer", "workers", "emitter", "sender", "broker", "receivers"):
-        vals = [d.get("cpu_us_per_datagram", {}).get(role) for _, d in sides]
-        if any(v is not None for v in vals):
-            row(f"CPU us/datagram, {role}", [f"{v:.2f}" if v is not None else "" for v in vals])
-    lines.append("")
-    ratio = result["ratio_median"]
-    per_round = " ".join(f"{r['ratio']:.2f}" for r in result["ratios"])
-    lines.append(
-        f"engine / baseline (datagrams/s received): median {ratio:.2f}x  (rounds: {per_round})"
-        if ratio is not None
-        else "engine / baseline: -"
-    )
-    ingest = result.get("ingest")
-    if ingest:
-        per_event = ingest["cpu_us_per_event"]
-        ratio_g = result.get("ratio_ingest_vs_api_median")
-        lines.append(
-            f"ingest: {_n(ingest['events_ingested_per_s'])} events/s ingested of "
-            f"{_n(ingest['datagrams_emitted_per_s'])} emitted (median), kernel drops at the "
-            f"ingest socket {ingest['kernel_drops']:,}, rejected {_counts(ingest['rejected'])}; "
-            "CPU us per ingested event: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in per_event.items() if v is not None)
-            + (f"; ingest / api (datagrams/s received): median {ratio_g:.2f}x" if ratio_g else "")
-            + (
-                f"; producer CPU per event, ingest / raise_event: median {cost_g:.2f}x"
-                if (cost_g := result.get("ingest_cost_vs_api_median"))
-                else ""
-            )
-        )
-    amqp = result.get("amqp")
-    if amqp:
-        per_message = amqp["cpu_us_per_message"]
-        ratio_a = result.get("ratio_amqp_vs_api_median")
-        lines.append(
-            f"amqp: {_n(amqp['messages_consumed_per_s'])} messages/s consumed from one queue "
-            f"(median; the fill published {_n(amqp['messages_published_per_s'])}/s); "
-            "CPU us per message: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in per_message.items() if v is not None)
-            + (f"; amqp / api (datagrams/s received): median {ratio_a:.2f}x" if ratio_a else "")
-        )
-    lines += _stream_lines(result)
-    drops = result["drops"]
-    lines.append(f"engine drops: {_counts(drops['engine'])}; oversize {result['oversize']:,}")
-    lines.append(
-        f"send failures: engine {_counts(drops['engine_send_failures'])}; "
-        f"baseline {_counts(drops['baseline_send_failures'])}"
-    )
-    lat = result["latency_s"]
-    if lat:
-        lines.append(
-            f"latency raise->receive at {lat['rate_events_per_s']:,.0f} events/s for "
-            f"{lat['duration_s']:g} s ({lat['samples']:,} datagrams): "
-            f"p50 {format_us(lat['p50'])}, p99 {format_us(lat['p99'])}, "
-            f"p99.9 {format_us(lat['p999'])}, max {format_us(lat['max'])}; "
-            f"loss {result['loss']['latency_phase']}"
-        )
-    backlog = result["backlog"]
-    if backlog:
-        lines.append(
-            f"backlog: bound {backlog['max_pending_datagrams']:,} datagrams per worker; "
-            f"{_n(backlog['pending_at_end_of_raising'])} waiting when raising stopped "
-            f"(peak seen {backlog['peak_pending_sampled']:,}), drained in "
-            f"{backlog['drain_s']:.2f} s; events turned away (ring_full) "
-            f"{backlog['ring_full']:,}; stale {backlog['pairs_stale']:,}"
-        )
-    idle = result["idle_latency"]
-    if idle:
-        cpu = result["idle_cpu_percent"]
-        window = idle["idle_cpu"]["window_s"]
-        if cpu:
-            lines.append(
-                f"idle: worker CPU over {window:.1f} s of quiet, % of one core: "
-                + ", ".join(f"worker {k} {cpu[k]:.3f}%" for k in sorted(cpu, key=int))
-                + "; sleeps "
-                + ", ".join(f"{n}" for _, n in sorted(idle["idle_cpu"]["sleeps"].items()))
-            )
-        ilat = result["idle_latency_s"]
-        if ilat:
-            woken = idle["latency_after_sleep_s"]
-            lines.append(
-                f"idle latency raise->receive at {ilat['rate_events_per_s']:,.0f} events/s "
-                f"for {ilat['duration_s']:g} s after quiet ({ilat['samples']:,} datagrams): "
-                f"p50 {format_us(ilat['p50'])}, p99 {format_us(ilat['p99'])}, "
-                f"max {format_us(ilat['max'])}; {idle['events_after_sleep']} of "
-                f"{idle['events']} events woke a sleeping worker (their p50 "
-                f"{format_us(woken['p50'])}, p99 {format_us(woken['p99'])}); workers "
-                f"{idle['workers_cpu_percent_while_raising']:.1f}% of a core meanwhile; "
-                f"loss {idle['loss']}"
-            )
-    rss = result["rss_bytes"]
-    mib = 1 << 20
-    parts = [f"{k} {v / mib:.0f}" for k, v in rss.items() if isinstance(v, int)]
-    parts += [
-        f"{k} " + "/".join(f"{x / mib:.0f}" for x in v if x)
-        for k, v in rss.items()
-        if isinstance(v, list) and v
-    ]
-    lines.append("peak RSS MiB: " + ", ".join(parts))
-    lines.append("")
-    lines.append(
-        f"{'round':<7}{'contender':<11}{'rx dg/s':>12}{'sent dg/s':>12}{'loss':>9}"
-        f"{'drops+fail':>12}{'busy cores':>11}{'softirq':>9}{'foreign':>9}"
-    )
-    for r in result["rounds"]:
-        fails = sum(r["send_failures"].values()) + sum(r.get("drops", {}).values())
-        lines.append(
-            f"{r['round']:<7}{r['contender']:<11}{_n(r['datagrams_received_per_s']):>12}"
-            f"{_n(r['datagrams_sent_per_s']):>12}{r['loss']:>9,}{fails:>12,}"
-            f"{r['system']['busy_cores']:>11.2f}{r['system']['softirq_cores']:>9.2f}"
-            f"{r['system']['foreign_cores']:>9.2f}"
-        )
-    t = result["targets"]
-    lines.append("")
-    lines.append(
-        "targets (informative): "
-        + "; ".join(
-            f"{name} {_fmt_target(t[name])}"
-            for name in (
-                "ratio_vs_baseline",
-                "fraction_of_ceiling",
-                "factor_vs_opensips",
-                "latency_p99_s",
-                "latency_phase_loss",
-                "idle_cpu_percent",
-                "idle_latency_p99_s",
-            )
-        )
-    )
-    if result["identity_errors"]:
-        lines.append("ACCOUNTING IDENTITY FAILED: " + "; ".join(result["identity_errors"]))
-    for w in result["warnings"]:
-        lines.append(f"note: {w}")
-    if result["interrupted"]:
-        lines.append(f"INTERRUPTED ({result['interrupted']}): partial results")
-    return "\n".join(lines)
-
-
-def _fmt_target(t: dict[str, Any]) -> str:
-    v = t["value"]
-    if v is None:
-        return "n/a"
-    text = f"{v:.3g}" if isinstance(v, float) else str(v)
-    return f"{text} ({'met' if t['met'] else 'NOT met'}, target {t['target']})"
-
-
-def _stream_lines(result: dict[str, Any]) -> list[str]:
-    """--source stream: the stream rounds, and the broker's cost per engine."""
-    stream = result.get("stream") or {}
-    lines = []
-    if stream.get("messages_consumed_per_s") is not None:
-        ratio = result.get("ratio_stream_vs_api_median")
-        lines.append(
-            f"stream: {_n(stream['messages_consumed_per_s'])} messages/s read from one stream "
-            "(median); CPU us per message: "
-            + ", ".join(
-                f"{k} {v:.2f}" for k, v in stream["cpu_us_per_message"].items() if v is not None
-            )
-            + (f"; stream / api (datagrams/s received): median {ratio:.2f}x" if ratio else "")
-        )
-    scaling = stream.get("engines_scaling") or {}
-    for kind in ("stream", "classic"):
-        costs = scaling.get(kind)
-        if costs:
-            each = ", ".join(
-                f"{n} engine(s) {v['total']:.1f} (store {v['store']:.1f} + deliver "
-                f"{v['deliver']:.1f})"
-                for n, v in costs.items()
-                if isinstance(v, dict)
-            )
-            lines.append(
-                f"broker CPU us per published message, {kind}: {each}; "
-                f"+{costs['added_per_engine_us']:.1f} per added engine"
-            )
-    return lines
