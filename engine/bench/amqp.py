@@ -14,7 +14,7 @@ source's counters (received = raised + rejected). The API round of the same
 round number is the comparison (`ratio_amqp_vs_api_median`).
 
 The broker is `--amqp-url`, else a private LocalBroker that the bench starts
-once (engine.bench.broker) and closes at the end.
+once (engine.testing.broker) and closes at the end.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import time
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
-from engine.bench.broker import LocalBroker, find_rabbitmq_server
 from engine.bench.common import EVENT, SEQ_BASE, bench_params, make_tag
 from engine.bench.live import (
     Progress,
@@ -43,6 +42,7 @@ from engine.errors import EventDatagramError
 from engine.options import EngineOptions
 from engine.producer import Engine
 from engine.sources.amqp import AmqpConfig, AmqpSource
+from engine.testing.broker import LocalBroker, find_rabbitmq_server
 from engine.wire import encode_notification
 
 

@@ -204,7 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="instead of the stress run: virtual groups and filters against plain "
         "subscribers, --rounds interleaved rounds of 30000 events to --subscribers UDP "
-        "sinks (python -m engine.bench.routing; docs/routing.md)",
+        "sinks (python -m engine.bench.probes.routing; docs/routing.md)",
     )
     a(
         "--receiver-cpus",
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"event-datagram bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.routing:
-        from engine.bench.routing import MODES, report
+        from engine.bench.probes.routing import MODES, report
 
         workers = args.workers or 1
         report(list(MODES), args.rounds, 30_000, workers, args.subscribers, args.json)
