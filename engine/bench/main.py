@@ -51,9 +51,10 @@ from engine.bench.common import (
     make_tag,
     prctl,
 )
+from engine.bench.machine import backlog_warning, machine_info, sysctl_info
 from engine.bench.plot import PLOT_HINT, write_plot
 from engine.bench.run import LATENCY_RATE_CAP, RCVBUF_BUDGET, Bench, Interrupted
-from engine.bench.summary import backlog_warning, machine_info, median, summarize, sysctl_info
+from engine.bench.summary import median, summarize
 from engine.bench.table import format_table
 from engine.errors import EngineError
 from engine.options import EngineOptions
