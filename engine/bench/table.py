@@ -157,14 +157,16 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("peak RSS MiB: " + ", ".join(parts))
     lines.append("")
     lines.append(
-        f"{'round':<7}{'contender':<11}{'rx dg/s':>12}{'sent dg/s':>12}{'loss':>9}"
-        f"{'drops+fail':>12}{'busy cores':>11}{'softirq':>9}{'foreign':>9}"
+        f"{'round':<7}{'contender':<11}{'sent dg/s':>12}{'rx dg/s':>12}{'loss':>9}"
+        f"{'engine':>9}{'rx drops':>10}{'drops+fail':>12}{'busy cores':>11}{'softirq':>9}"
+        f"{'foreign':>9}"
     )
     for r in result["rounds"]:
         fails = sum(r["send_failures"].values()) + sum(r.get("drops", {}).values())
         lines.append(
-            f"{r['round']:<7}{r['contender']:<11}{_n(r['datagrams_received_per_s']):>12}"
-            f"{_n(r['datagrams_sent_per_s']):>12}{r['loss']:>9,}{fails:>12,}"
+            f"{r['round']:<7}{r['contender']:<11}{_n(r['datagrams_sent_per_s']):>12}"
+            f"{_n(r['datagrams_received_per_s']):>12}{r['loss']:>9,}"
+            f"{r.get('engine_loss', 0):>9,}{r.get('receiver_overflow', 0):>10,}{fails:>12,}"
             f"{r['system']['busy_cores']:>11.2f}{r['system']['softirq_cores']:>9.2f}"
             f"{r['system']['foreign_cores']:>9.2f}"
         )
