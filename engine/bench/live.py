@@ -263,20 +263,11 @@ def round_record(
     }
 
 
-def refused_by_receivers(failures: dict[str, int], report: RoundReport) -> int:
+def refused_by_receivers(failures: dict[str, int]) -> int:
     """Sends a full UNIX receiver refused (EAGAIN: its queue of net.unix.max_dgram_qlen
-    datagrams was full). The engine's keys say the transport ("unix:eagain"); the
-    reference senders' (bare errno names) count only when every receiver is UNIX, since
-    a UDP EAGAIN is the sender's own buffer."""
-    all_unix = bool(report.sockets) and all(
-        str(s.get("socket", "")).startswith("unix:") for s in report.sockets
-    )
-    refused = 0
-    for key, n in failures.items():
-        k = key.lower()
-        if k == "unix:eagain" or (all_unix and k == "eagain"):
-            refused += n
-    return refused
+    datagrams was full): "unix:eagain", as the engine and the reference senders count
+    them. A UDP EAGAIN is the sender's own (its send buffer), not the receiver's."""
+    return sum(n for key, n in failures.items() if key.lower() == "unix:eagain")
 
 
 def receiver_overflow(report: RoundReport, failures: dict[str, int]) -> dict[str, Any]:
@@ -286,7 +277,7 @@ def receiver_overflow(report: RoundReport, failures: dict[str, int]) -> dict[str
     pairs). `loss_unexplained` is sent - received - kernel drops: 0 when every lost
     datagram was seen dropped at a receiver socket."""
     sent_failures = sum(failures.values())
-    refused = refused_by_receivers(failures, report)
+    refused = refused_by_receivers(failures)
     kernel = report.total("kernel_drops") if report.sockets else 0
     return {
         "receiver_kernel_drops": kernel,

@@ -132,6 +132,7 @@ def check_loss_split(r: dict[str, Any]) -> None:
     assert r["receiver_kernel_drops"] == drops >= 0
     assert r["receiver_overflow"] == drops + r["receiver_refused"]
     assert r["loss_unexplained"] == r["loss"] - drops
+    assert r["receiver_refused"] == r["send_failures"].get("unix:eagain", 0)
     assert r["engine_loss"] + r["receiver_refused"] >= sum(r["send_failures"].values())
     assert r["limited_by"] == ("receivers" if r["receiver_overflow"] else "sender")
 
