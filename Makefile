@@ -38,7 +38,7 @@ ensure-prometheus:
 	  fi; }
 
 # The broker tests (tests/system/test_broker.py, the `rabbitmq` fixtures) start private
-# RabbitMQ nodes of their own (engine/bench/broker.py) from Debian's rabbitmq-server.
+# RabbitMQ nodes of their own (engine/testing/broker.py) from Debian's rabbitmq-server.
 # Install it where we can (root with apt-get), without starting the package's own
 # service (a policy-rc.d refusing it, unless the machine has one already); elsewhere
 # say loudly what to do. Nothing here depends on a system broker on 5672.

@@ -30,7 +30,8 @@ The folders:
                     server.py (HTTP + datagram), fifo.py, client.py
   cli/              the `event-datagram` command: main.py (verbs), run.py, listen.py,
                     explain.py, reload.py (SIGHUP), logs.py, notify.py (systemd's sd_notify)
-  bench/            the stress run behind `make bench` (and metrics_overhead.py)
+  bench/            the stress run behind `make bench`; its standalone probes in bench/probes/
+  testing/          what tests and the bench start for real (broker.py: a private RabbitMQ)
 The worker side lives in the sibling package `workers`. The import rules between
 these are import-linter contracts in pyproject.toml, checked by `make lint`.
 """

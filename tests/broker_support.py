@@ -1,4 +1,4 @@
-"""A real RabbitMQ for the tests: engine.bench.broker.LocalBroker, found or refused.
+"""A real RabbitMQ for the tests: engine.testing.broker.LocalBroker, found or refused.
 
 The fixtures in tests/conftest.py (`rabbitmq`, one broker for the session;
 `fresh_rabbitmq`, one per test, for tests that kill and restart it) come from
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from engine.bench.broker import LocalBroker, find_rabbitmq_server
+from engine.testing.broker import LocalBroker, find_rabbitmq_server
 
 START_TIMEOUT = 120.0  # a busy CI machine: a start takes 7-18 s here
 INSTALL = (

@@ -12,7 +12,7 @@ and the scripts that tests run as child processes, build their own):
 - the module-scoped `engine` fixture: one engine shared by a module's tests, set
   up with the module's `ENGINE` dict of running_engine arguments.
 
-A real RabbitMQ (tests.broker_support, engine.bench.broker.LocalBroker), started
+A real RabbitMQ (tests.broker_support, engine.testing.broker.LocalBroker), started
 only when a test asks for one:
 
 - the session-scoped `rabbitmq` fixture: one broker shared by the whole session
@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 
-from engine.bench.broker import LocalBroker
 from engine.producer import Engine
+from engine.testing.broker import LocalBroker
 from tests.broker_support import running_broker
 from tests.support import running_engine
 

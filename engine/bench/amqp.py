@@ -14,46 +14,21 @@ source's counters (received = raised + rejected). The API round of the same
 round number is the comparison (`ratio_amqp_vs_api_median`).
 
 The broker is `--amqp-url`, else a private LocalBroker that the bench starts
-once (engine.bench.broker) and closes at the end.
+once (engine.testing.broker) and closes at the end.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
 from collections.abc import Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
-from engine.bench.broker import LocalBroker, find_rabbitmq_server
-from engine.bench.common import EVENT, SEQ_BASE, bench_params, make_tag
 from engine.bench.live import (
-    Progress,
     per,
-    round_record,
-    send_failures,
-    snapshot,
-    stop_engine,
-    wait_drained,
 )
-from engine.bench.receivers import ReceiverPool, RoundSpec
 from engine.errors import EventDatagramError
-from engine.options import EngineOptions
-from engine.producer import Engine
-from engine.sources.amqp import AmqpConfig, AmqpSource
-from engine.wire import encode_notification
-
-
-class BenchHost(Protocol):
-    """What a round needs of the bench (engine.bench.run.Bench), without importing it."""
-
-    args: argparse.Namespace
-    pool: ReceiverPool | None
-    progress: Progress
-    instances: list[str]
-    engine: Engine | None
-
+from engine.testing.broker import LocalBroker, find_rabbitmq_server
 
 EXCHANGE: Final = "edg-bench"
 ROUTING_KEY: Final = "opensips.E_BENCH"
@@ -128,129 +103,6 @@ class BrokerFeed:
         if self.local is not None:
             self.local.close()
             self.local = None
-
-
-def amqp_round(bench: BenchHost, feed: BrokerFeed, number: int) -> dict[str, Any]:
-    """One amqp round (see the module's docstring)."""
-    args = bench.args
-    pool = bench.pool
-    assert pool is not None
-    instance = f"bench{os.getpid()}a{number}"
-    bench.instances.append(instance)
-    options = EngineOptions(
-        instance=instance,
-        workers=args.workers,
-        full_ring_policy=args.full_ring_policy,
-        ring_bytes=args.ring_bytes,
-    )
-    engine = Engine(options, events=[EVENT])
-    bench.engine = engine
-    phase = f"amqp round {number}"
-    queue = f"edg-bench-{os.getpid()}-{number}"
-    count = args.amqp_messages
-    source: AmqpSource | None = None
-    try:
-        engine.start()
-        for text in pool.sockets:
-            engine.subscribe(EVENT, text)
-        t0 = time.monotonic_ns()
-        tag = make_tag(args.payload_bytes, t0)
-        pool.begin(RoundSpec("seq", t0, tag, EVENT, SEQ_BASE))
-        bench.progress.phase = f"{phase}: publishing {count:,} messages"
-        bodies = [
-            encode_notification(EVENT, bench_params(tag, SEQ_BASE + i, time.monotonic_ns()))
-            for i in range(count)
-        ]
-        published_per_s = feed.fill(queue, bodies)
-        del bodies
-        workers = engine.statistics().workers
-        worker_pids = [w.pid or 0 for w in workers]
-        pids = {
-            "producer": [os.getpid()],
-            "workers": worker_pids,
-            "receivers": pool.pids,
-            "broker": feed.broker_pids(),
-        }
-        before = snapshot(pids, [])
-        bench.progress.phase = f"{phase}: consuming"
-        t_start = time.monotonic_ns()
-        source = AmqpSource(
-            engine, AmqpConfig(url=feed.url, exchange=EXCHANGE, queue=queue, prefetch=2000)
-        )
-        engine.add_source(source)
-        source.start()
-        t_consumed = _wait_consumed(source, count)
-        pending = sum(w.pairs_in_ring for w in engine.statistics().workers)
-        bench.progress.phase = f"{phase}: draining {pending:,} datagrams"
-        t_drained = wait_drained(engine, max(60.0, pending / 20_000))
-        stats = engine.statistics()
-        counts = next(s for s in stats.sources if s.kind == "amqp")
-        pool.settle(stats.pairs_sent)
-        report = pool.report()
-        after = snapshot(pids, [])
-    finally:
-        bench.engine = None
-        if source is not None:
-            source.stop()
-        feed.delete(queue)
-        stop_engine(engine, instance)
-    sent = stats.pairs_sent
-    failures = send_failures(stats)
-    result = round_record(
-        number,
-        "amqp",
-        report,
-        before,
-        after,
-        t_start,
-        t_consumed,
-        t_drained,
-        counts.raised,
-        sent,
-        failures,
-    )
-    cpu = result["cpu_s"]
-    result["datagrams_per_sending_cpu_s"] = per(sent, cpu["producer"] + cpu["workers"])
-    consume_s = (t_consumed - t_start) / 1e9
-    result.update(
-        events=counts.raised,
-        events_raised=stats.raised,
-        events_queued=stats.events_queued,
-        drops=dict(stats.drops),
-        identity_errors=stats.identity_errors(),
-        subscribed=len(pool.sockets),
-        worker_pids=worker_pids,
-        amqp={
-            "queue": queue,
-            "messages_published": count,
-            "messages_published_per_s": published_per_s,
-            "messages_consumed": counts.received,
-            "messages_consumed_per_s": per(counts.received, consume_s),
-            "events_raised": counts.raised,
-            "rejected": {k: v for k, v in counts.rejected.items() if v},
-            "cpu_us_per_message": {role: per(1e6 * v, counts.received) for role, v in cpu.items()},
-        },
-    )
-    return result
-
-
-def _wait_consumed(source: AmqpSource, count: int) -> int:
-    """Wait until the source has read `count` messages (bounded); return that time."""
-    start = last_change = time.monotonic()
-    last = -1
-    while True:
-        received = source.statistics()[0].received
-        now = time.monotonic()
-        if received >= count:
-            return time.monotonic_ns()
-        if received != last:
-            last, last_change = received, now
-        if now - last_change > STALL_S or now - start > CONSUME_CAP_S:
-            raise BenchBrokerError(
-                f"the amqp source read {received:,} of {count:,} messages "
-                f"(up={source.up}, errors {source.statistics()[0].errors})"
-            )
-        time.sleep(0.002)
 
 
 def median(values: Sequence[float]) -> float | None:

@@ -95,8 +95,15 @@ def _targets(sockets: list[str], connect: bool) -> list[tuple[socket.socket, Any
     return out
 
 
-def _errname(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno or 0, "other").lower()
+def _errname(exc: OSError, sock: socket.socket) -> str:
+    return _failure(exc.errno or 0, sock)
+
+
+def _failure(err: int, sock: socket.socket) -> str:
+    """A failed send's key: the errno's name, "unix:" before it on a UNIX socket (a
+    full UNIX receiver refuses with EAGAIN: the receiver's overflow, not the sender's)."""
+    name = errno.errorcode.get(err, "other").lower()
+    return f"unix:{name}" if sock.family == socket.AF_UNIX else name
 
 
 def run_naive(spec: RunSpec) -> dict[str, Any]:
@@ -139,7 +146,7 @@ def run_naive(spec: RunSpec) -> dict[str, Any]:
                         sock.sendto(data, address)
                         sent += 1
                     except OSError as exc:
-                        name = _errname(exc)
+                        name = _errname(exc, sock)
                         failures[name] = failures.get(name, 0) + 1
                 seq += 1
             events += count
@@ -176,7 +183,7 @@ def run_ceiling(spec: RunSpec) -> dict[str, Any]:
                 sent += sender.send(sock, 0, CEILING_BATCH)
                 attempted += CEILING_BATCH
                 for _i, err in sender.errors:
-                    name = errno.errorcode.get(err, "other").lower()
+                    name = _failure(err, sock)
                     failures[name] = failures.get(name, 0) + 1
                 if clock() >= end:
                     break  # with 1,000 subscribers a pass takes a second: stop on time

@@ -220,6 +220,7 @@ def round_record(
     # Softirq work (loopback delivery) is charged to the process it interrupted, so
     # it is in `ours` already; what remains is other processes (and ksoftirqd).
     foreign = max(0.0, sys_delta["busy"] - ours)
+    overflow = receiver_overflow(report, failures)
     return {
         "round": number,
         "contender": contender,
@@ -237,6 +238,8 @@ def round_record(
         "stale": report.total("stale"),
         "bytes_received": report.total("bytes"),
         "send_failures": failures,
+        **overflow,
+        "loss_unexplained": sent - received - overflow["receiver_kernel_drops"],
         "receiver_errors": report.errors,
         "cpu_s": cpu,
         "cpu_s_per_process": detail,
@@ -251,10 +254,47 @@ def round_record(
             **net_delta,
         },
         "subscribers": [
-            {k: s[k] for k in ("socket", "received", "duplicates", "invalid", "stale")}
+            {
+                k: s.get(k, 0)
+                for k in ("socket", "received", "duplicates", "invalid", "stale", "kernel_drops")
+            }
             for s in report.sockets
         ],
     }
+
+
+def refused_by_receivers(failures: dict[str, int]) -> int:
+    """Sends a full UNIX receiver refused (EAGAIN: its queue of net.unix.max_dgram_qlen
+    datagrams was full): "unix:eagain", as the engine and the reference senders count
+    them. A UDP EAGAIN is the sender's own (its send buffer), not the receiver's."""
+    return sum(n for key, n in failures.items() if key.lower() == "unix:eagain")
+
+
+def receiver_overflow(report: RoundReport, failures: dict[str, int]) -> dict[str, Any]:
+    """Loss told apart: what the receivers' sockets could not take (the kernel's drops
+    at each UDP socket, the sends a full UNIX socket refused) versus what the sender
+    failed to send for its own reasons (`engine_loss`; engine rounds add their stale
+    pairs). `loss_unexplained` is sent - received - kernel drops: 0 when every lost
+    datagram was seen dropped at a receiver socket."""
+    sent_failures = sum(failures.values())
+    refused = refused_by_receivers(failures)
+    kernel = report.total("kernel_drops") if report.sockets else 0
+    return {
+        "receiver_kernel_drops": kernel,
+        "receiver_refused": refused,
+        "receiver_overflow": kernel + refused,
+        "engine_loss": sent_failures - refused,
+        "limited_by": "receivers" if kernel + refused else "sender",
+    }
+
+
+def add_engine_loss(result: dict[str, Any], stats: EngineStatistics, subscribed: int) -> None:
+    """An engine round's own loss, in datagrams: besides its failed sends, the pairs it
+    dropped as stale (older than engine.max_delay_ms) and the events it turned away
+    (ring_full) times the subscribers each would have gone to."""
+    ring_full = stats.drops.get("ring_full", 0)
+    result["engine_loss"] += stats.pairs_stale + ring_full * subscribed
+    result["engine_events_dropped"] = ring_full
 
 
 def wait_drained(engine: Engine, cap_s: float, stall_s: float = DRAIN_STALL_S) -> int:

@@ -51,16 +51,11 @@ from engine.bench.common import (
     make_tag,
     prctl,
 )
+from engine.bench.machine import backlog_warning, machine_info, sysctl_info
 from engine.bench.plot import PLOT_HINT, write_plot
-from engine.bench.report import (
-    backlog_warning,
-    format_table,
-    machine_info,
-    median,
-    summarize,
-    sysctl_info,
-)
 from engine.bench.run import LATENCY_RATE_CAP, RCVBUF_BUDGET, Bench, Interrupted
+from engine.bench.summary import median, summarize
+from engine.bench.table import format_table
 from engine.errors import EngineError
 from engine.options import EngineOptions
 
@@ -210,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="instead of the stress run: virtual groups and filters against plain "
         "subscribers, --rounds interleaved rounds of 30000 events to --subscribers UDP "
-        "sinks (python -m engine.bench.routing; docs/routing.md)",
+        "sinks (python -m engine.bench.probes.routing; docs/routing.md)",
     )
     a(
         "--receiver-cpus",
@@ -258,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"event-datagram bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.routing:
-        from engine.bench.routing import MODES, report
+        from engine.bench.probes.routing import MODES, report
 
         workers = args.workers or 1
         report(list(MODES), args.rounds, 30_000, workers, args.subscribers, args.json)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from engine.bench.report import OPENSIPS_DG_PER_S, TARGET_P99_S, format_us
+from engine.bench.summary import OPENSIPS_DG_PER_S, TARGET_P99_S
+from engine.bench.table import format_us
 
 PLOT_HINT: Final = (
     "--plot needs matplotlib, the optional 'bench' extra: "
@@ -36,10 +37,11 @@ def write_plot(result: dict[str, Any], path: str) -> None:
         for r in rounds:
             if r["contender"] == name:
                 xs.append(numbers.index(r["round"]) + (k - (len(names) - 1) / 2) * width)
-                ys.append(r["datagrams_received_per_s"] / 1e3)
+                ys.append(r["datagrams_sent_per_s"] / 1e3)
                 busy = r["system"]["foreign_cores"] > BUSY_ROUND_CORES
                 hatches.append("//" if busy else "")
-        med = result[name].get("datagrams_received_per_s")
+        # Sent: the senders' own figure (received measures the receivers when they overflow).
+        med = result[name].get("datagrams_sent_per_s")
         label = f"{name} (median {med / 1e3:,.0f}k)" if med else name
         bars = ax1.bar(xs, ys, width, color=colors[name], hatch=hatches)
         ax1.bar([0], [0], 0, color=colors[name], label=label)  # the legend's plain swatch
@@ -57,7 +59,7 @@ def write_plot(result: dict[str, Any], path: str) -> None:
         ax1.bar([0], [0], 0, color="white", edgecolor="#444", hatch="//",
                 label=f"other processes busy (> {BUSY_ROUND_CORES} core)")  # fmt: skip
     ax1.set_xticks(range(len(numbers)), [f"round {n}" for n in numbers])
-    ax1.set_ylabel("datagrams/s received (thousands)")
+    ax1.set_ylabel("datagrams/s sent (thousands)")
     ax1.margins(y=0.12)
     s = result["settings"]
     ratio = result["ratio_median"]

@@ -16,10 +16,16 @@ One process may hold any number of sockets (the bench's default is one process
 for all of them, 1,000 included): epoll says which sockets have datagrams, and
 each is read until it is empty or has had MAX_CALLS calls. A receiver that falls
 behind loses datagrams in the kernel (its sockets' buffers overflow): that is
-loss, counted as such, never an error of the bench.
+loss, counted as such, never an error of the bench. What the kernel dropped at
+each UDP socket (its `drops` column in /proc/net/udp and udp6, found by the
+socket's inode) is read at "begin" and at "report" and reported per socket as
+`kernel_drops`, so the bench tells receiver overflow from engine loss. A full
+UNIX datagram socket drops nothing: it refuses the sender (EAGAIN), which the
+sender counts.
 
 The parent drives them through a pipe, one command at a time:
-  ("begin", RoundSpec)  start counting a round (datagrams raised before t0 are stale)
+  ("begin", RoundSpec)  start counting a round (datagrams raised before t0 are stale);
+                        replies ("begun",) once its sockets' drop counts are read
   ("report",)           drain the sockets, reply with the round's counts (+ latencies,
                         + their sequence numbers in the idle phase)
   ("exit",)             close and unlink the sockets, leave
@@ -48,11 +54,11 @@ from typing import Any, Final
 import msgspec
 
 from engine.bench.common import BenchPayload, Child, prepare_child, read_sysctl
+from engine.bench.receiver_sockets import open_socket, udp_drops
 from engine.shm.mmsg import IoVec, MMsgHdr, MsgHdr
 
 MSG_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0x40)
 MSG_TRUNC: Final = getattr(socket, "MSG_TRUNC", 0x20)
-SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)
 MAX_CALLS: Final = 32  # recvmmsg calls per socket per wake-up
 BUFFER_BUDGET: Final = 8 << 20  # bytes of receive slots per process
 LATENCY_CAP: Final = 4_000_000  # latency samples kept per process per round
@@ -99,39 +105,13 @@ class _Socket:
     bytes: int = 0
     first_ns: int = 0
     last_ns: int = 0
+    inode: int = 0  # UDP: the socket's inode, its key in /proc/net/udp{,6}; 0 for UNIX
+    drops_at_begin: int = 0
 
     def reset(self) -> None:
         self.seen = bytearray(SEEN_INITIAL)  # grows with the sequence numbers seen
         self.received = self.unique = self.duplicates = self.invalid = 0
         self.truncated = self.stale = self.bytes = self.first_ns = self.last_ns = 0
-
-
-def open_socket(
-    kind: str, index: int, socket_dir: str, rcvbuf: int
-) -> tuple[socket.socket, str, str, int]:
-    """Bind one receiving socket; return it, its subscriber text, the buffer method,
-    and the effective receive buffer (as getsockopt reports it: twice the setting)."""
-    family = {"udp": socket.AF_INET, "udp6": socket.AF_INET6, "unix": socket.AF_UNIX}[kind]
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    method = "SO_RCVBUFFORCE"
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-    except OSError:
-        method = "SO_RCVBUF"
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    if kind == "unix":
-        path = os.path.join(socket_dir, f"rx{index}.sock")
-        sock.bind(path)
-        text = f"unix:{path}"
-    elif kind == "udp6":
-        sock.bind(("::1", 0))
-        text = f"udp:[::1]:{sock.getsockname()[1]}"
-    else:
-        sock.bind(("127.0.0.1", 0))
-        text = f"udp:127.0.0.1:{sock.getsockname()[1]}"
-    sock.setblocking(False)
-    effective = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-    return sock, text, method, effective
 
 
 class _Receiver:
@@ -152,7 +132,8 @@ class _Receiver:
         for index, kind in slots:
             sock, text, method, effective = open_socket(kind, index, socket_dir, rcvbuf)
             path = sock.getsockname() if kind == "unix" else None
-            self.sockets.append(_Socket(index, kind, sock, text, path))
+            inode = 0 if kind == "unix" else os.fstat(sock.fileno()).st_ino
+            self.sockets.append(_Socket(index, kind, sock, text, path, inode=inode))
             self.buffers.append({"index": index, "method": method, "effective": effective})
         self.by_fd = {s.sock.fileno(): s for s in self.sockets}
         # Receive slots: VLEN buffers of slot_bytes, one iovec and one mmsghdr each.
@@ -216,8 +197,11 @@ class _Receiver:
             self.latencies = array.array("q")
             self.latency_seqs = array.array("q")
             self.errors = {}
+            drops = udp_drops({s.inode for s in self.sockets if s.inode})
             for s in self.sockets:
                 s.reset()
+                s.drops_at_begin = drops.get(s.inode, 0)
+            self.conn.send(("begun",))  # the drop counts are read: the round may start
         elif msg[0] == "report":
             for s in self.sockets:  # what is already queued belongs to this round
                 self._drain(s, 1 << 16)
@@ -319,6 +303,7 @@ class _Receiver:
         s.bytes += nbytes
 
     def _report(self) -> dict[str, Any]:
+        drops = udp_drops({s.inode for s in self.sockets if s.inode})
         return {
             "pid": os.getpid(),
             "sockets": [
@@ -334,6 +319,7 @@ class _Receiver:
                     "bytes": s.bytes,
                     "first_ns": s.first_ns,
                     "last_ns": s.last_ns,
+                    "kernel_drops": drops.get(s.inode, s.drops_at_begin) - s.drops_at_begin,
                 }
                 for s in self.sockets
             ],
@@ -383,7 +369,7 @@ class RoundReport:
     """Idle phase: the sequence number (minus the base) of each latency sample."""
 
     def total(self, key: str) -> int:
-        return sum(int(s[key]) for s in self.sockets)
+        return sum(int(s.get(key, 0)) for s in self.sockets)
 
     @property
     def first_ns(self) -> int:
@@ -455,6 +441,8 @@ class ReceiverPool:
         self._base = self.received_total()
         for child in self.children:
             child.conn.send(("begin", spec))
+        for child in self.children:  # their kernel drop counts are read before any send
+            child.recv(30.0, "no begin")
 
     def settle(self, expected: int, timeout_s: float = 5.0, quiet_s: float = 0.25) -> None:
         """Wait until `expected` datagrams arrived since `begin`, or nothing new arrives

@@ -26,11 +26,14 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from engine.bench.amqp import EXCHANGE, ROUTING_KEY, BenchBrokerError, BenchHost, BrokerFeed
+from engine.bench.amqp import EXCHANGE, ROUTING_KEY, BenchBrokerError, BrokerFeed
 from engine.bench.amqp import median as _median
-from engine.bench.common import EVENT, SEQ_BASE, bench_params, make_tag
-from engine.bench.live import per, round_record, send_failures, snapshot, stop_engine, wait_drained
-from engine.bench.receivers import RoundSpec
+from engine.bench.common import EVENT
+from engine.bench.live import (
+    per,
+    snapshot,
+    stop_engine,
+)
 from engine.options import EngineOptions
 from engine.producer import Engine
 from engine.sources.amqp import AmqpConfig, AmqpSource
@@ -54,7 +57,7 @@ def stream_url(feed: BrokerFeed, given: str = "") -> str:
     return "rabbitmq-stream" + feed.url.removeprefix("amqp").rsplit(":", 1)[0] + ":5552/%2F"
 
 
-def _declare_and_fill(feed: BrokerFeed, stream: str, bodies: list[bytes]) -> float:
+def declare_and_fill(feed: BrokerFeed, stream: str, bodies: list[bytes]) -> float:
     """Declare `stream` bound to EXCHANGE, publish `bodies` to EXCHANGE; returns
     messages/s published (publisher confirms at the end: every one is stored)."""
     import pika
@@ -78,104 +81,6 @@ def _publish(channel: Any, bodies: list[bytes]) -> float:
     channel.confirm_delivery()  # a round trip after the last: all of them have arrived
     channel.basic_publish("", "edg-bench-no-such-queue", b"")  # routed nowhere: confirmed
     return per(len(bodies), time.perf_counter() - started)
-
-
-def stream_round(bench: BenchHost, feed: BrokerFeed, number: int) -> dict[str, Any]:
-    """One stream round (see the module's docstring)."""
-    args = bench.args
-    pool = bench.pool
-    assert pool is not None
-    instance = f"bench{os.getpid()}s{number}"
-    bench.instances.append(instance)
-    options = EngineOptions(
-        instance=instance,
-        workers=args.workers,
-        full_ring_policy=args.full_ring_policy,
-        ring_bytes=args.ring_bytes,
-    )
-    engine = Engine(options, events=[EVENT])
-    bench.engine = engine
-    phase = f"stream round {number}"
-    stream = f"edg-bench-stream-{os.getpid()}-{number}"
-    count = args.amqp_messages
-    source: StreamSource | None = None
-    try:
-        engine.start()
-        for text in pool.sockets:
-            engine.subscribe(EVENT, text)
-        t0 = time.monotonic_ns()
-        tag = make_tag(args.payload_bytes, t0)
-        pool.begin(RoundSpec("seq", t0, tag, EVENT, SEQ_BASE))
-        bench.progress.phase = f"{phase}: publishing {count:,} messages"
-        bodies = [
-            encode_notification(EVENT, bench_params(tag, SEQ_BASE + i, time.monotonic_ns()))
-            for i in range(count)
-        ]
-        published_per_s = _declare_and_fill(feed, stream, bodies)
-        del bodies
-        workers = engine.statistics().workers
-        worker_pids = [w.pid or 0 for w in workers]
-        pids = {
-            "producer": [os.getpid()],
-            "workers": worker_pids,
-            "receivers": pool.pids,
-            "broker": feed.broker_pids(),
-        }
-        before = snapshot(pids, [])
-        bench.progress.phase = f"{phase}: reading"
-        t_start = time.monotonic_ns()
-        config = StreamConfig(
-            url=stream_url(feed, getattr(args, "stream_url", "")),
-            stream=stream,
-            consumer=f"bench-{number}",
-            offset="first",
-        )
-        source = StreamSource(engine, config, instance=instance)
-        engine.add_source(source)
-        source.start()
-        t_consumed = _wait_read(_reader(source), count)
-        pending = sum(w.pairs_in_ring for w in engine.statistics().workers)
-        bench.progress.phase = f"{phase}: draining {pending:,} datagrams"
-        t_drained = wait_drained(engine, max(60.0, pending / 20_000))
-        stats = engine.statistics()
-        counts = next(s for s in stats.sources if s.kind == "stream")
-        pool.settle(stats.pairs_sent)
-        report = pool.report()
-        after = snapshot(pids, [])
-    finally:
-        bench.engine = None
-        if source is not None:
-            source.stop()
-        feed.delete(stream)
-        stop_engine(engine, instance)
-    sent = stats.pairs_sent
-    result = round_record(
-        number, "stream", report, before, after, t_start, t_consumed, t_drained,
-        counts.raised, sent, send_failures(stats),
-    )  # fmt: skip
-    cpu = result["cpu_s"]
-    result["datagrams_per_sending_cpu_s"] = per(sent, cpu["producer"] + cpu["workers"])
-    consume_s = (t_consumed - t_start) / 1e9
-    result.update(
-        events=counts.raised,
-        events_raised=stats.raised,
-        events_queued=stats.events_queued,
-        drops=dict(stats.drops),
-        identity_errors=stats.identity_errors(),
-        subscribed=len(pool.sockets),
-        worker_pids=worker_pids,
-        stream={
-            "stream": stream,
-            "messages_published": count,
-            "messages_published_per_s": published_per_s,
-            "messages_consumed": counts.received,
-            "messages_consumed_per_s": per(counts.received, consume_s),
-            "events_raised": counts.raised,
-            "rejected": {k: v for k, v in counts.rejected.items() if v},
-            "cpu_us_per_message": {role: per(1e6 * v, counts.received) for role, v in cpu.items()},
-        },
-    )
-    return result
 
 
 def _wait_read(read: Callable[[], SourceStatistics], count: int) -> int:

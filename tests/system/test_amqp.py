@@ -23,10 +23,10 @@ import pika
 import pika.exceptions
 import pytest
 
-from engine.bench.broker import LocalBroker
 from engine.producer import Engine
 from engine.sources.amqp import AmqpConfig, AmqpSource
 from engine.sources.amqp_frames import DEFAULT_MAX_BYTES
+from engine.testing.broker import LocalBroker
 from engine.wire import MAX_PAYLOAD, encode_notification
 from tests.support import Receiver, eventually, udp_receiver
 

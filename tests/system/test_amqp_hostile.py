@@ -21,10 +21,10 @@ import pika
 import pika.spec
 import pytest
 
-from engine.bench.broker import LocalBroker
 from engine.producer import Engine
 from engine.sources.amqp import AmqpConfig, AmqpSource
 from engine.sources.amqp_frames import DEFAULT_MAX_BYTES, connection_type
+from engine.testing.broker import LocalBroker
 from tests.support import eventually
 from tests.system import test_amqp as base
 

@@ -102,6 +102,7 @@ def check_result(doc: dict[str, Any], transport: str, subscribers: int) -> None:
         assert r["identity_errors"] == []
         assert len(r["subscribers"]) == subscribers
         assert sum(s["received"] for s in r["subscribers"]) == r["datagrams_received"]
+        check_loss_split(r)
         if r["contender"] in ("engine", "latency", "idle"):
             # The rings were drained: every queued pair was sent, failed or stale.
             handled = r["datagrams_sent"] + sum(r["send_failures"].values()) + r["pairs_stale"]
@@ -122,6 +123,18 @@ def check_result(doc: dict[str, Any], transport: str, subscribers: int) -> None:
     if len(doc["machine"]["usable_cpus"]) > 1:  # the engine pins its workers
         assert all(cpus for cpus in doc["settings"]["cpu_plan"]["workers"])
     assert doc["machine"]["cores"] == os.cpu_count()
+
+
+def check_loss_split(r: dict[str, Any]) -> None:
+    """Loss is told apart: the receivers' overflow (kernel drops at their sockets, sends
+    a full UNIX socket refused) versus what the sender itself failed to send."""
+    drops = sum(s["kernel_drops"] for s in r["subscribers"])
+    assert r["receiver_kernel_drops"] == drops >= 0
+    assert r["receiver_overflow"] == drops + r["receiver_refused"]
+    assert r["loss_unexplained"] == r["loss"] - drops
+    assert r["receiver_refused"] == r["send_failures"].get("unix:eagain", 0)
+    assert r["engine_loss"] + r["receiver_refused"] >= sum(r["send_failures"].values())
+    assert r["limited_by"] == ("receivers" if r["receiver_overflow"] else "sender")
 
 
 def check_idle(doc: dict[str, Any], subscribers: int) -> None:
@@ -201,6 +214,44 @@ def test_udp_run_through_the_cli_writes_complete_consistent_json(
     assert "idle_cpu_percent" in table and "idle_latency_p99_s" in table
     if plot is not None:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_receiver_that_overflows_is_blamed_not_the_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Receive buffers of 4 KiB hold a handful of datagrams; a worker's sendmmsg of a
+    batch overflows them whatever the receivers cost. Those drops are the receivers'
+    (counted by the kernel at their sockets); the engine, which lost nothing, reports
+    engine loss 0, and the headline is its own sending figure."""
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench", "--duration", "1", "--rounds", "1", "--subscribers", "2",
+        "--latency-duration", "0", "--idle-latency-duration", "0", "--idle-cpu-duration", "0",
+        "--rcvbuf-bytes", "4096", "--quiet", "--json", str(out),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    doc = json.loads(out.read_text())
+    engine = next(r for r in doc["rounds"] if r["contender"] == "engine")
+    check_loss_split(engine)
+    assert engine["send_failures"] == {} and engine["engine_loss"] == 0
+    assert engine["receiver_kernel_drops"] > 0, "4 KiB receive buffers overflowed nowhere"
+    # Every datagram lost was seen dropped: at a receiver socket, or in the machine's
+    # loopback backlog (not a socket's, so counted apart).
+    assert engine["loss_unexplained"] <= engine["system"]["machine_backlog_drops"]
+    assert all(s["kernel_drops"] > 0 for s in engine["subscribers"])
+    head = doc["headline"]
+    assert head["engine_loss"] == 0 == doc["engine_loss"]["engine"]
+    assert head["receiver_overflow"] == engine["receiver_overflow"]
+    assert doc["receiver_overflow"]["engine"]["kernel_drops"] == engine["receiver_kernel_drops"]
+    assert head["limited_by"] == "receivers"
+    assert head["datagrams_sent_per_s"] == engine["datagrams_sent_per_s"]
+    us = engine["cpu_us_per_datagram"]
+    assert head["cpu_us_per_datagram"]["workers"] == us["workers"]
+    ceiling = next(r for r in doc["rounds"] if r["contender"] == "ceiling")
+    fraction = head["fraction_of_ceiling_efficiency"]["workers"]
+    assert fraction == pytest.approx(ceiling["cpu_us_per_datagram"]["sender"] / us["workers"])
+    table = capsys.readouterr().out
+    assert "engine loss 0; receiver overflow" in table and "the receivers limit" in table
 
 
 def test_unix_run_reports_the_qlen_limit_and_the_missing_plot_extra(

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.bench.broker import LocalBroker
 from engine.cli import main as cli
 from engine.shm.segment import list_segments
+from engine.testing.broker import LocalBroker
 
 AMQP_KEYS = {
     "datagrams_received_per_s", "datagrams_sent_per_s", "loss", "cpu_us_per_datagram",

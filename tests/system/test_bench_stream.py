@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.bench.broker import LocalBroker
 from engine.cli import main as cli
 from engine.shm.segment import list_segments
+from engine.testing.broker import LocalBroker
 
 
 def test_source_stream_reads_every_message_and_relays_it(

@@ -1,4 +1,4 @@
-"""The private RabbitMQ the tests and the bench start (engine.bench.broker.LocalBroker),
+"""The private RabbitMQ the tests and the bench start (engine.testing.broker.LocalBroker),
 checked with a real client (pika): it carries messages, kill() leaves no process
 behind, a restart keeps its port and its durable queues, two run side by side,
 close() removes its directory, and a broker that cannot start says why.
@@ -15,7 +15,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from engine.bench.broker import (
+from engine.testing.broker import (
     SERVER_ENV,
     BrokerError,
     LocalBroker,

@@ -1,4 +1,4 @@
-"""`python -m engine.bench.fanout_scale`: the many-subscriber measurement runs and
+"""`python -m engine.bench.probes.fanout_scale`: the many-subscriber measurement runs and
 reports what it claims (a small run; docs/benchmark.md quotes the 50,000 figure)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 def test_fanout_scale_reports_sharing_and_rate() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "engine.bench.fanout_scale", "--subscribers", "3000",
+        [sys.executable, "-m", "engine.bench.probes.fanout_scale", "--subscribers", "3000",
          "--events", "5"],
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pika
 
-from engine.bench.broker import LocalBroker
+from engine.testing.broker import LocalBroker
 from tests.mi_support import EXE, Proc, client, processes
 from tests.support import REPO, unique_instance
 

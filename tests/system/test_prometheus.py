@@ -39,8 +39,8 @@ from typing import Any
 import pika
 import pytest
 
-from engine.bench.broker import LocalBroker
 from engine.mi.server import HTTPServer
+from engine.testing.broker import LocalBroker
 from tests.dashboard_support import dashboard, panel_queries, rule_selectors
 from tests.support import running_engine, udp_receiver, unix_receiver
 from tests.tls_support import PASSWORD, USER, TLSFiles, web_config

@@ -17,12 +17,12 @@ import pika
 import pytest
 
 from engine import config
-from engine.bench.broker import LocalBroker
 from engine.cli.logs import WORKER_ENV
 from engine.cli.reload import ReloadStatus, reload
 from engine.cli.run import Runner
 from engine.errors import NotAllowed
 from engine.mi.client import call
+from engine.testing.broker import LocalBroker
 from engine.wire import encode_notification
 from tests.support import Receiver, eventually, udp_receiver, unique_instance, unix_receiver
 

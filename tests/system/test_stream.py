@@ -24,10 +24,10 @@ from typing import Any
 import pika
 import pytest
 
-from engine.bench.broker import LocalBroker
 from engine.producer import Engine
 from engine.sources.stream import StreamSource
 from engine.sources.stream_config import StreamConfig
+from engine.testing.broker import LocalBroker
 from engine.wire import MAX_PAYLOAD, encode_notification
 from tests.support import Receiver, eventually, udp_receiver
 from tests.unit.test_amqp10 import section, vbin

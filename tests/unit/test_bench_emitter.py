@@ -7,7 +7,7 @@ import os
 
 from engine.bench.baseline import scheduled_idle
 from engine.bench.main import add_arguments
-from engine.bench.run import ingest_rate
+from engine.bench.rounds.ingest import ingest_rate
 
 
 def parse(*argv: str) -> argparse.Namespace:

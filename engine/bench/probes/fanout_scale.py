@@ -1,6 +1,6 @@
 """Fan-out to tens of thousands of UDP subscribers: ports, sharing, rate, stop.
 
-    python -m engine.bench.fanout_scale [--subscribers 50000] [--events 40]
+    python -m engine.bench.probes.fanout_scale [--subscribers 50000] [--events 40]
 
 Sink processes bind the subscriber sockets on 127.0.0.2, 127.0.0.3, ... at ports
 below the ephemeral range (2000 + i), so the sinks themselves take no ephemeral
@@ -53,7 +53,7 @@ def _ephemeral_ports() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.bench.fanout_scale")
+    parser = argparse.ArgumentParser(prog="python -m engine.bench.probes.fanout_scale")
     parser.add_argument("--subscribers", type=int, default=50_000)
     parser.add_argument("--events", type=int, default=40)
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """CPU per message size of the broker source's delivery path, against plain pika
 (docs/broker-hardening.md, "Measured"):
 
-    python -m engine.bench.amqp_sizes [--url URL] [--mb 16] [--repeat 3]
+    python -m engine.bench.probes.amqp_sizes [--url URL] [--mb 16] [--repeat 3]
 
 For each size it fills a queue of its own (a durable queue on the default
 exchange, published untimed), then consumes it in this process and takes the
@@ -14,7 +14,7 @@ auto_ack, so only the reading differs. Sizes over the limit
 pika gathers them whole. A last round publishes one 40 MB message and one small
 one behind it and times them the same way.
 
-Without --url a private RabbitMQ is started (engine.bench.broker.LocalBroker).
+Without --url a private RabbitMQ is started (engine.testing.broker.LocalBroker).
 Prints one JSON object a line and a table; needs the amqp extra.
 """
 
@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from engine.bench.broker import LocalBroker
 from engine.sources.amqp_frames import DEFAULT_MAX_BYTES, DeliveryReader, connection_type
+from engine.testing.broker import LocalBroker
 
 SIZES = (1024, 4096, 16384, 61440, 131072, DEFAULT_MAX_BYTES, 1 << 20, 10 << 20)
 TIMEOUT = 300.0  # seconds for one consume at most

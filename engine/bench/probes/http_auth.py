@@ -1,6 +1,6 @@
 """What TLS and basic auth cost the HTTP listeners (issue 17's targets), run once by hand:
 
-    python -m engine.bench.http_auth [--seconds 3] [--rounds 3]
+    python -m engine.bench.probes.http_auth [--seconds 3] [--rounds 3]
 
 One engine (one worker, one subscriber that never reads), three MI listeners on
 loopback: plain, basic auth (bcrypt cost 10, as htpasswd -B makes), TLS + basic
@@ -63,7 +63,7 @@ def _client(url: str, ca: str, mode: str, seconds: float) -> dict[str, float]:
 
 def _measure(url: str, ca: str, mode: str, seconds: float) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, "-m", "engine.bench.http_auth", "--client", url, "--ca", ca,
+        [sys.executable, "-m", "engine.bench.probes.http_auth", "--client", url, "--ca", ca,
          "--mode", mode, "--seconds", str(seconds)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip

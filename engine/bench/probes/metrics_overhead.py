@@ -1,6 +1,6 @@
 """What scraping costs: throughput with `/metrics` scraped every second vs not at all.
 
-    python -m engine.bench.metrics_overhead [--rounds 16] [--seconds 2] [--subscribers 4]
+    python -m engine.bench.probes.metrics_overhead [--rounds 16] [--seconds 2] [--subscribers 4]
 
 One engine, one run, interleaved rounds (off, on, off, on, ...) so drift of a
 shared machine hits both modes alike. In an "on" round a thread calls

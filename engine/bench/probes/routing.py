@@ -1,6 +1,6 @@
 """What routing costs and saves: groups and filters against plain subscribers.
 
-    python -m engine.bench.routing [--rounds 4] [--events 50000] [--modes plain,half,rr,hash]
+    python -m engine.bench.probes.routing [--rounds 4] [--events 50000] [--modes plain,half,rr,hash]
 
 One engine per mode, all started first, then interleaved rounds (plain, half,
 rr, hash, plain, ...) so drift of a shared machine hits every mode alike. Each
@@ -132,7 +132,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.bench.routing", description=__doc__.split("\n\n")[0]
+        prog="python -m engine.bench.probes.routing", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--rounds", type=int, default=4, help="rounds per mode, interleaved")
     parser.add_argument("--events", type=int, default=50_000, help="events per round")

@@ -1,0 +1,6 @@
+"""Standalone measurements, each run by hand as `python -m engine.bench.probes.NAME`
+(not part of `make bench`): metrics_overhead.py (what scraping /metrics costs),
+http_auth.py (what TLS and basic auth cost the HTTP MI and /metrics),
+amqp_sizes.py (broker throughput by message size), fanout_scale.py (tens of
+thousands of subscribers on one engine), routing.py (groups and filters against
+plain subscribers; also `event-datagram bench --routing`)."""
