@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.bench.broker import LocalBroker
+from engine.testing.broker import LocalBroker
 from tests.mi_support import RunProc
 from tests.support import Receiver, eventually, udp_receiver, unique_instance
 from tests.system.test_stream import Publisher, notification, unique
