@@ -13,8 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from engine.mi.datagram import DatagramServer
 from engine.mi.protocol import handle
-from engine.mi.server import DatagramServer, HTTPServer
+from engine.mi.server import HTTPServer
 from engine.producer import Engine
 from tests.mi_support import EVENTS_REPLY, ONE_WORKER
 from tests.mi_support import EVENTS_REQUEST as REQUEST
