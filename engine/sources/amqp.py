@@ -623,10 +623,9 @@ class _Session:
         with relay.lock:
             if bodies:
                 relay.forward_batch(bodies)
-            relay.received += stale + dropped
-            relay.rejected["stale"] += stale
-            relay.rejected["oversize"] += self._oversize
-            relay.rejected["malformed"] += self._malformed
+            relay.reject("stale", stale)
+            relay.reject("oversize", self._oversize)
+            relay.reject("malformed", self._malformed)
         # acknowledged: all but the dead-lettered (auto-acked)
         self._unacked += len(bodies) + self._stale + dropped
         self._stale = self._expired = self._oversize = self._malformed = 0
