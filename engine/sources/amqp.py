@@ -60,6 +60,8 @@ import os
 import random
 import threading
 import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import msgspec
@@ -340,7 +342,7 @@ class AmqpSource:
         params.socket_timeout = CONNECT_TIMEOUT
         params.stack_timeout = CONNECT_TIMEOUT
         params.heartbeat = HEARTBEAT
-        session = _Session(self, params)
+        session = _Session(self._session_settings(), params)
         self._session = session
         if self._stop.is_set():  # stop() came before the session was there to close
             return False
@@ -352,6 +354,26 @@ class AmqpSource:
         return session.consumed
 
     # -- helpers for the session -------------------------------------------------------------
+
+    def _session_settings(self) -> _SessionSettings:
+        return _SessionSettings(
+            config=self.config,
+            relay=self.relay,
+            max_age_s=self._max_age_s,
+            ack_every=self._ack_every,
+            stopping=self._stop.is_set,
+            count_error=self._count_error,
+            connected=self._connected,
+            set_lag=self._set_lag,
+            set_fast_path=self._set_fast_path,
+            count_fast=self._count_fast,
+        )
+
+    def _set_fast_path(self, why: str) -> None:
+        self.fast_path = why
+
+    def _count_fast(self, n: int) -> None:
+        self.fast_deliveries += n
 
     def _set_up(self, up: bool) -> None:
         with self._lock:
@@ -387,13 +409,30 @@ class AmqpSource:
             self._lag = lag
 
 
+@dataclass(frozen=True, slots=True)
+class _SessionSettings:
+    """What a session is given by its source: settings, and callbacks to report to
+    it (the source's fields stay the source's)."""
+
+    config: AmqpConfig
+    relay: Relay
+    max_age_s: float  # 0: no age limit
+    ack_every: int  # acknowledge after this many messages raised
+    stopping: Callable[[], bool]  # stop() was called
+    count_error: Callable[[str, str], None]  # (reason, message): counted, logged on change
+    connected: Callable[[str], None]  # consuming from this queue
+    set_lag: Callable[[int], None]  # messages ready in the queue
+    set_fast_path: Callable[[str], None]  # "" or why pika parses every delivery
+    count_fast: Callable[[int], None]  # messages the fast path took
+
+
 class _Session:
     """One connection's life: declare, bind, consume, ack; ends with the connection."""
 
-    def __init__(self, source: AmqpSource, params: Any) -> None:
-        self.source = source
-        self.config = source.config
-        self.relay = source.relay
+    def __init__(self, settings: _SessionSettings, params: Any) -> None:
+        self.settings = settings
+        self.config = settings.config
+        self.relay = settings.relay
         self.consumed = False  # got as far as consuming
         self.failed = False  # an error of ours closed it (counted once, by its reason)
         self.channel: Any = None
@@ -410,7 +449,8 @@ class _Session:
         self._raised_tag = 0  # ... of the newest message raised (what an ack may cover)
         self._unacked = 0
         self._flush_timer: Any = None
-        connection_class, source.fast_path = connection_type()
+        connection_class, self.fast_path = connection_type()
+        settings.set_fast_path(self.fast_path)
         self.connection = connection_class(
             params,
             on_open_callback=self._on_open,
@@ -431,7 +471,7 @@ class _Session:
             pika.exceptions.ProbableAccessDeniedError,
         )
         reason = "access_refused" if isinstance(error, refused) else "connect_failed"
-        self.source._count_error(reason, f"cannot connect: {error!r}")
+        self.settings.count_error(reason, f"cannot connect: {error!r}")
         connection.ioloop.stop()
 
     def abandon(self) -> None:
@@ -463,8 +503,8 @@ class _Session:
         self.connection.take = None
         if self._batch_due:  # received: raised and counted (a durable queue will
             self._raise_batch()  # deliver them again, unacknowledged: see the top)
-        if self.consumed and not self.failed and not self.source._stop.is_set():
-            self.source._count_error("connection_lost", f"connection lost: {reason!r}")
+        if self.consumed and not self.failed and not self.settings.stopping():
+            self.settings.count_error("connection_lost", f"connection lost: {reason!r}")
         connection.ioloop.stop()
 
     def _on_channel(self, channel: Any) -> None:
@@ -487,14 +527,14 @@ class _Session:
             return  # the connection went (counted there), or we closed it
         code = getattr(reason, "reply_code", 0)
         text = getattr(reason, "reply_text", str(reason))
-        if not self.source._stop.is_set() and not self.failed:
+        if not self.settings.stopping() and not self.failed:
             self.failed = True
             if code == 404 and not self.queue:
-                self.source._count_error(
+                self.settings.count_error(
                     "exchange_missing", f"exchange {self.config.exchange!r} does not exist: {text}"
                 )
             else:
-                self.source._count_error("queue_refused", f"channel closed ({code}): {text}")
+                self.settings.count_error("queue_refused", f"channel closed ({code}): {text}")
         if self.connection.is_open:
             self.connection.close()
 
@@ -552,29 +592,29 @@ class _Session:
         """The broker cancelled a consumer of ours (its queue was deleted, say): raise
         and acknowledge what came, then reconnect (declaring the queue again)."""
         self.connection.take = None
-        if self.source._stop.is_set() or self.failed:
+        if self.settings.stopping() or self.failed:
             return
         self.failed = True
-        self.source._count_error(
+        self.settings.count_error(
             "queue_refused", f"the broker cancelled the consumer of queue {self.queue}"
         )
         self.close()
 
     def _on_qos(self, _frame: Any) -> None:
         tag = self.channel.basic_consume(self.queue, self._on_message, auto_ack=False)
-        if not self.source.fast_path:  # deliveries to `tag`: read by the reader, not pika
+        if not self.fast_path:  # deliveries to `tag`: read by the reader, not pika
             self._consumer_tag = tag.encode()
             self._reader = DeliveryReader(
                 self.channel.channel_number,
                 self._consumer_tag,
                 self._bodies,
-                max_age_s=self.source._max_age_s,
+                max_age_s=self.settings.max_age_s,
                 max_bytes=self.config.max_message_bytes,
                 on_message=self._batch_later,
             )
             self.connection.take = self._reader
         self.consumed = True
-        self.source._connected(self.queue)
+        self.settings.connected(self.queue)
         self.connection.ioloop.call_later(LAG_INTERVAL, self._read_lag)
 
     # Messages: gathered while pika parses one read, raised together right after it
@@ -585,7 +625,7 @@ class _Session:
         it from the relay here."""
         if len(body) > self.config.max_message_bytes:
             self._oversize += 1
-        elif self.source._max_age_s and too_old(properties, self.source._max_age_s):
+        elif self.settings.max_age_s and too_old(properties, self.settings.max_age_s):
             self._stale += 1
         else:
             self._bodies.append(body)
@@ -615,7 +655,7 @@ class _Session:
                 self._stale += reader.stale
                 self._oversize += reader.oversize
                 self._malformed += reader.malformed
-                self.source.fast_deliveries += reader.messages
+                self.settings.count_fast(reader.messages)
                 reader.messages = reader.stale = reader.oversize = reader.malformed = 0
         stale = self._stale + self._expired
         dropped = self._oversize + self._malformed
@@ -630,7 +670,7 @@ class _Session:
         self._unacked += len(bodies) + self._stale + dropped
         self._stale = self._expired = self._oversize = self._malformed = 0
         self._raised_tag = self._batch_tag
-        if self._unacked >= self.source._ack_every:
+        if self._unacked >= self.settings.ack_every:
             self._ack()
         elif self._unacked and self._flush_timer is None:
             self._flush_timer = self.connection.ioloop.call_later(ACK_FLUSH, self._flush)
@@ -652,4 +692,4 @@ class _Session:
         self.connection.ioloop.call_later(LAG_INTERVAL, self._read_lag)
 
     def _on_lag(self, frame: Any) -> None:
-        self.source._set_lag(int(frame.method.message_count))
+        self.settings.set_lag(int(frame.method.message_count))
