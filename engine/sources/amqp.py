@@ -56,18 +56,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import threading
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
-import msgspec
-
+from engine.sources.amqp_config import AmqpConfig as AmqpConfig
 from engine.sources.amqp_frames import (
-    DEFAULT_MAX_BYTES,
     DeliveryReader,
     connection_type,
     too_old,
@@ -95,7 +91,6 @@ ERROR_REASONS: Final = (
     "internal",  # anything else that went wrong in the source's thread (caught)
     "thread_restarted",  # the thread had died all the same, and was started again
 )
-MIN_MESSAGE_BYTES: Final = 1024  # the least max_message_bytes
 ACK_EVERY: Final = 200  # messages per multiple-ack (at most prefetch / 2)
 ACK_FLUSH: Final = 0.05  # seconds: a partial ack batch waits no longer
 LAG_INTERVAL: Final = 2.0  # seconds between reads of the queue's waiting messages
@@ -104,134 +99,6 @@ BACKOFF_MAX: Final = 5.0
 CONNECT_TIMEOUT: Final = 3.0  # seconds for one connection attempt
 STOP_BUDGET: Final = 2.0  # seconds stop() waits for the connection to close
 HEARTBEAT: Final = 10  # seconds: a silent broker is noticed within two of these
-EXCHANGE_TYPES = Literal["topic", "direct", "fanout", "headers"]
-
-
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-
-
-class AmqpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One `[[amqp]]` section (SPEC section 9)."""
-
-    url: str = DEFAULT_URL
-    """The broker: amqp://USER:PASS@HOST:PORT/VHOST (vhost "/" is %2F)."""
-    url_file: str = ""
-    """Or: read the URL from this file (its first line): no password in argv or config."""
-    url_env: str = ""
-    """Or: read the URL from this environment variable."""
-    exchange: str = "opensips"
-    """The exchange OpenSIPS publishes to; must exist unless declare = true."""
-    exchange_type: EXCHANGE_TYPES = "topic"
-    declare: bool = False
-    """Declare the exchange (durable, of exchange_type) if it does not exist."""
-    binding_keys: list[str] = msgspec.field(default_factory=lambda: ["#"])
-    """Routing keys this engine takes (topic patterns for a topic exchange)."""
-    queue: str = ""
-    """"" = a server-named, exclusive queue for this engine; else a durable one."""
-    prefetch: int = 1000
-    """Messages the broker may send ahead of our acknowledgements."""
-    max_age_ms: int = 0
-    """Older messages are dropped, counted "stale"; 0 = no limit."""
-    unknown_events: Literal["reject", "register"] = "reject"
-    """A notification of an event not registered: reject it (counted) or register it."""
-    max_message_bytes: int = DEFAULT_MAX_BYTES
-    """A larger message is skipped as it arrives (never buffered), counted oversize."""
-
-    def _url_key(self) -> str:
-        return "url_file" if self.url_file else "url_env" if self.url_env else "url"
-
-    def url_value(self) -> str:
-        """The broker URL, from `url_file`, `url_env` or `url`. Raises ValueError
-        saying why (never with the URL's text: it holds the password)."""
-        if self.url_file:
-            try:
-                with open(self.url_file, encoding="utf-8") as f:
-                    lines = f.read(65536).strip().splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                why = getattr(exc, "strerror", None) or type(exc).__name__
-                raise ValueError(f"cannot read {self.url_file!r}: {why}") from None
-            if not lines or not lines[0].strip():
-                raise ValueError(f"{self.url_file!r} is empty: expected the broker URL")
-            return lines[0].strip()
-        if self.url_env:
-            url = os.environ.get(self.url_env, "").strip()
-            if not url:
-                raise ValueError(f"the environment variable {self.url_env} is not set or empty")
-            return url
-        return self.url
-
-    def problem(self) -> tuple[str, str] | None:
-        """(key, why) for the first bad value, or None."""
-        given = [k for k in ("url_file", "url_env") if getattr(self, k)]
-        if given and self.url not in ("", DEFAULT_URL):
-            given.insert(0, "url")
-        if len(given) > 1:
-            return given[-1], f"set one of url, url_file, url_env, not {' and '.join(given)}"
-        try:
-            url = self.url_value()
-            _parse_url(url)
-        except ValueError as exc:
-            return self._url_key(), str(exc)
-        why = _pika_url_problem(url)
-        if why:
-            return self._url_key(), why
-        if not self.exchange:
-            return "exchange", "expected an exchange name (the default exchange cannot be bound)"
-        if not self.binding_keys:
-            return "binding_keys", 'no routing keys (["#"] = all of them on a topic exchange)'
-        if not 1 <= self.prefetch <= 65535:
-            return "prefetch", f"{self.prefetch}: expected 1 to 65535"
-        if not 0 <= self.max_age_ms <= 2**31 - 1:
-            return "max_age_ms", f"{self.max_age_ms}: expected 0 to 2147483647"
-        if not MIN_MESSAGE_BYTES <= self.max_message_bytes <= 2**31 - 1:
-            return "max_message_bytes", (
-                f"{self.max_message_bytes}: expected {MIN_MESSAGE_BYTES} to 2147483647"
-            )
-        return None
-
-    def display_name(self) -> str:
-        """The source's name in metrics and logs: the URL without credentials, the
-        exchange, and the queue when named."""
-        parts = _parse_url(self.url_value())
-        name = f"amqp://{parts.hostname}:{parts.port or 5672}{parts.path or '/'} {self.exchange}"
-        return f"{name} queue={self.queue}" if self.queue else name
-
-
-def _parse_url(url: str) -> urllib.parse.SplitResult:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("amqp", "amqps"):
-        raise ValueError(f"{_redact(url)!r}: expected amqp://USER:PASS@HOST:PORT/VHOST")
-    if not parts.hostname:
-        raise ValueError(f"{_redact(url)!r}: no host")
-    try:
-        parts.port  # noqa: B018  # raises on a bad port
-    except ValueError:
-        raise ValueError(f"{_redact(url)!r}: bad port") from None
-    return parts
-
-
-def _redact(url: str) -> str:
-    head, sep, tail = url.rpartition("@")
-    return f"{head.split('://', 1)[0]}://***@{tail}" if sep else url
-
-
-def _pika_url_problem(url: str) -> str:
-    """What pika says of the URL (its query parameters: heartbeat=abc, an unknown
-    one...) before a thread tries it, the password never in it; "" when it takes
-    it, or when pika is not installed (run says so)."""
-    try:
-        import pika
-    except ImportError:
-        return ""
-    try:
-        pika.URLParameters(url)
-    except Exception as exc:  # pika raises ValueError, and others for odd values
-        why = str(exc) or type(exc).__name__
-        password = urllib.parse.urlsplit(url).password
-        for secret in {password, urllib.parse.unquote(password or "")} - {None, ""}:
-            why = why.replace(str(secret), "***")
-        return f"{_redact(url)!r}: {why}"
-    return ""
 
 
 class AmqpSource:
