@@ -1,5 +1,9 @@
 """A broker source: consume JSON-RPC notifications from RabbitMQ (SPEC section 9).
 
+Why this is long: a source and its session are one chain of pika callbacks
+(connect, declare, bind, consume, ack); split, the chain is read across files
+(its settings are amqp_config.py, its fast path amqp_frames.py).
+
 OpenSIPS's event_rabbitmq publishes each event to an exchange with the same
 notification body event_datagram sends. Each engine binds a queue of its own to
 that exchange (`[[amqp]]`), so every engine sees every event and fans it out to
