@@ -24,6 +24,22 @@ _counter = itertools.count()
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
+RING_CAPACITY = 4096  # the `ring` fixture's: the smallest ring, full after a few records
+
+
+class Clock:
+    """A settable clock for code that takes one (`clock=`): call it for the time."""
+
+    def __init__(self, t: float = 1_767_225_600.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
 def vectors_dir() -> Path:
     if not VECTORS.is_dir():
         raise FileNotFoundError(f"test vectors not found at {VECTORS}")
