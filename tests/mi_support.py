@@ -20,7 +20,7 @@ from typing import Any
 from engine.address import AddressError, parse_destination
 from engine.mi.protocol import handle
 from engine.producer import Engine
-from tests.support import vectors_dir
+from tests.support import load_vector
 
 # The events of the captured sessions, in OpenSIPS's id order.
 CORE_EVENTS = [
@@ -49,7 +49,7 @@ EXE = str(Path(sys.executable).with_name("event-datagram"))
 
 
 def vectors(name: str) -> Any:
-    return json.loads((vectors_dir() / name).read_text())
+    return load_vector(name)
 
 
 def mi(engine: Engine, request: str | bytes | dict[str, Any]) -> bytes | None:

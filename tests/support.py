@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import socket
 import threading
@@ -44,6 +45,15 @@ def vectors_dir() -> Path:
     if not VECTORS.is_dir():
         raise FileNotFoundError(f"test vectors not found at {VECTORS}")
     return VECTORS
+
+
+def load_vector(name: str, *, missing_ok: bool = False) -> Any:
+    """The one loader of tests/vectors/opensips: the JSON file `name`, decoded (None
+    when it is missing and `missing_ok`; else FileNotFoundError)."""
+    path = VECTORS / name
+    if missing_ok and not path.is_file():
+        return None
+    return json.loads(vectors_dir().joinpath(name).read_text(encoding="utf-8"))
 
 
 def unique_instance(tag: str = "t") -> str:
