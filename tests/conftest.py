@@ -3,7 +3,7 @@
 tests/unit holds in-process tests only; every test under tests/integration and
 tests/system (real processes) is marked `slow`, here, by where it lives.
 
-Engines come from tests.support.running_engine (only tests of Engine.start itself,
+Engines come from tests.helpers.support.running_engine (only tests of Engine.start itself,
 and the scripts that tests run as child processes, build their own):
 
 - `with running_engine(events, **options) as engine:` where a test stops it itself;
@@ -15,7 +15,7 @@ and the scripts that tests run as child processes, build their own):
 A ring of RING_CAPACITY bytes in a real shared-memory segment: the `ring`
 fixture (and `segment`, the segment under it), for unit and integration tests.
 
-A real RabbitMQ (tests.broker_support, engine.bench.broker.LocalBroker), started
+A real RabbitMQ (tests.helpers.broker, engine.bench.broker.LocalBroker), started
 only when a test asks for one:
 
 - the session-scoped `rabbitmq` fixture: one broker shared by the whole session
@@ -37,8 +37,8 @@ from engine.bench.broker import LocalBroker
 from engine.producer import Engine
 from engine.shm.ring import Ring, segment_size
 from engine.shm.segment import Segment, segment_name
-from tests.broker_support import running_broker
-from tests.support import RING_CAPACITY, running_engine, unique_instance
+from tests.helpers.broker import running_broker
+from tests.helpers.support import RING_CAPACITY, running_engine, unique_instance
 
 TESTS = Path(__file__).resolve().parent
 SLOW_FOLDERS = ("integration", "system")

@@ -17,7 +17,7 @@ import pytest
 
 from engine.mi.datagram import DatagramServer
 from engine.producer import Engine
-from tests.support import running_engine
+from tests.helpers.support import running_engine
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import textwrap
 
 from engine.shm.ring import KIND_EVENT, Ring
 from engine.shm.segment import SHM_DIR, Segment
-from tests.support import RING_CAPACITY
+from tests.helpers.support import RING_CAPACITY
 
 CAPACITY = RING_CAPACITY  # the `ring` fixture's (tests/conftest.py)
 

@@ -1,6 +1,6 @@
 """tests/unit: in-process tests only (no worker processes, no servers).
 
-The `clock` fixture is a settable clock (tests.support.Clock) for code that takes
+The `clock` fixture is a settable clock (tests.helpers.support.Clock) for code that takes
 one; the `ring` fixture (tests/conftest.py) is shared with tests/integration.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import Clock
+from tests.helpers.support import Clock
 
 
 @pytest.fixture

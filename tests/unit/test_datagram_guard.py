@@ -17,7 +17,7 @@ from engine.mi.datagram_guard import (
     parse_datagram_allow,
 )
 from engine.mi.protocol import error_reply
-from tests.support import Clock
+from tests.helpers.support import Clock
 
 
 def make(**kw: object) -> tuple[DatagramGuard, list[str], Clock]:

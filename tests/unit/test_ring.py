@@ -20,7 +20,7 @@ from engine.shm.ring import (
     segment_size,
 )
 from engine.shm.segment import Segment, list_segments, segment_name, segment_owner
-from tests.support import RING_CAPACITY, unique_instance
+from tests.helpers.support import RING_CAPACITY, unique_instance
 
 CAPACITY = RING_CAPACITY  # the `ring` fixture's (tests/conftest.py)
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from engine.shm.ring import KIND_EVENT, RECORD_HEADER_SIZE, Ring, segment_size
 from engine.shm.segment import Segment, segment_name
-from tests.support import RING_CAPACITY, unique_instance
+from tests.helpers.support import RING_CAPACITY, unique_instance
 from tests.unit.test_ring import consume
 
 CAPACITY = RING_CAPACITY  # the `ring` fixture's (tests/conftest.py)

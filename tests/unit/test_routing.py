@@ -11,7 +11,7 @@ from engine.routing import Router, WorkerRoute
 from engine.shm.counters import SUBSCRIBER_SLOTS
 from engine.shm.ring import CONTROL_DECODER, KIND_SUBSCRIBE, ControlPayload, Ring
 from engine.subscriptions import Change, Subscriber
-from tests.support import RING_CAPACITY
+from tests.helpers.support import RING_CAPACITY
 
 CAPACITY = RING_CAPACITY  # the `ring` fixture's (tests/conftest.py)
 

@@ -25,7 +25,7 @@ from engine.state import (
     write_state,
 )
 from engine.subscriptions import Change, Registry, StateFileError
-from tests.support import Clock
+from tests.helpers.support import Clock
 
 T0 = 1_767_225_600.0
 

@@ -34,7 +34,7 @@ from engine.subscriptions import (
     SubscriptionError,
     UnknownEvent,
 )
-from tests.support import Clock
+from tests.helpers.support import Clock
 
 T0 = 1_767_225_600.0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from typing import Any, NamedTuple
 
-from tests.support import VECTORS, load_vector
+from tests.helpers.support import VECTORS, load_vector
 
 WIRE_JSON = VECTORS / "wire.json"
 

@@ -19,7 +19,7 @@ from engine.producer import Engine
 from engine.shm.segment import list_segments
 from engine.subscriptions import AllowList
 
-REPO = Path(__file__).resolve().parent.parent  # the checkout: README.md, docs/, grafana/, tests/
+REPO = Path(__file__).resolve().parents[2]  # the checkout: README.md, docs/, grafana/, tests/
 VECTORS = REPO / "tests" / "vectors" / "opensips"  # data, kept byte-identical
 _counter = itertools.count()
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
