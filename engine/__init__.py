@@ -11,7 +11,9 @@ The core, flat (the main process, or an application embedding the engine):
   subscriptions.py  events, subscribers, expiry, allow-list (state.py: the file)
   guards.py         the engine's own sockets (no self-subscription), refusal counters
   options.py        the engine's settings ([engine] in the config)
-  producer.py       the Engine: the public raise path and its accounting
+  producer.py       the Engine: life cycle and the public API (raise, subscribe, statistics)
+  fanout.py         the hot path it delegates to: admission (one rule), ring staging,
+                    publish and wake, under the hot lock it owns; the producer's counters
   routing.py        which worker holds whom; control records, expiry, restart snapshots
   supervisor.py     start, pin, watch, restart, drain, stop workers (a SupervisorHost)
   statistics.py     frozen snapshots of every counter, the accounting identity
@@ -25,9 +27,10 @@ The folders:
                     segment.py, ring.py (reader and writer), counters.py, spec.py,
                     futex.py (sleep and wake), mmsg.py (the sendmmsg/recvmmsg structs)
   sources/          where events come from besides the API: ingest.py (datagram
-                    sockets), upstream.py (subscribing at an OpenSIPS MI)
-  mi/               the OpenSIPS control interface: protocol.py, commands.py,
-                    server.py (HTTP + datagram), fifo.py, client.py
+                    sockets), upstream.py (subscribing at an OpenSIPS MI), amqp.py and
+                    stream.py (RabbitMQ), relay.py (validate, raise, count: the one rule)
+  mi/               the OpenSIPS control interface: protocol.py, commands.py, http.py
+                    (parsing, pure), server.py (HTTP), datagram.py (UDP), fifo.py, client.py
   cli/              the `event-datagram` command: main.py (verbs), run.py, listen.py,
                     explain.py, reload.py (SIGHUP), logs.py, notify.py (systemd's sd_notify)
   bench/            the stress run behind `make bench`; its standalone probes in bench/probes/

@@ -1,5 +1,9 @@
 """Prometheus exposition: one collector in the main process, read at scrape time.
 
+Why this is long: one collector turns every field of the statistics snapshot into its metric family;
+the families' names and help texts must agree with the dashboard and the docs,
+so they are read in one place.
+
 Workers count in plain integers in the shared counter block (`counters.py`,
 whose docstring documents the layout byte by byte); nothing in a worker calls
 prometheus-client. At scrape time `EngineCollector` takes one

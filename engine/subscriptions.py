@@ -1,5 +1,8 @@
 """Events and their subscribers: expiry, the allow-list, persistence, change feed.
 
+Why this is long: the registry's invariants (ids, expiry, allow-list, the
+change feed, the state journal's order) are kept under one lock by one class.
+
 The OpenSIPS Event Interface semantics (SPEC section 3; MEASUREMENTS 5 and 6):
 
 - Events are known by name and get dense ids 0, 1, 2... in registration order.

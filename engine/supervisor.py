@@ -1,5 +1,8 @@
 """Start, pin, watch, restart, drain and stop the worker processes.
 
+Why this is long: one loop and its restart protocol (segments, pinning,
+snapshots, drain) share the worker table; each step is a short method.
+
 The supervisor thread's loop is short: wait for a worker to die (its process
 sentinel) or for the next tick; restart the dead one on the same ring and
 counter region; kill a worker that is stuck (its ring has held records for

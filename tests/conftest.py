@@ -3,7 +3,7 @@
 tests/unit holds in-process tests only; every test under tests/integration and
 tests/system (real processes) is marked `slow`, here, by where it lives.
 
-Engines come from tests.support.running_engine (only tests of Engine.start itself,
+Engines come from tests.helpers.support.running_engine (only tests of Engine.start itself,
 and the scripts that tests run as child processes, build their own):
 
 - `with running_engine(events, **options) as engine:` where a test stops it itself;
@@ -12,7 +12,10 @@ and the scripts that tests run as child processes, build their own):
 - the module-scoped `engine` fixture: one engine shared by a module's tests, set
   up with the module's `ENGINE` dict of running_engine arguments.
 
-A real RabbitMQ (tests.broker_support, engine.testing.broker.LocalBroker), started
+A ring of RING_CAPACITY bytes in a real shared-memory segment: the `ring`
+fixture (and `segment`, the segment under it), for unit and integration tests.
+
+A real RabbitMQ (tests.helpers.broker, engine.testing.broker.LocalBroker), started
 only when a test asks for one:
 
 - the session-scoped `rabbitmq` fixture: one broker shared by the whole session
@@ -31,9 +34,11 @@ from typing import Any
 import pytest
 
 from engine.producer import Engine
+from engine.shm.ring import Ring, segment_size
+from engine.shm.segment import Segment, segment_name
 from engine.testing.broker import LocalBroker
-from tests.broker_support import running_broker
-from tests.support import running_engine
+from tests.helpers.broker import running_broker
+from tests.helpers.support import RING_CAPACITY, running_engine, unique_instance
 
 TESTS = Path(__file__).resolve().parent
 SLOW_FOLDERS = ("integration", "system")
@@ -120,3 +125,21 @@ def _private_directories(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture
+def segment() -> Iterator[Segment]:
+    """A shared-memory segment holding a formatted ring of RING_CAPACITY bytes."""
+    seg = Segment.create(segment_name(unique_instance("ring"), "r"), segment_size(RING_CAPACITY))
+    Ring.format(seg.buf, RING_CAPACITY)
+    yield seg
+    seg.unlink()
+    seg.close()
+
+
+@pytest.fixture
+def ring(segment: Segment) -> Iterator[Ring]:
+    """The producer's view of `segment`'s ring."""
+    r = Ring(segment.buf)
+    yield r
+    r.release()

@@ -1,5 +1,8 @@
 """The ``event-datagram`` command.
 
+Why this is long: the parser of every verb is one table read top to bottom, in `--help`
+order; each verb's body is short.
+
 ``run`` starts the engine and its MI listeners; ``reload`` makes a running one
 read its config again (SIGHUP); ``version`` (and ``--version``) prints this
 package's version; ``bench`` is the stress run (engine/bench.py); the other

@@ -27,11 +27,12 @@ from engine.address import AddressError, parse_listen
 from engine.config import AmqpConfig, Config, IngestConfig, UpstreamConfig
 from engine.errors import ConfigError, EngineError, RunError
 from engine.guards import Endpoint, Guards, OwnSockets
+from engine.mi.datagram import DatagramServer
 from engine.mi.fifo import FifoServer
 from engine.mi.health import not_ready
 from engine.mi.http import RequestPolicy, SecurityCounters, exposure_warning, is_loopback_bind
 from engine.mi.http_client import ClientAuth
-from engine.mi.server import DatagramServer, HTTPServer
+from engine.mi.server import HTTPServer
 from engine.mi.webconfig import WebConfig
 from engine.paths import migrate_state, state_dir
 from engine.producer import Engine

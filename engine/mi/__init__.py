@@ -2,8 +2,10 @@
 
 protocol.py JSON-RPC 2.0 envelope: parse a request, dispatch, build the reply
 commands.py the commands (evi:subscribe, evi:list, ...), OpenSIPS's replies
-server.py   HTTP (POST /mi, GET /metrics, /health, /ready) and UDP datagram listeners
-http.py     the HTTP request checks (Origin, Host, Content-Type), pure; refusal counters
+server.py   the HTTP listener (POST /mi, GET /metrics, /health, /ready): event loop, TLS
+http.py     HTTP parsing (bytes in, a request or a status out) and the request checks
+            (Origin, Host, Content-Type), pure; refusal counters
+datagram.py the UDP datagram listener (one request per datagram)
 health.py   what GET /ready answers: the reasons the engine is not ready
 webconfig.py the web config file: TLS context and basic auth (exporter-toolkit format)
 datagram_guard.py  which datagrams the UDP MI answers (no reflection), error rate limit

@@ -151,8 +151,7 @@ def _subscribe(engine: Engine, p: Params) -> object:
     except ValueError as exc:  # beyond OpenSIPS: say what is wrong with it
         raise MIError(400, "Bad parameter value", str(exc)) from None
     try:
-        with engine.lock:
-            engine.registry.event_id(event)
+        engine.event_id(event)  # lock-free: the engine's own event lookup
         # Resolve a host name here, not under the engine lock (the raise path takes it).
         dest = parse_target(socket) if expire else socket
         engine.subscribe(event, dest, expire, filt)
@@ -274,8 +273,7 @@ def _event_params(value: object) -> list[Any] | dict[str, Any] | None:
 def _raise(engine: Engine, p: Params) -> object:
     event = p.string("event")
     try:
-        with engine.lock:
-            engine.registry.event_id(event)
+        engine.event_id(event)  # lock-free: not behind a state-file write
     except UnknownEvent:
         raise MIError(404, "Event not registered") from None
     params = _event_params(p.value("params")) if p.has("params") else None

@@ -1,4 +1,11 @@
-"""The request checks of the HTTP listeners, as pure functions: headers in, a refusal out.
+"""HTTP/1.x request parsing and the request checks, as pure functions (no sockets).
+
+Parsing is bytes in, a :class:`Request` or a :class:`Status` (an error to answer)
+out: :func:`parse_request_line`, :func:`parse_head` and :func:`body_length`,
+checked as http.server checks them; :func:`response` makes the bytes of a reply.
+engine/mi/server.py runs them on its event loop.
+
+The checks are headers in, a refusal out.
 
 What a browser can be made to send is refused here, so a web page (CSRF) or a
 DNS-rebound name cannot drive an MI that listens on loopback:
@@ -19,10 +26,14 @@ Counted by reason in :class:`SecurityCounters`, which the metrics read.
 
 from __future__ import annotations
 
+import http.client
+import io
 import ipaddress
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any, Final, Protocol
 
 JSON_TYPES: Final = frozenset({"application/json", "application/json-rpc"})
@@ -156,3 +167,129 @@ class SecurityCounters:
     ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int], dict[tuple[str, str], int]]:
         with self._lock:
             return dict(self.auth_failures), dict(self.refused), dict(self.tls_failures)
+
+
+# -- parsing: bytes in, a request or a status out ------------------------------------------
+
+SERVER: Final = "event-datagram"
+
+
+class Request:
+    """One request: its line, then its headers once the head is parsed."""
+
+    __slots__ = ("close", "headers", "method", "path", "verify", "version")
+
+    def __init__(self, method: str, path: str, version: str, close: bool) -> None:
+        self.verify = False  # a credential to check with bcrypt (on a worker)
+        self.method = method
+        self.path = path
+        self.version = version  # "HTTP/1.1", "HTTP/1.0", ..., or "HTTP/0.9" (no headers)
+        self.close = close  # close the connection after the reply
+        self.headers = http.client.HTTPMessage()
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A request that cannot be taken: the status to answer and why."""
+
+    status: int
+    message: str
+
+
+def version_number(version: str) -> tuple[int, int] | None:
+    """(major, minor) of "HTTP/x.y", or None when it is not one (as http.server checks)."""
+    if not version.startswith("HTTP/"):
+        return None
+    parts = version[5:].split(".")
+    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 10 for p in parts):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def parse_request_line(line: bytes) -> Request | Status | None:
+    """The request line, checked as http.server checks it; None for an empty line
+    (the connection is closed without an answer)."""
+    text = str(line, "iso-8859-1").rstrip("\r\n")
+    words = text.split()
+    if not words:
+        return None
+    version, close = "HTTP/0.9", True
+    if len(words) >= 3:
+        version = words[-1]
+        number = version_number(version)
+        if number is None:
+            return Status(400, f"Bad request version ({version[:40]!r})")
+        if number >= (2, 0):
+            return Status(505, f"Invalid HTTP version ({version[5:]})")
+        close = number < (1, 1)
+    if not 2 <= len(words) <= 3:
+        return Status(400, f"Bad request syntax ({text[:80]!r})")
+    method, path = words[:2]
+    if len(words) == 2 and method != "GET":
+        return Status(400, f"Bad HTTP/0.9 request type ({method[:40]!r})")
+    if path.startswith("//"):  # as http.server: never taken for a host
+        path = "/" + path.lstrip("/")
+    return Request(method, path, version, close)
+
+
+def parse_head(request: Request, head: bytes) -> Status | None:
+    """The header lines of `request` (after its request line, up to the blank line):
+    sets its headers and whether the connection closes after it."""
+    try:
+        request.headers = http.client.parse_headers(io.BytesIO(head))
+    except http.client.LineTooLong as exc:
+        return Status(431, f"Line too long: {exc}")
+    except http.client.HTTPException as exc:
+        return Status(431, f"Too many headers: {exc}")
+    connection = (request.headers.get("Connection") or "").lower()
+    if request.version == "HTTP/0.9" or connection == "close":
+        request.close = True
+    elif connection == "keep-alive":
+        request.close = False
+    return None
+
+
+def body_length(request: Request, max_body: int) -> int | Status:
+    """The length of a POST body as its headers frame it, or why it is refused."""
+    headers = request.headers
+    if headers.get("Transfer-Encoding"):
+        return Status(501, "chunked request bodies are not supported; send Content-Length")
+    lengths = headers.get_all("Content-Length") or []
+    if len(set(lengths)) > 1:  # which one frames the body? (request smuggling)
+        return Status(400, "conflicting Content-Length headers")
+    if not lengths:
+        return Status(411, "Content-Length is required")
+    text = lengths[0]
+    length = int(text) if text.isdigit() and len(text) < 19 else -1
+    if length < 0:
+        return Status(400, f"bad Content-Length {text[:40]!r}")
+    if length > max_body:
+        return Status(413, f"request body is {length} bytes, over the {max_body}-byte limit")
+    return length
+
+
+def response(
+    req: Request | None,
+    status: int,
+    body: bytes = b"",
+    content_type: str | None = None,
+    *,
+    close: bool,
+    extra: tuple[str, ...] = (),
+) -> bytes:
+    """The bytes of a reply, as http.server's BaseHTTPRequestHandler would send them."""
+    if req is not None and req.version == "HTTP/0.9":
+        return body
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        f"Server: {SERVER}",
+        f"Date: {formatdate(usegmt=True)}",
+    ]
+    if content_type is not None:
+        lines.append(f"Content-Type: {content_type}")
+    lines.append(f"Content-Length: {len(body)}")
+    lines.extend(extra)
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if req is not None and req.method == "HEAD" else head + body

@@ -1,6 +1,11 @@
-"""The MI transports: HTTP (``POST /mi``, ``GET /metrics``) and a UDP datagram socket.
+"""The HTTP MI server (``POST /mi``, ``GET /metrics``): the event loop, connections, TLS.
 
-Both only parse bytes and call :func:`engine.mi.handle`; they run on their own
+Why this is long: one non-blocking loop owns every connection's state machine
+(head, body, workers, reply, linger), its deadlines and its budgets; split, the
+states would be shared across modules. Parsing is engine/mi/http.py's.
+
+The UDP datagram server is engine/mi/datagram.py. Both only parse bytes and
+call :func:`engine.mi.handle`; they run on their own
 threads, never on the producer's raise path (an MI ``raise_event`` takes the
 engine lock only for the moment it queues the event).
 
@@ -29,8 +34,6 @@ Hardening, all with clear JSON-RPC errors and the server still serving:
   the head deadline (a handshake that never finishes costs a buffer, and is
   closed, counted, when its deadline passes); the cheap checks run on the loop,
   a bcrypt check of a credential not seen before on a worker.
-* Datagram: requests up to 65535 bytes; a reply too big for one datagram is
-  replaced by a -32000 error telling the client to use HTTP.
 * The MI FIFO (engine/mi/fifo.py) has its own limits.
 """
 
@@ -39,9 +42,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import heapq
-import http.client
-import importlib
-import io
 import itertools
 import logging
 import queue
@@ -54,14 +54,12 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from engine.address import format_listen
 from engine.mi import http as checks
 from engine.mi import webconfig
-from engine.mi.datagram_guard import DatagramGuard, parse_datagram_allow
 from engine.mi.protocol import error_reply, handle
 
 if TYPE_CHECKING:
@@ -70,8 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("event_datagram.server")
 
 MAX_BODY: Final = 1 << 20
-MAX_DATAGRAM: Final = 65535
-MAX_UDP_REPLY: Final = 65507  # the largest IPv4 UDP payload
 JSON: Final = "application/json"
 
 
@@ -95,67 +91,20 @@ REFUSED_LINGERING: Final = 64  # refused (503) connections draining at once, bey
 EVICT_DRAIN_READS: Final = 4  # reads (RECV_BYTES each) of an evicted connection's unread input
 ACCEPT_BACKOFF_S: Final = 0.1  # accept() failed (out of descriptors): listen again after this
 RECV_BYTES: Final = 65536
-SERVER: Final = "event-datagram"
+SERVER: Final = checks.SERVER
 
 _SATURATED: Final = (
     b"HTTP/1.1 503 Service Unavailable\r\nServer: event-datagram\r\nContent-Length: 0\r\n"
     b"Retry-After: 1\r\nConnection: close\r\n\r\n"
 )
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_Request = checks.Request
+_response = checks.response
 _HEAD_END: Final = re.compile(rb"\n\r?\n")
 _EMPTY: Final = memoryview(b"")
 # A connection is in one state at a time: reading a head, reading a body, with the
 # workers (its request being answered), writing its reply, or draining before a close.
 _HEAD, _BODY, _BUSY, _WRITE, _LINGER = range(5)
-
-
-class _Request:
-    __slots__ = ("close", "headers", "method", "path", "verify", "version")
-
-    def __init__(self, method: str, path: str, version: str, close: bool) -> None:
-        self.verify = False  # a credential to check with bcrypt (on a worker)
-        self.method = method
-        self.path = path
-        self.version = version  # "HTTP/1.1", "HTTP/1.0", ..., or "HTTP/0.9" (no headers)
-        self.close = close  # close the connection after the reply
-        self.headers = http.client.HTTPMessage()
-
-
-def _response(
-    req: _Request | None,
-    status: int,
-    body: bytes = b"",
-    content_type: str | None = None,
-    *,
-    close: bool,
-    extra: tuple[str, ...] = (),
-) -> bytes:
-    """The bytes of a reply, as http.server's BaseHTTPRequestHandler would send them."""
-    if req is not None and req.version == "HTTP/0.9":
-        return body
-    lines = [
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
-        f"Server: {SERVER}",
-        f"Date: {formatdate(usegmt=True)}",
-    ]
-    if content_type is not None:
-        lines.append(f"Content-Type: {content_type}")
-    lines.append(f"Content-Length: {len(body)}")
-    lines.extend(extra)
-    if close:
-        lines.append("Connection: close")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if req is not None and req.method == "HEAD" else head + body
-
-
-def _version_number(version: str) -> tuple[int, int] | None:
-    """(major, minor) of "HTTP/x.y", or None when it is not one (as http.server checks)."""
-    if not version.startswith("HTTP/"):
-        return None
-    parts = version[5:].split(".")
-    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 10 for p in parts):
-        return None
-    return int(parts[0]), int(parts[1])
 
 
 def _descriptor_room(wanted: int) -> int:
@@ -685,19 +634,10 @@ class _HTTPServer:
         head = bytes(buf[conn.line_end + 1 : found.end()])
         del buf[: found.end()]
         self._account(conn)
-        try:
-            request.headers = http.client.parse_headers(io.BytesIO(head))
-        except http.client.LineTooLong as exc:
-            self._error(conn, request, 431, f"Line too long: {exc}")
+        bad = checks.parse_head(request, head)
+        if bad is not None:
+            self._error(conn, request, bad.status, bad.message)
             return True
-        except http.client.HTTPException as exc:
-            self._error(conn, request, 431, f"Too many headers: {exc}")
-            return True
-        connection = (request.headers.get("Connection") or "").lower()
-        if request.version == "HTTP/0.9" or connection == "close":
-            request.close = True
-        elif connection == "keep-alive":
-            request.close = False
         if not self._admissible(conn, request):
             return True
         if request.method == "POST":
@@ -729,33 +669,14 @@ class _HTTPServer:
         return True
 
     def _request_line(self, conn: _Conn, line: bytes) -> _Request | None:
-        """The request line, checked as http.server checks it (None: answered or closed)."""
-        text = str(line, "iso-8859-1").rstrip("\r\n")
-        words = text.split()
-        if not words:
+        """The request line (None: answered or closed)."""
+        parsed = checks.parse_request_line(line)
+        if parsed is None:
             self._close(conn)
+        elif isinstance(parsed, checks.Status):
+            self._error(conn, None, parsed.status, parsed.message)
             return None
-        version, close = "HTTP/0.9", True
-        if len(words) >= 3:
-            version = words[-1]
-            number = _version_number(version)
-            if number is None:
-                self._error(conn, None, 400, f"Bad request version ({version[:40]!r})")
-                return None
-            if number >= (2, 0):
-                self._error(conn, None, 505, f"Invalid HTTP version ({version[5:]})")
-                return None
-            close = number < (1, 1)
-        if not 2 <= len(words) <= 3:
-            self._error(conn, None, 400, f"Bad request syntax ({text[:80]!r})")
-            return None
-        method, path = words[:2]
-        if len(words) == 2 and method != "GET":
-            self._error(conn, None, 400, f"Bad HTTP/0.9 request type ({method[:40]!r})")
-            return None
-        if path.startswith("//"):  # as http.server: never taken for a host
-            path = "/" + path.lstrip("/")
-        return _Request(method, path, version, close)
+        return parsed
 
     def _get(self, conn: _Conn, request: _Request) -> None:
         path = request.path.split("?", 1)[0]
@@ -775,27 +696,11 @@ class _HTTPServer:
         if request.path.split("?", 1)[0] != "/mi" or not self.serve_mi:
             self._plain(conn, request, 404, self._not_found())
             return
+        length = checks.body_length(request, self.max_body)
+        if isinstance(length, checks.Status):
+            self._refuse(conn, request, length.status, length.message)
+            return
         headers = request.headers
-        if headers.get("Transfer-Encoding"):
-            why = "chunked request bodies are not supported; send Content-Length"
-            self._refuse(conn, request, 501, why)
-            return
-        lengths = headers.get_all("Content-Length") or []
-        if len(set(lengths)) > 1:  # which one frames the body? (request smuggling)
-            self._refuse(conn, request, 400, "conflicting Content-Length headers")
-            return
-        if not lengths:
-            self._refuse(conn, request, 411, "Content-Length is required")
-            return
-        text = lengths[0]
-        length = int(text) if text.isdigit() and len(text) < 19 else -1
-        if length < 0:
-            self._refuse(conn, request, 400, f"bad Content-Length {text[:40]!r}")
-            return
-        if length > self.max_body:
-            why = f"request body is {length} bytes, over the {self.max_body}-byte limit"
-            self._refuse(conn, request, 413, why)
-            return
         conn.state = _BODY
         conn.need = length
         self._set_deadline(conn, time.monotonic() + self.request_deadline)
@@ -931,7 +836,7 @@ class _HTTPServer:
                 return _response(request, 503, text, "text/plain", close=request.close)
             return _response(request, 200, b"ready\n", "text/plain", close=request.close)
         try:
-            metrics = importlib.import_module("engine.metrics")
+            import engine.metrics as metrics  # here: the MI serves without prometheus
         except ModuleNotFoundError as exc:
             if exc.name != "engine.metrics":
                 raise
@@ -1040,90 +945,3 @@ class HTTPServer:
 
 
 # -- UDP datagram ---------------------------------------------------------------------------
-
-
-class DatagramServer:
-    """MI over UDP, like OpenSIPS mi_datagram: one request per datagram, the
-    reply sent back to the sender's address, never a reflector: what it answers
-    is engine/mi/datagram_guard.py's decision (`allow`: source networks answered;
-    None = loopback), its drops counted in ``engine.guards``."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        address: tuple[str, int],
-        *,
-        handler: Callable[[Engine, bytes], bytes | None] = handle,
-        allow: list[str] | None = None,
-    ) -> None:
-        self._engine = engine
-        self._handler = handler
-        self.guard = DatagramGuard(
-            parse_datagram_allow(allow or []), count=engine.guards.count_mi_datagram_dropped
-        )
-        self._sock = socket.socket(_family(address[0]), socket.SOCK_DGRAM)
-        try:
-            self._sock.bind(address)
-            with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        except BaseException:
-            self._sock.close()
-            raise
-        self._sock.settimeout(0.25)
-        self.address: tuple[str, int] = self._sock.getsockname()[:2]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edg-mi-datagram", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.ident is not None:  # started
-            with contextlib.suppress(OSError):  # wake the receiver up
-                self._sock.sendto(b"", self._sock.getsockname())
-            self._thread.join(5)
-        self._sock.close()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, sender = self._sock.recvfrom(MAX_DATAGRAM + 1)
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                if self._stop.is_set():
-                    return
-                log.warning("MI datagram receive failed: %s", exc)
-                time.sleep(0.05)
-                continue
-            if self._stop.is_set():
-                return
-            if not self.guard.admit(data, sender[0]):
-                continue
-            if len(data) > MAX_DATAGRAM:
-                why = f"request is over the {MAX_DATAGRAM}-byte datagram limit"
-                reply: bytes | None = error_reply(-32600, "Invalid Request", why)
-            else:
-                reply = self._handler(self._engine, data)
-            if reply is not None and self.guard.may_reply(reply, sender[0]):
-                self._reply(reply, sender)
-
-    def _reply(self, reply: bytes, sender: Any) -> None:
-        if len(reply) > MAX_UDP_REPLY:
-            why = f"the reply is {len(reply)} bytes, too big for one datagram; ask over HTTP"
-            reply = error_reply(-32000, "Server error", why, _reply_id(reply))
-        try:
-            self._sock.sendto(reply, sender)
-        except OSError as exc:
-            log.debug("MI datagram reply to %s failed: %s", sender, exc)
-
-    @property
-    def url(self) -> str:
-        return f"udp:{format_listen(self.address)}"
-
-
-def _reply_id(reply: bytes) -> bytes:
-    """The id of a reply built by engine.mi.protocol (it is always the last member)."""
-    start = reply.rfind(b',"id":')
-    return reply[start + 6 : -1] if start >= 0 else b"null"

@@ -290,6 +290,18 @@ class Region:
     def counters(self) -> list[int]:
         return self.words[self.base : self.base + self.layout.size].tolist()
 
+    def scalars(self, values: list[int]) -> dict[str, int]:
+        """The named scalar counters (SCALARS) from a `counters()` list."""
+        base = self.layout.scalar_base
+        return {name: values[base + k] for k, name in enumerate(SCALARS)}
+
+    def group_counts(self, slot: int) -> tuple[int, int]:
+        """(failovers, members down) of group slot `slot`; (0, 0) for no slot."""
+        if slot < 0:
+            return 0, 0
+        lay = self.layout
+        return self.counter(lay.group(slot, 0)), self.counter(lay.group(slot, 1))
+
     def failures(self, values: list[int]) -> dict[tuple[str, str], int]:
         """Send failures by (transport, reason) from a `counters()` list."""
         lay = self.layout

@@ -1,5 +1,8 @@
 """Single-producer / single-consumer ring of variable-length records in shared memory.
 
+Why this is long: the ring's layout is written down once, with its writer and
+its reader side by side, so a change to one is made with the other.
+
 Layout, version 2 (all integers native little-endian, x86-64):
 
     Header, 256 bytes

@@ -5,6 +5,7 @@ counters themselves.
 ingest.py    datagram sockets that take JSON-RPC notifications (event_datagram's)
 relay.py     the step they share: validate, raise byte for byte, count every outcome
 amqp.py      a RabbitMQ queue per engine on the exchange OpenSIPS publishes to
+amqp_config.py  its [[amqp]] section (the URL read once, never logged whole)
 amqp_frames.py  its fast path: deliveries read from each socket read, oversize ones skipped
 stream.py    a RabbitMQ stream read by every engine, each resuming at its stored offset
 stream_config.py  its [[stream]] section

@@ -1,5 +1,9 @@
 """A broker source: consume JSON-RPC notifications from RabbitMQ (SPEC section 9).
 
+Why this is long: a source and its session are one chain of pika callbacks
+(connect, declare, bind, consume, ack); split, the chain is read across files
+(its settings are amqp_config.py, its fast path amqp_frames.py).
+
 OpenSIPS's event_rabbitmq publishes each event to an exchange with the same
 notification body event_datagram sends. Each engine binds a queue of its own to
 that exchange (`[[amqp]]`), so every engine sees every event and fans it out to
@@ -58,19 +62,17 @@ import contextlib
 import logging
 import random
 import threading
-import urllib.parse
-from typing import TYPE_CHECKING, Any, Final, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
 
-import msgspec
-
+from engine.sources.amqp_config import AmqpConfig as AmqpConfig
 from engine.sources.amqp_frames import (
-    DEFAULT_MAX_BYTES,
     DeliveryReader,
     connection_type,
     too_old,
 )
 from engine.sources.relay import SOURCE_REJECT_REASONS, Relay
-from engine.sources.secret_url import SecretUrl, redact
 from engine.statistics import SourceStatistics
 
 if TYPE_CHECKING:
@@ -93,7 +95,6 @@ ERROR_REASONS: Final = (
     "internal",  # anything else that went wrong in the source's thread (caught)
     "thread_restarted",  # the thread had died all the same, and was started again
 )
-MIN_MESSAGE_BYTES: Final = 1024  # the least max_message_bytes
 ACK_EVERY: Final = 200  # messages per multiple-ack (at most prefetch / 2)
 ACK_FLUSH: Final = 0.05  # seconds: a partial ack batch waits no longer
 LAG_INTERVAL: Final = 2.0  # seconds between reads of the queue's waiting messages
@@ -102,115 +103,6 @@ BACKOFF_MAX: Final = 5.0
 CONNECT_TIMEOUT: Final = 3.0  # seconds for one connection attempt
 STOP_BUDGET: Final = 2.0  # seconds stop() waits for the connection to close
 HEARTBEAT: Final = 10  # seconds: a silent broker is noticed within two of these
-EXCHANGE_TYPES = Literal["topic", "direct", "fanout", "headers"]
-
-
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-
-
-class AmqpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One `[[amqp]]` section (SPEC section 9)."""
-
-    url: str = DEFAULT_URL
-    """The broker: amqp://USER:PASS@HOST:PORT/VHOST (vhost "/" is %2F)."""
-    url_file: str = ""
-    """Or: read the URL from this file (its first line): no password in argv or config."""
-    url_env: str = ""
-    """Or: read the URL from this environment variable."""
-    exchange: str = "opensips"
-    """The exchange OpenSIPS publishes to; must exist unless declare = true."""
-    exchange_type: EXCHANGE_TYPES = "topic"
-    declare: bool = False
-    """Declare the exchange (durable, of exchange_type) if it does not exist."""
-    binding_keys: list[str] = msgspec.field(default_factory=lambda: ["#"])
-    """Routing keys this engine takes (topic patterns for a topic exchange)."""
-    queue: str = ""
-    """"" = a server-named, exclusive queue for this engine; else a durable one."""
-    prefetch: int = 1000
-    """Messages the broker may send ahead of our acknowledgements."""
-    max_age_ms: int = 0
-    """Older messages are dropped, counted "stale"; 0 = no limit."""
-    unknown_events: Literal["reject", "register"] = "reject"
-    """A notification of an event not registered: reject it (counted) or register it."""
-    max_message_bytes: int = DEFAULT_MAX_BYTES
-    """A larger message is skipped as it arrives (never buffered), counted oversize."""
-
-    def _urls(self) -> SecretUrl:
-        return SecretUrl("", self.url, self.url_file, self.url_env, DEFAULT_URL)
-
-    def _url_key(self) -> str:
-        return self._urls().key
-
-    def url_value(self) -> str:
-        """The broker URL, from `url_file`, `url_env` or `url`. Raises ValueError
-        saying why (never with the URL's text: it holds the password)."""
-        return self._urls().value()
-
-    def problem(self) -> tuple[str, str] | None:
-        """(key, why) for the first bad value, or None."""
-        conflict = self._urls().conflict()
-        if conflict:
-            return conflict
-        try:
-            url = self.url_value()
-            _parse_url(url)
-        except ValueError as exc:
-            return self._url_key(), str(exc)
-        why = _pika_url_problem(url)
-        if why:
-            return self._url_key(), why
-        if not self.exchange:
-            return "exchange", "expected an exchange name (the default exchange cannot be bound)"
-        if not self.binding_keys:
-            return "binding_keys", 'no routing keys (["#"] = all of them on a topic exchange)'
-        if not 1 <= self.prefetch <= 65535:
-            return "prefetch", f"{self.prefetch}: expected 1 to 65535"
-        if not 0 <= self.max_age_ms <= 2**31 - 1:
-            return "max_age_ms", f"{self.max_age_ms}: expected 0 to 2147483647"
-        if not MIN_MESSAGE_BYTES <= self.max_message_bytes <= 2**31 - 1:
-            return "max_message_bytes", (
-                f"{self.max_message_bytes}: expected {MIN_MESSAGE_BYTES} to 2147483647"
-            )
-        return None
-
-    def display_name(self) -> str:
-        """The source's name in metrics and logs: the URL without credentials, the
-        exchange, and the queue when named."""
-        parts = _parse_url(self.url_value())
-        name = f"amqp://{parts.hostname}:{parts.port or 5672}{parts.path or '/'} {self.exchange}"
-        return f"{name} queue={self.queue}" if self.queue else name
-
-
-def _parse_url(url: str) -> urllib.parse.SplitResult:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("amqp", "amqps"):
-        raise ValueError(f"{redact(url)!r}: expected amqp://USER:PASS@HOST:PORT/VHOST")
-    if not parts.hostname:
-        raise ValueError(f"{redact(url)!r}: no host")
-    try:
-        parts.port  # noqa: B018  # raises on a bad port
-    except ValueError:
-        raise ValueError(f"{redact(url)!r}: bad port") from None
-    return parts
-
-
-def _pika_url_problem(url: str) -> str:
-    """What pika says of the URL (its query parameters: heartbeat=abc, an unknown
-    one...) before a thread tries it, the password never in it; "" when it takes
-    it, or when pika is not installed (run says so)."""
-    try:
-        import pika
-    except ImportError:
-        return ""
-    try:
-        pika.URLParameters(url)
-    except Exception as exc:  # pika raises ValueError, and others for odd values
-        why = str(exc) or type(exc).__name__
-        password = urllib.parse.urlsplit(url).password
-        for secret in {password, urllib.parse.unquote(password or "")} - {None, ""}:
-            why = why.replace(str(secret), "***")
-        return f"{redact(url)!r}: {why}"
-    return ""
 
 
 class AmqpSource:
@@ -321,7 +213,7 @@ class AmqpSource:
         params.socket_timeout = CONNECT_TIMEOUT
         params.stack_timeout = CONNECT_TIMEOUT
         params.heartbeat = HEARTBEAT
-        session = _Session(self, params)
+        session = _Session(self._session_settings(), params)
         self._session = session
         if self._stop.is_set():  # stop() came before the session was there to close
             return False
@@ -333,6 +225,26 @@ class AmqpSource:
         return session.consumed
 
     # -- helpers for the session -------------------------------------------------------------
+
+    def _session_settings(self) -> _SessionSettings:
+        return _SessionSettings(
+            config=self.config,
+            relay=self.relay,
+            max_age_s=self._max_age_s,
+            ack_every=self._ack_every,
+            stopping=self._stop.is_set,
+            count_error=self._count_error,
+            connected=self._connected,
+            set_lag=self._set_lag,
+            set_fast_path=self._set_fast_path,
+            count_fast=self._count_fast,
+        )
+
+    def _set_fast_path(self, why: str) -> None:
+        self.fast_path = why
+
+    def _count_fast(self, n: int) -> None:
+        self.fast_deliveries += n
 
     def _set_up(self, up: bool) -> None:
         with self._lock:
@@ -368,13 +280,30 @@ class AmqpSource:
             self._lag = lag
 
 
+@dataclass(frozen=True, slots=True)
+class _SessionSettings:
+    """What a session is given by its source: settings, and callbacks to report to
+    it (the source's fields stay the source's)."""
+
+    config: AmqpConfig
+    relay: Relay
+    max_age_s: float  # 0: no age limit
+    ack_every: int  # acknowledge after this many messages raised
+    stopping: Callable[[], bool]  # stop() was called
+    count_error: Callable[[str, str], None]  # (reason, message): counted, logged on change
+    connected: Callable[[str], None]  # consuming from this queue
+    set_lag: Callable[[int], None]  # messages ready in the queue
+    set_fast_path: Callable[[str], None]  # "" or why pika parses every delivery
+    count_fast: Callable[[int], None]  # messages the fast path took
+
+
 class _Session:
     """One connection's life: declare, bind, consume, ack; ends with the connection."""
 
-    def __init__(self, source: AmqpSource, params: Any) -> None:
-        self.source = source
-        self.config = source.config
-        self.relay = source.relay
+    def __init__(self, settings: _SessionSettings, params: Any) -> None:
+        self.settings = settings
+        self.config = settings.config
+        self.relay = settings.relay
         self.consumed = False  # got as far as consuming
         self.failed = False  # an error of ours closed it (counted once, by its reason)
         self.channel: Any = None
@@ -391,7 +320,8 @@ class _Session:
         self._raised_tag = 0  # ... of the newest message raised (what an ack may cover)
         self._unacked = 0
         self._flush_timer: Any = None
-        connection_class, source.fast_path = connection_type()
+        connection_class, self.fast_path = connection_type()
+        settings.set_fast_path(self.fast_path)
         self.connection = connection_class(
             params,
             on_open_callback=self._on_open,
@@ -412,7 +342,7 @@ class _Session:
             pika.exceptions.ProbableAccessDeniedError,
         )
         reason = "access_refused" if isinstance(error, refused) else "connect_failed"
-        self.source._count_error(reason, f"cannot connect: {error!r}")
+        self.settings.count_error(reason, f"cannot connect: {error!r}")
         connection.ioloop.stop()
 
     def abandon(self) -> None:
@@ -444,8 +374,8 @@ class _Session:
         self.connection.take = None
         if self._batch_due:  # received: raised and counted (a durable queue will
             self._raise_batch()  # deliver them again, unacknowledged: see the top)
-        if self.consumed and not self.failed and not self.source._stop.is_set():
-            self.source._count_error("connection_lost", f"connection lost: {reason!r}")
+        if self.consumed and not self.failed and not self.settings.stopping():
+            self.settings.count_error("connection_lost", f"connection lost: {reason!r}")
         connection.ioloop.stop()
 
     def _on_channel(self, channel: Any) -> None:
@@ -468,14 +398,14 @@ class _Session:
             return  # the connection went (counted there), or we closed it
         code = getattr(reason, "reply_code", 0)
         text = getattr(reason, "reply_text", str(reason))
-        if not self.source._stop.is_set() and not self.failed:
+        if not self.settings.stopping() and not self.failed:
             self.failed = True
             if code == 404 and not self.queue:
-                self.source._count_error(
+                self.settings.count_error(
                     "exchange_missing", f"exchange {self.config.exchange!r} does not exist: {text}"
                 )
             else:
-                self.source._count_error("queue_refused", f"channel closed ({code}): {text}")
+                self.settings.count_error("queue_refused", f"channel closed ({code}): {text}")
         if self.connection.is_open:
             self.connection.close()
 
@@ -533,29 +463,29 @@ class _Session:
         """The broker cancelled a consumer of ours (its queue was deleted, say): raise
         and acknowledge what came, then reconnect (declaring the queue again)."""
         self.connection.take = None
-        if self.source._stop.is_set() or self.failed:
+        if self.settings.stopping() or self.failed:
             return
         self.failed = True
-        self.source._count_error(
+        self.settings.count_error(
             "queue_refused", f"the broker cancelled the consumer of queue {self.queue}"
         )
         self.close()
 
     def _on_qos(self, _frame: Any) -> None:
         tag = self.channel.basic_consume(self.queue, self._on_message, auto_ack=False)
-        if not self.source.fast_path:  # deliveries to `tag`: read by the reader, not pika
+        if not self.fast_path:  # deliveries to `tag`: read by the reader, not pika
             self._consumer_tag = tag.encode()
             self._reader = DeliveryReader(
                 self.channel.channel_number,
                 self._consumer_tag,
                 self._bodies,
-                max_age_s=self.source._max_age_s,
+                max_age_s=self.settings.max_age_s,
                 max_bytes=self.config.max_message_bytes,
                 on_message=self._batch_later,
             )
             self.connection.take = self._reader
         self.consumed = True
-        self.source._connected(self.queue)
+        self.settings.connected(self.queue)
         self.connection.ioloop.call_later(LAG_INTERVAL, self._read_lag)
 
     # Messages: gathered while pika parses one read, raised together right after it
@@ -566,7 +496,7 @@ class _Session:
         it from the relay here."""
         if len(body) > self.config.max_message_bytes:
             self._oversize += 1
-        elif self.source._max_age_s and too_old(properties, self.source._max_age_s):
+        elif self.settings.max_age_s and too_old(properties, self.settings.max_age_s):
             self._stale += 1
         else:
             self._bodies.append(body)
@@ -596,7 +526,7 @@ class _Session:
                 self._stale += reader.stale
                 self._oversize += reader.oversize
                 self._malformed += reader.malformed
-                self.source.fast_deliveries += reader.messages
+                self.settings.count_fast(reader.messages)
                 reader.messages = reader.stale = reader.oversize = reader.malformed = 0
         stale = self._stale + self._expired
         dropped = self._oversize + self._malformed
@@ -604,15 +534,14 @@ class _Session:
         with relay.lock:
             if bodies:
                 relay.forward_batch(bodies)
-            relay.received += stale + dropped
-            relay.rejected["stale"] += stale
-            relay.rejected["oversize"] += self._oversize
-            relay.rejected["malformed"] += self._malformed
+            relay.reject("stale", stale)
+            relay.reject("oversize", self._oversize)
+            relay.reject("malformed", self._malformed)
         # acknowledged: all but the dead-lettered (auto-acked)
         self._unacked += len(bodies) + self._stale + dropped
         self._stale = self._expired = self._oversize = self._malformed = 0
         self._raised_tag = self._batch_tag
-        if self._unacked >= self.source._ack_every:
+        if self._unacked >= self.settings.ack_every:
             self._ack()
         elif self._unacked and self._flush_timer is None:
             self._flush_timer = self.connection.ioloop.call_later(ACK_FLUSH, self._flush)
@@ -634,4 +563,4 @@ class _Session:
         self.connection.ioloop.call_later(LAG_INTERVAL, self._read_lag)
 
     def _on_lag(self, frame: Any) -> None:
-        self.source._set_lag(int(frame.method.message_count))
+        self.settings.set_lag(int(frame.method.message_count))

@@ -225,8 +225,7 @@ class IngestSocket:
             if families.count(socket.AF_INET) != n or sources.count(source) != n:
                 return self._take_each(n, allowed)
             if not allowed(source.to_bytes(4, "little")):
-                self.relay.received += n
-                self.relay.rejected["source_not_allowed"] += n
+                self.relay.reject("source_not_allowed", n)
                 return []
         data = self._data_view
         lengths = words[_LEN_WORD:end:_STRIDE_WORDS].tolist()
@@ -268,10 +267,8 @@ class IngestSocket:
             start = i * BUFFER
             append(data[start : start + words[base + _LEN_WORD]].tobytes())
         if refused or truncated:
-            relay = self.relay
-            relay.received += refused + truncated
-            relay.rejected["source_not_allowed"] += refused
-            relay.rejected["oversize"] += truncated
+            self.relay.reject("source_not_allowed", refused)
+            self.relay.reject("oversize", truncated)
         return out
 
     def note_kernel_drops(self, i: int) -> None:
@@ -421,11 +418,7 @@ class Ingest:
         try:
             relay.forward_batch(sock.take(n, self._source_allowed))
         except Exception:
-            if relay.received == before:  # read from the kernel, but not yet counted
-                relay.received += n
-            lost = relay.received - relay.raised - sum(relay.rejected.values())
-            if lost > 0:
-                relay.rejected["internal"] = relay.rejected.get("internal", 0) + lost
+            relay.lose(before, n)
             raise
 
     def _failed(self, sock: IngestSocket, exc: Exception) -> float:

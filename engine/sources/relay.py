@@ -1,10 +1,14 @@
 """The one step every source shares: validate notification bytes received from
 outside and raise them as they are (SPEC section 8), counting every outcome.
 
-A source (a datagram socket, a broker queue) owns one Relay per thing it reads
-and keeps, under `lock`, per batch:
+A source (a datagram socket, a broker queue) owns one Relay per thing it reads.
+The relay is the one writer of its counters, and keeps, under `lock`, per batch:
 
     received = rejected (by reason) + raised
+
+A source asks it to count what the source refuses itself (`reject(reason, n)`,
+before validation: a source not allowed, a truncated datagram, a stale message)
+and what a batch that failed midway left unaccounted (`lose(before, n)`).
 
 Per notification, `forward(data)` (the source counts); per batch,
 `forward_batch(datas)` (counts itself, and raises the batch through the engine's
@@ -116,6 +120,23 @@ class Relay:
             eids.append(eid)
             payloads.append(data)
         self._raise_batch(eids, payloads)
+
+    def reject(self, reason: str, n: int = 1) -> None:
+        """Count `n` notifications received and rejected for `reason` by the source
+        itself (never validated nor raised). Call it with `lock` held."""
+        if n:
+            self.received += n
+            self.rejected[reason] = self.rejected.get(reason, 0) + n
+
+    def lose(self, received_before: int, n: int) -> None:
+        """A batch of `n` that raised midway (`received` was `received_before` when it
+        began): what it left unaccounted for is counted rejected "internal", so the
+        identity still holds. Call it with `lock` held."""
+        if self.received == received_before:  # read, but not yet counted
+            self.received += n
+        lost = self.received - self.raised - sum(self.rejected.values())
+        if lost > 0:
+            self.rejected["internal"] = self.rejected.get("internal", 0) + lost
 
     def _raise_batch(self, eids: list[int], payloads: list[bytes]) -> None:
         if not eids:

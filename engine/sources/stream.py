@@ -392,11 +392,9 @@ class _Session:
         with relay.lock:
             if bodies:
                 relay.forward_batch(bodies)
-            rejected = relay.rejected
-            relay.received += stale + sum(bad.values())
-            rejected["stale"] += stale
+            relay.reject("stale", stale)
             for reason, n in bad.items():
-                rejected[reason] += n
+                relay.reject(reason, n)
         source.handled = last  # queued for the workers (or counted): may be stored
         self._unstored += len(messages)
         if self._unstored >= self.config.store_every_messages:

@@ -1,5 +1,9 @@
 """A private RabbitMQ broker on loopback, for the tests and `bench --source amqp`.
 
+Why this is long: one class drives a whole Erlang node's life (ports, cookie,
+plugins, user, start, readiness, kill by token, restart on the same data), and
+its failure messages; split, each part would need the others' private state.
+
 `LocalBroker` runs Debian's `rabbitmq-server` (the real one, not a fake) in a
 temporary directory of its own: its own node name, AMQP port, distribution
 port and epmd port (all on 127.0.0.1, all chosen free), its own Erlang cookie,

@@ -10,7 +10,7 @@ import signal
 import socket
 import time
 
-from tests.support import eventually, running_engine, settle, udp_receiver
+from tests.helpers.support import eventually, running_engine, settle, udp_receiver
 
 
 def test_events_older_than_max_delay_are_dropped_as_stale_and_counted_exactly() -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from engine.producer import EngineError
 from engine.wire import PayloadTooLarge, encode_notification
-from tests.support import (
+from tests.helpers.support import (
     eventually,
     running_engine,
     settle,

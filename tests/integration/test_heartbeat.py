@@ -8,7 +8,7 @@ import os
 import signal
 import time
 
-from tests.support import eventually, running_engine, udp_receiver
+from tests.helpers.support import eventually, running_engine, udp_receiver
 
 TIMEOUT_S = 1.0
 

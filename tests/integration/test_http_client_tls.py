@@ -18,8 +18,8 @@ from engine.mi.http_client import ClientAuth
 from engine.mi.server import HTTPServer
 from engine.mi.webconfig import WebConfig
 from engine.producer import Engine
-from tests.mi_support import ONE_WORKER
-from tests.tls_support import PASSWORD, USER, TLSFiles, web_config
+from tests.helpers.mi import ONE_WORKER
+from tests.helpers.tls import PASSWORD, USER, TLSFiles, web_config
 
 ENGINE = {"events": ["E_SAMPLE"], **ONE_WORKER}
 

@@ -24,9 +24,9 @@ from engine.mi.http import RequestPolicy, SecurityCounters
 from engine.mi.server import HTTPServer
 from engine.mi.webconfig import WebConfig
 from engine.producer import Engine
-from tests.mi_support import EVENTS_REQUEST, ONE_WORKER
-from tests.support import eventually
-from tests.tls_support import PASSWORD, USER, TLSFiles, web_config
+from tests.helpers.mi import EVENTS_REQUEST, ONE_WORKER
+from tests.helpers.support import eventually
+from tests.helpers.tls import PASSWORD, USER, TLSFiles, web_config
 
 ENGINE = {"events": ["E_SAMPLE"], **ONE_WORKER}
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}

@@ -18,8 +18,15 @@ from pathlib import Path
 from engine.producer import Engine
 from engine.sources.ingest import Ingest
 from engine.statistics import SourceStatistics
-from tests.captures import ALL_CAPTURES
-from tests.support import Receiver, eventually, running_engine, settle, udp_receiver, unix_receiver
+from tests.helpers.captures import ALL_CAPTURES
+from tests.helpers.support import (
+    Receiver,
+    eventually,
+    running_engine,
+    settle,
+    udp_receiver,
+    unix_receiver,
+)
 
 VALID = b'{"jsonrpc":"2.0","method":"E_TEST","params":{"ip":"192.168.2.11"}}'
 

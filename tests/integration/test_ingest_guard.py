@@ -16,7 +16,7 @@ import pytest
 from engine import config
 from engine.cli.run import Runner
 from engine.statistics import SourceStatistics
-from tests.support import eventually, udp_receiver, unique_instance
+from tests.helpers.support import eventually, udp_receiver, unique_instance
 
 EVENT = b'{"jsonrpc":"2.0","method":"E_IN","params":{"n":1}}'
 

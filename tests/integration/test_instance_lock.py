@@ -11,7 +11,7 @@ from pathlib import Path
 from engine.options import EngineOptions
 from engine.producer import Engine
 from engine.shm.segment import list_segments, lock_holder
-from tests.support import running_engine, unique_instance
+from tests.helpers.support import running_engine, unique_instance
 
 # Starts an engine at the wall-clock instant argv[3], holds it 1.5 s, stops it.
 START_AT = """

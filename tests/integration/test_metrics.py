@@ -23,7 +23,14 @@ from engine.metrics import CONTENT_TYPE, exposition
 from engine.producer import Engine, RaiseResult
 from engine.shm.counters import BATCH_BUCKETS, LATENCY_BUCKETS_S, REASONS, TRANSPORTS
 from engine.wire import MAX_PAYLOAD, PayloadTooLarge
-from tests.support import Receiver, eventually, running_engine, settle, udp_receiver, unix_receiver
+from tests.helpers.support import (
+    Receiver,
+    eventually,
+    running_engine,
+    settle,
+    udp_receiver,
+    unix_receiver,
+)
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from engine.mi.protocol import handle
 from engine.producer import Engine
 from engine.wire import MAX_PAYLOAD
-from tests.mi_support import ONE_WORKER, STATIC, mi
-from tests.support import eventually, udp_receiver
+from tests.helpers.mi import ONE_WORKER, STATIC, mi
+from tests.helpers.support import eventually, udp_receiver
 
 EVENTS = ["E_SAMPLE", "E_BENCH", "E_STATIC"]
 OK = b'{"jsonrpc":"2.0","result":"OK","id":1}'

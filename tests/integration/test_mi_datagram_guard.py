@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from engine.mi.server import DatagramServer
+from engine.mi.datagram import DatagramServer
 from engine.producer import Engine
-from tests.support import running_engine
+from tests.helpers.support import running_engine
 
 pytestmark = pytest.mark.slow
 

@@ -34,8 +34,8 @@ import pytest
 
 from engine.mi.server import HTTPServer
 from engine.producer import Engine
-from tests.mi_support import EVENTS_REPLY, ONE_WORKER
-from tests.support import udp_receiver
+from tests.helpers.mi import EVENTS_REPLY, ONE_WORKER
+from tests.helpers.support import udp_receiver
 
 ENGINE = {"events": ["E_SAMPLE", "E_BENCH"], **ONE_WORKER}
 

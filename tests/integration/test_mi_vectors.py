@@ -19,7 +19,7 @@ from pathlib import Path
 
 from engine.mi.commands import SERVER
 from engine.mi.protocol import handle
-from tests.mi_support import (
+from tests.helpers.mi import (
     MI_EVENTS,
     NAMES_EVENTS,
     OK,
@@ -31,7 +31,7 @@ from tests.mi_support import (
     replay_mi_json,
     vectors,
 )
-from tests.support import running_engine, udp_receiver, unix_receiver
+from tests.helpers.support import running_engine, udp_receiver, unix_receiver
 
 UNAVAILABLE = '{"jsonrpc":"2.0","error":{"code":480,"message":"Temporarily Unavailable"},"id":"1"}'
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine import state
-from tests.support import Receiver, running_engine, udp_receiver
+from tests.helpers.support import Receiver, running_engine, udp_receiver
 
 SLOW_WRITE_S = 0.2  # each state-file fsync, once the subscriptions are in
 

@@ -16,7 +16,7 @@ from engine.options import RING_MIN
 from engine.producer import Engine
 from engine.sources.relay import Relay
 from engine.wire import encode_notification
-from tests.support import Receiver, running_engine, settle, udp_receiver, unix_receiver
+from tests.helpers.support import Receiver, running_engine, settle, udp_receiver, unix_receiver
 
 
 def note(event: str, seq: int, pad: int = 0) -> bytes:

@@ -6,31 +6,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 
-import pytest
+from engine.shm.ring import KIND_EVENT, Ring
+from engine.shm.segment import SHM_DIR, Segment
+from tests.helpers.support import RING_CAPACITY
 
-from engine.shm.ring import KIND_EVENT, Ring, segment_size
-from engine.shm.segment import SHM_DIR, Segment, segment_name
-from tests.support import unique_instance
-
-CAPACITY = 4096
-
-
-@pytest.fixture
-def segment() -> Iterator[Segment]:
-    seg = Segment.create(segment_name(unique_instance("ring"), "r"), segment_size(CAPACITY))
-    Ring.format(seg.buf, CAPACITY)
-    yield seg
-    seg.unlink()
-    seg.close()
-
-
-@pytest.fixture
-def ring(segment: Segment) -> Iterator[Ring]:
-    r = Ring(segment.buf)
-    yield r
-    r.release()
+CAPACITY = RING_CAPACITY  # the `ring` fixture's (tests/conftest.py)
 
 
 CONSUMER = textwrap.dedent(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from engine.mi.commands import run
 from engine.producer import Engine
-from tests.support import (
+from tests.helpers.support import (
     Receiver,
     eventually,
     running_engine,

@@ -23,8 +23,8 @@ from engine.cli.run import Runner
 from engine.errors import ConfigError
 from engine.producer import Engine
 from engine.subscriptions import AllowList, Registry
-from tests.mi_support import mi
-from tests.support import running_engine, settle, unique_instance, unix_receiver
+from tests.helpers.mi import mi
+from tests.helpers.support import running_engine, settle, unique_instance, unix_receiver
 
 pytestmark = pytest.mark.slow
 

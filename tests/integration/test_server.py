@@ -13,12 +13,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from engine.mi.datagram import DatagramServer
 from engine.mi.protocol import handle
-from engine.mi.server import DatagramServer, HTTPServer
+from engine.mi.server import HTTPServer
 from engine.producer import Engine
-from tests.mi_support import EVENTS_REPLY, ONE_WORKER
-from tests.mi_support import EVENTS_REQUEST as REQUEST
-from tests.support import eventually
+from tests.helpers.mi import EVENTS_REPLY, ONE_WORKER
+from tests.helpers.mi import EVENTS_REQUEST as REQUEST
+from tests.helpers.support import eventually
 
 # The module's shared `engine` (conftest.py): the transport tests' probe, EVENTS_REPLY.
 ENGINE = {"events": ["E_SAMPLE", "E_BENCH"], **ONE_WORKER}

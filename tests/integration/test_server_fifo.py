@@ -14,8 +14,8 @@ import pytest
 from engine.mi.client import call
 from engine.mi.fifo import FifoServer
 from engine.producer import Engine
-from tests.mi_support import EVENTS_REPLY, ONE_WORKER
-from tests.mi_support import EVENTS_REQUEST as REQUEST
+from tests.helpers.mi import EVENTS_REPLY, ONE_WORKER
+from tests.helpers.mi import EVENTS_REQUEST as REQUEST
 
 # The module's shared `engine` (conftest.py): the transport tests' probe, EVENTS_REPLY.
 ENGINE = {"events": ["E_SAMPLE", "E_BENCH"], **ONE_WORKER}

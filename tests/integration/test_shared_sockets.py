@@ -9,7 +9,7 @@ import socket
 import psutil
 
 from engine.supervisor import auto_socket_limit
-from tests.support import running_engine, settle
+from tests.helpers.support import running_engine, settle
 
 SUBSCRIBERS = 3000
 LIMIT = 100

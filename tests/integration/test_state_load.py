@@ -13,7 +13,7 @@ from engine.errors import StateFileError
 from engine.options import EngineOptions
 from engine.producer import Engine
 from engine.shm.segment import list_segments
-from tests.support import eventually, running_engine, udp_receiver, unique_instance
+from tests.helpers.support import eventually, running_engine, udp_receiver, unique_instance
 
 
 def _write_state(path: Path, entries: list[dict[str, object]]) -> bytes:

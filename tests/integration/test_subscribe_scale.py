@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from engine.state import load_state
-from tests.support import eventually, running_engine, unique_instance
+from tests.helpers.support import eventually, running_engine, unique_instance
 
 SUBSCRIBERS = 50_000
 BLOCK = 1_000

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.metrics import exposition
 from engine.producer import Engine
 from engine.shm.counters import SUBSCRIBER_SLOTS
-from tests.support import eventually, running_engine, settle, udp_receiver
+from tests.helpers.support import eventually, running_engine, settle, udp_receiver
 
 CHURNED = 20_000
 BATCH = 1_000

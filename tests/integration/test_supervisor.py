@@ -16,7 +16,7 @@ import pytest
 from engine.options import EngineOptions
 from engine.producer import Engine, EngineError
 from engine.shm.segment import list_segments
-from tests.support import eventually, running_engine, udp_receiver, unique_instance
+from tests.helpers.support import eventually, running_engine, udp_receiver, unique_instance
 
 ENGINE_SCRIPT = textwrap.dedent(
     """

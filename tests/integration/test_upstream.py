@@ -25,8 +25,8 @@ from engine.errors import MIClientError, MIReplyError
 from engine.metrics import exposition
 from engine.mi.client import call
 from engine.sources import upstream as upstream_mod
-from tests.mi_support import Proc, processes
-from tests.support import Receiver, udp_receiver, unique_instance
+from tests.helpers.mi import Proc, processes
+from tests.helpers.support import Receiver, udp_receiver, unique_instance
 
 HEAL_S = 5.0  # an upstream restart is healed within this (SPEC section 8)
 

@@ -1,5 +1,5 @@
 """Hostile upstreams (issue 19, items 4 and 5): a fake OpenSIPS MI of our own
-(tests/hostile_mi.py, a process of its own on loopback) that cuts replies short,
+(tests/helpers/hostile_mi.py, a process of its own on loopback) that cuts replies short,
 answers garbage, trickles, sends 300 MB, answers a UDP request with JSON nested
 32,000 deep, lists 2,000 or 10,000 events, or renames its events at every call.
 
@@ -28,17 +28,17 @@ from engine.errors import MIClientError
 from engine.mi.client import call
 from engine.sources.upstream import Upstream
 from engine.statistics import SourceStatistics
-from tests.support import eventually, unique_instance
+from tests.helpers.support import eventually, unique_instance
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class HostileMI:
-    """`python -m tests.hostile_mi MODE EVENTS`, its two targets, SIGUSR1 to behave."""
+    """`python -m tests.helpers.hostile_mi MODE EVENTS`, its two targets, SIGUSR1 to behave."""
 
     def __init__(self, mode: str, events: int = 3) -> None:
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "tests.hostile_mi", mode, str(events)],
+            [sys.executable, "-m", "tests.helpers.hostile_mi", mode, str(events)],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.dashboard_support import RULES, rule_selectors
-from tests.support import REPO
+from tests.helpers.dashboard import RULES, rule_selectors
+from tests.helpers.support import REPO
 
 TESTS = Path(__file__).with_name("alerts.test.yml")
 # Series the rules use that engine/metrics.py does not define: Prometheus's own

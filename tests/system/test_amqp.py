@@ -1,5 +1,5 @@
 """The broker source (engine/sources/amqp.py, SPEC section 9) against a real
-RabbitMQ (tests.broker_support), with real engines, workers and sockets.
+RabbitMQ (tests.helpers.broker), with real engines, workers and sockets.
 
 Each test uses exchanges of its own on the session's broker, except the ones that
 kill or restart a broker (`fresh_rabbitmq`).
@@ -28,7 +28,7 @@ from engine.sources.amqp import AmqpConfig, AmqpSource
 from engine.sources.amqp_frames import DEFAULT_MAX_BYTES
 from engine.testing.broker import LocalBroker
 from engine.wire import MAX_PAYLOAD, encode_notification
-from tests.support import Receiver, eventually, udp_receiver
+from tests.helpers.support import Receiver, eventually, udp_receiver
 
 _names = itertools.count()
 

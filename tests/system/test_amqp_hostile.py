@@ -25,7 +25,7 @@ from engine.producer import Engine
 from engine.sources.amqp import AmqpConfig, AmqpSource
 from engine.sources.amqp_frames import DEFAULT_MAX_BYTES, connection_type
 from engine.testing.broker import LocalBroker
-from tests.support import eventually
+from tests.helpers.support import eventually
 from tests.system import test_amqp as base
 
 LOGGER = "event_datagram.amqp"

@@ -22,7 +22,7 @@ from engine.testing.broker import (
     amqp_handshake,
     find_rabbitmq_server,
 )
-from tests.broker_support import alive
+from tests.helpers.broker import alive
 
 
 def connect(broker: LocalBroker) -> pika.BlockingConnection:

@@ -19,8 +19,8 @@ import psutil
 
 from engine import config
 from engine.shm.segment import list_segments
-from tests.mi_support import EXE, Proc, RunProc, client, processes
-from tests.support import unique_instance
+from tests.helpers.mi import EXE, Proc, RunProc, client, processes
+from tests.helpers.support import unique_instance
 
 STORY = b'{"jsonrpc":"2.0","method":"E_STORY","params":{"ip":"192.168.2.11","count":7}}'
 

@@ -12,9 +12,9 @@ import re
 import signal
 from pathlib import Path
 
-from tests.mi_support import EXE, Proc, RunProc, client, processes
-from tests.support import eventually, udp_receiver, unique_instance
-from tests.tls_support import PASSWORD, USER, TLSFiles, web_config
+from tests.helpers.mi import EXE, Proc, RunProc, client, processes
+from tests.helpers.support import eventually, udp_receiver, unique_instance
+from tests.helpers.tls import PASSWORD, USER, TLSFiles, web_config
 
 NO_ENV = {"EVENT_DATAGRAM_MI_USER": "", "EVENT_DATAGRAM_MI_PASSWORD": "", "EVENT_DATAGRAM_MI": ""}
 

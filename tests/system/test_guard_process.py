@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.mi_support import RunProc
-from tests.support import unique_instance
+from tests.helpers.mi import RunProc
+from tests.helpers.support import unique_instance
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.mi_support import RunProc, processes
-from tests.support import unique_instance
-from tests.tls_support import PASSWORD, USER, TLSFiles, web_config
+from tests.helpers.mi import RunProc, processes
+from tests.helpers.support import unique_instance
+from tests.helpers.tls import PASSWORD, USER, TLSFiles, web_config
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
 

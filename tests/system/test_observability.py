@@ -17,8 +17,8 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import version
-from tests.mi_support import EXE, RunProc, client, processes
-from tests.support import unique_instance
+from tests.helpers.mi import EXE, RunProc, client, processes
+from tests.helpers.support import unique_instance
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) ")
 

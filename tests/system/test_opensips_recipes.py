@@ -26,8 +26,8 @@ from pathlib import Path
 import pika
 
 from engine.testing.broker import LocalBroker
-from tests.mi_support import EXE, Proc, client, processes
-from tests.support import REPO, unique_instance
+from tests.helpers.mi import EXE, Proc, client, processes
+from tests.helpers.support import REPO, unique_instance
 
 PAGE = REPO / "docs" / "opensips.md"
 PIKE = b'{"jsonrpc":"2.0","method":"E_PIKE_BLOCKED","params":{"ip":"192.168.2.11"}}'

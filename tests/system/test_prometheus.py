@@ -1,7 +1,7 @@
 """The Grafana dashboard against a real Prometheus that scrapes a running engine:
 `event-datagram run` (its own config) under a steady load of events raised over
 its MI and of notifications (valid and not) sent to its ingest socket and
-published to its `[[amqp]]` queue on a real RabbitMQ (tests.broker_support), with an
+published to its `[[amqp]]` queue on a real RabbitMQ (tests.helpers.broker), with an
 `[[upstream]]` that is a second engine's MI in this process (so the upstream series
 exist, up 1; the engine's own MI would be a self-subscription, refused),
 Prometheus scraping its `GET /metrics` every second on the metrics listener of its
@@ -41,9 +41,9 @@ import pytest
 
 from engine.mi.server import HTTPServer
 from engine.testing.broker import LocalBroker
-from tests.dashboard_support import dashboard, panel_queries, rule_selectors
-from tests.support import running_engine, udp_receiver, unix_receiver
-from tests.tls_support import PASSWORD, USER, TLSFiles, web_config
+from tests.helpers.dashboard import dashboard, panel_queries, rule_selectors
+from tests.helpers.support import running_engine, udp_receiver, unix_receiver
+from tests.helpers.tls import PASSWORD, USER, TLSFiles, web_config
 
 WINDOW = "15s"  # stands in for Grafana's $__rate_interval
 INSTALL = (

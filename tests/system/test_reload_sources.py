@@ -24,7 +24,7 @@ from engine.errors import NotAllowed
 from engine.mi.client import call
 from engine.testing.broker import LocalBroker
 from engine.wire import encode_notification
-from tests.support import Receiver, eventually, udp_receiver, unique_instance, unix_receiver
+from tests.helpers.support import Receiver, eventually, udp_receiver, unique_instance, unix_receiver
 
 
 def base_toml(tmp_path: Path, tag: str, events: list[str], mi: str = '""') -> str:

@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from tests.mi_support import EXE, Proc, RunProc, client, processes
-from tests.support import udp_receiver, unique_instance
+from tests.helpers.mi import EXE, Proc, RunProc, client, processes
+from tests.helpers.support import udp_receiver, unique_instance
 
 
 def test_config_group_cli_filter_and_listen_filter(tmp_path: Path) -> None:

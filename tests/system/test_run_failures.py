@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from engine.shm.segment import list_segments
-from tests.support import unique_instance
+from tests.helpers.support import unique_instance
 
 
 def _config(tmp_path: Path, instance: str, **mi: str) -> Path:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from engine.mi.client import call
-from tests.mi_support import (
+from tests.helpers.mi import (
     MI_EVENTS,
     NAMES_EVENTS,
     STATIC,
@@ -30,7 +30,7 @@ from tests.mi_support import (
     replay_mi_json,
     vectors,
 )
-from tests.support import udp_receiver, unique_instance, unix_receiver
+from tests.helpers.support import udp_receiver, unique_instance, unix_receiver
 
 
 def write_config(tmp_path: Path, events: list[str], static: tuple[str, str]) -> Path:

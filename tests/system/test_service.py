@@ -28,8 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.errors import MIClientError, MIReplyError
 from engine.mi.client import call
 from engine.shm.segment import list_segments
-from tests.mi_support import RunProc, processes
-from tests.support import Receiver, eventually, udp_receiver, unique_instance
+from tests.helpers.mi import RunProc, processes
+from tests.helpers.support import Receiver, eventually, udp_receiver, unique_instance
 
 SUBSCRIBERS = 6
 

@@ -15,7 +15,7 @@ from engine.errors import EngineError
 from engine.options import RING_MAX, EngineOptions
 from engine.producer import Engine
 from engine.shm.segment import list_segments, shm_free_bytes
-from tests.support import unique_instance
+from tests.helpers.support import unique_instance
 
 # What a container gives by default: a 64 MiB /dev/shm. In a private mount
 # namespace, so the host's /dev/shm is untouched.

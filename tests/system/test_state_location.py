@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from engine.shm.segment import list_segments
-from tests.mi_support import RunProc, client, processes
-from tests.support import unique_instance
+from tests.helpers.mi import RunProc, client, processes
+from tests.helpers.support import unique_instance
 
 PROBE = "from engine import paths; print(paths.runtime_dir()); print(paths.state_dir())"
 CLEAN = ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME")

@@ -1,5 +1,5 @@
 """The stream source (engine/sources/stream.py, SPEC section 14) against a real
-RabbitMQ with its stream plugin (tests.broker_support), with real engines,
+RabbitMQ with its stream plugin (tests.helpers.broker), with real engines,
 workers and sockets.
 
 Each test uses a stream and an exchange of its own on the session's broker, except
@@ -29,7 +29,7 @@ from engine.sources.stream import StreamSource
 from engine.sources.stream_config import StreamConfig
 from engine.testing.broker import LocalBroker
 from engine.wire import MAX_PAYLOAD, encode_notification
-from tests.support import Receiver, eventually, udp_receiver
+from tests.helpers.support import Receiver, eventually, udp_receiver
 from tests.unit.test_amqp10 import section, vbin
 
 _names = itertools.count()

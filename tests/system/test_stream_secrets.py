@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from engine.testing.broker import LocalBroker
-from tests.mi_support import RunProc
-from tests.support import Receiver, eventually, udp_receiver, unique_instance
+from tests.helpers.mi import RunProc
+from tests.helpers.support import Receiver, eventually, udp_receiver, unique_instance
 from tests.system.test_stream import Publisher, notification, unique
 
 pytestmark = pytest.mark.slow

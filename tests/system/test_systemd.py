@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from engine.mi.client import call
-from tests.mi_support import EXE, RunProc, processes
-from tests.support import unique_instance
+from tests.helpers.mi import EXE, RunProc, processes
+from tests.helpers.support import unique_instance
 
 UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "event-datagram.service"
 

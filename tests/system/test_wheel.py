@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.support import REPO
+from tests.helpers.support import REPO
 
 PACKAGES = ("engine", "workers")
 MUST_SHIP = [

@@ -13,7 +13,7 @@ import pytest
 from engine import config
 from engine.cli.main import _apply_flags, build_parser
 from engine.options import EngineOptions
-from tests.support import REPO
+from tests.helpers.support import REPO
 
 CONFIGURATION = REPO / "docs" / "configuration.md"  # the key table
 

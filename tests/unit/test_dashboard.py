@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from tests.dashboard_support import DASHBOARD, DATASOURCE, PROVIDER, dashboard, panel_queries
+from tests.helpers.dashboard import DASHBOARD, DATASOURCE, PROVIDER, dashboard, panel_queries
 
 
 def test_dashboard_is_provisionable_as_is() -> None:

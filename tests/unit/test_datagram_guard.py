@@ -17,19 +17,12 @@ from engine.mi.datagram_guard import (
     parse_datagram_allow,
 )
 from engine.mi.protocol import error_reply
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers.support import Clock
 
 
 def make(**kw: object) -> tuple[DatagramGuard, list[str], Clock]:
     counted: list[str] = []
-    clock = Clock()
+    clock = Clock(100.0)
     guard = DatagramGuard(count=counted.append, clock=clock, **kw)  # type: ignore[arg-type]
     return guard, counted, clock
 
@@ -96,9 +89,9 @@ def test_error_replies_take_tokens_per_source() -> None:
     assert counted == ["rate_limited", "rate_limited"]
     assert guard.may_reply(b'{"jsonrpc":"2.0","result":"OK","id":1}', "127.0.0.1")  # never limited
     assert guard.may_reply(error, "127.0.0.2")  # a bucket of its own
-    clock.now += 0.5  # one token back (2 per second)
+    clock.advance(0.5)  # one token back (2 per second)
     assert [guard.may_reply(error, "127.0.0.1") for _ in range(2)] == [True, False]
-    clock.now += 60  # refilled up to the burst, not beyond
+    clock.advance(60)  # refilled up to the burst, not beyond
     assert [guard.may_reply(error, "127.0.0.1") for _ in range(4)] == [True, True, True, False]
 
 

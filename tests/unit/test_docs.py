@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.support import REPO
+from tests.helpers.support import REPO
 
 DOCS = REPO / "docs"
 # Written by other engineers in parallel (issue 18, items 2-5); linked before

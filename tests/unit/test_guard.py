@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from engine.sources.guard import Backoff, Guard, LogBudget
-from tests.support import eventually
+from tests.helpers.support import eventually
 
 log = logging.getLogger("event_datagram.test_guard")
 

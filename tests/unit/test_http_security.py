@@ -12,7 +12,7 @@ import pytest
 from engine.mi import http as checks
 from engine.mi import webconfig
 from engine.mi.webconfig import WebConfig, WebConfigError
-from tests.tls_support import PASSWORD, USER, TLSFiles, web_config
+from tests.helpers.tls import PASSWORD, USER, TLSFiles, web_config
 
 
 def basic(user: str, password: str) -> str:

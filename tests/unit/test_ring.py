@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import platform
 from collections import deque
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -21,25 +20,9 @@ from engine.shm.ring import (
     segment_size,
 )
 from engine.shm.segment import Segment, list_segments, segment_name, segment_owner
-from tests.support import unique_instance
+from tests.helpers.support import RING_CAPACITY, unique_instance
 
-CAPACITY = 4096
-
-
-@pytest.fixture
-def segment() -> Iterator[Segment]:
-    seg = Segment.create(segment_name(unique_instance("ring"), "r"), segment_size(CAPACITY))
-    Ring.format(seg.buf, CAPACITY)
-    yield seg
-    seg.unlink()
-    seg.close()
-
-
-@pytest.fixture
-def ring(segment: Segment) -> Iterator[Ring]:
-    r = Ring(segment.buf)
-    yield r
-    r.release()
+CAPACITY = RING_CAPACITY  # the `ring` fixture's (tests/conftest.py)
 
 
 def consume(ring: Ring) -> list[tuple[int, int, int, int, bytes]]:

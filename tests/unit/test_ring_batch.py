@@ -4,29 +4,16 @@ consumer sees a batch only once it is published, whole and in order, across wrap
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.shm.ring import KIND_EVENT, RECORD_HEADER_SIZE, Ring, segment_size
 from engine.shm.segment import Segment, segment_name
-from tests.support import unique_instance
+from tests.helpers.support import RING_CAPACITY, unique_instance
 from tests.unit.test_ring import consume
 
-CAPACITY = 4096
-
-
-@pytest.fixture
-def ring() -> Iterator[Ring]:
-    seg = Segment.create(segment_name(unique_instance("rb"), "r"), segment_size(CAPACITY))
-    Ring.format(seg.buf, CAPACITY)
-    r = Ring(seg.buf)
-    yield r
-    r.release()
-    seg.unlink()
-    seg.close()
+CAPACITY = RING_CAPACITY  # the `ring` fixture's (tests/conftest.py)
 
 
 def test_staged_records_are_invisible_until_published(ring: Ring) -> None:

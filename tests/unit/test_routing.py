@@ -5,30 +5,15 @@ restarted worker gets (fold + snapshot) is what it had consumed."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
-
-import pytest
 
 from engine.address import parse_destination
 from engine.routing import Router, WorkerRoute
 from engine.shm.counters import SUBSCRIBER_SLOTS
-from engine.shm.ring import CONTROL_DECODER, KIND_SUBSCRIBE, ControlPayload, Ring, segment_size
-from engine.shm.segment import Segment, segment_name
+from engine.shm.ring import CONTROL_DECODER, KIND_SUBSCRIBE, ControlPayload, Ring
 from engine.subscriptions import Change, Subscriber
-from tests.support import unique_instance
+from tests.helpers.support import RING_CAPACITY
 
-CAPACITY = 4096  # the smallest ring: fills after a few dozen control records
-
-
-@pytest.fixture
-def ring() -> Iterator[Ring]:
-    seg = Segment.create(segment_name(unique_instance("route"), "r"), segment_size(CAPACITY))
-    Ring.format(seg.buf, CAPACITY)
-    r = Ring(seg.buf)
-    yield r
-    r.release()
-    seg.unlink()
-    seg.close()
+CAPACITY = RING_CAPACITY  # the `ring` fixture's (tests/conftest.py)
 
 
 def change(kind: str, eid: int, port: int) -> Change:

@@ -25,16 +25,9 @@ from engine.state import (
     write_state,
 )
 from engine.subscriptions import Change, Registry, StateFileError
+from tests.helpers.support import Clock
 
 T0 = 1_767_225_600.0
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 ENTRY_1 = {"event": "E_A", "socket": "udp:127.0.0.1:1", "expire": 60, "subscribed_at": T0}

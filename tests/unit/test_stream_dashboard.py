@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from tests.dashboard_support import dashboard, panel_queries
+from tests.helpers.dashboard import dashboard, panel_queries
 
 
 def test_dashboard_shows_stream_sources() -> None:

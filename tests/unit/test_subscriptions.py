@@ -34,19 +34,9 @@ from engine.subscriptions import (
     SubscriptionError,
     UnknownEvent,
 )
+from tests.helpers.support import Clock
 
 T0 = 1_767_225_600.0
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 def make(
@@ -167,8 +157,8 @@ def test_bad_expire_is_reported_before_unknown_event() -> None:
         reg.subscribe("E_NOPE", "udp:127.0.0.1:9000", -5)
 
 
-def test_newest_first_like_opensips() -> None:
-    reg, clock, _ = make()
+def test_newest_first_like_opensips(clock: Clock) -> None:
+    reg, _, _ = make(clock=clock)
     for port, expire in [(9000, 60), (9001, 60), (9002, 3600)]:
         reg.subscribe("E_A", f"udp:127.0.0.1:{port}", expire)
         clock.advance(1)
@@ -185,8 +175,8 @@ def test_newest_first_like_opensips() -> None:
     ]
 
 
-def test_refresh_keeps_position_and_makes_no_duplicate() -> None:
-    reg, clock, changes = make()
+def test_refresh_keeps_position_and_makes_no_duplicate(clock: Clock) -> None:
+    reg, _, changes = make(clock=clock)
     for port in (9000, 9001, 9002):
         reg.subscribe("E_A", f"udp:127.0.0.1:{port}", 60)
     clock.advance(10)
@@ -238,8 +228,8 @@ def test_ttl_never_exceeds_expire_when_the_clock_steps_back() -> None:
     assert sub.ttl(T0 - 5) == 60 and not sub.expired(T0 - 5)
 
 
-def test_expired_subscribers_are_removed_on_listing() -> None:
-    reg, clock, changes = make()
+def test_expired_subscribers_are_removed_on_listing(clock: Clock) -> None:
+    reg, _, changes = make(clock=clock)
     reg.subscribe("E_A", "udp:127.0.0.1:9004", 1)
     reg.subscribe("E_A", "udp:127.0.0.1:9003", 30)
     reg.subscribe("E_B", "udp:127.0.0.1:9005", 1)
@@ -259,8 +249,8 @@ def test_expired_subscribers_are_removed_on_listing() -> None:
     assert summary(changes)[-1] == ("removed", "E_B", "udp:127.0.0.1:9006")
 
 
-def test_sweep_removes_every_expired_subscriber() -> None:
-    reg, clock, changes = make()
+def test_sweep_removes_every_expired_subscriber(clock: Clock) -> None:
+    reg, _, changes = make(clock=clock)
     reg.subscribe("E_A", "udp:127.0.0.1:9000", 5)
     reg.subscribe("E_B", "udp:127.0.0.1:9001", 2)
     reg.subscribe("E_B", "udp:127.0.0.1:9002", 100)
@@ -281,8 +271,8 @@ def test_sweep_removes_every_expired_subscriber() -> None:
     assert keys(reg, "E_B") == ["udp:127.0.0.1:9002"]
 
 
-def test_next_expiry_follows_refresh_and_unsubscribe() -> None:
-    reg, clock, _ = make()
+def test_next_expiry_follows_refresh_and_unsubscribe(clock: Clock) -> None:
+    reg, _, _ = make(clock=clock)
     assert reg.next_expiry() is None
     reg.subscribe("E_A", "udp:127.0.0.1:9000", None)
     assert reg.next_expiry() is None
@@ -298,8 +288,8 @@ def test_next_expiry_follows_refresh_and_unsubscribe() -> None:
     assert reg.sweep() == [] and len(reg.subscribers("E_A")) == 2
 
 
-def test_next_expiry_stays_right_with_many_refreshes() -> None:
-    reg, clock, _ = make()
+def test_next_expiry_stays_right_with_many_refreshes(clock: Clock) -> None:
+    reg, _, _ = make(clock=clock)
     for i in range(500):
         clock.advance(0.01)
         reg.subscribe("E_A", f"udp:127.0.0.1:{9000 + i % 7}", 100 - i % 13)
@@ -309,8 +299,8 @@ def test_next_expiry_stays_right_with_many_refreshes() -> None:
     assert reg.next_expiry() == expected
 
 
-def test_resubscribing_an_expired_subscriber_makes_a_new_one() -> None:
-    reg, clock, changes = make()
+def test_resubscribing_an_expired_subscriber_makes_a_new_one(clock: Clock) -> None:
+    reg, _, changes = make(clock=clock)
     reg.subscribe("E_A", "udp:127.0.0.1:9000", 1)
     reg.subscribe("E_A", "udp:127.0.0.1:9001", 60)
     clock.advance(1)

@@ -9,7 +9,7 @@ import pytest
 
 from engine import config
 from engine.cli.main import _apply_flags, build_parser
-from tests.support import REPO
+from tests.helpers.support import REPO
 
 INGEST = '[ingest]\nlisten = ["udp:127.0.0.1:0"]\n'
 

@@ -14,7 +14,7 @@ import pytest
 from engine.errors import MIClientError, MIReplyError, SubscriptionError
 from engine.sources import upstream as up_mod
 from engine.sources.upstream import Upstream
-from tests.support import eventually
+from tests.helpers.support import eventually
 
 ZERO = dict.fromkeys(up_mod.ERROR_REASONS, 0)
 SOCK = "udp:127.0.0.1:9050"

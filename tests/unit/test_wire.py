@@ -24,8 +24,8 @@ from engine.wire import (
     encode_notification,
     repeated_key,
 )
-from tests.captures import ALL_CAPTURES, WIRE, Capture
-from tests.support import VECTORS
+from tests.helpers.captures import ALL_CAPTURES, WIRE, Capture
+from tests.helpers.support import VECTORS
 
 WIRE_TXT = VECTORS / "wire_samples.txt"
 MISSING = f"OpenSIPS test vectors not found at {VECTORS} (they are part of the repository)"

@@ -1,7 +1,7 @@
 """A/B microbenchmark of engine.wire.check_notification (not a test: run it by hand).
 
     git show REV:engine/wire.py > /tmp/wire_before.py
-    .venv/bin/python -m tests.bench_wire_check /tmp/wire_before.py
+    .venv/bin/python -m tests.helpers.bench_wire_check /tmp/wire_before.py
 
 Interleaves runs of the given copy ("before") and of engine.wire ("after") on the
 same notifications and prints CPU ns per call (time.thread_time, so time spent

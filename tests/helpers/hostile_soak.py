@@ -1,8 +1,8 @@
 """The issue 19 targets for hostile upstreams, measured (not a test: it takes a minute).
 
-    python -m tests.hostile_soak [--seconds 60] [KIND ...]
+    python -m tests.helpers.hostile_soak [--seconds 60] [KIND ...]
 
-For each kind, at once: a hostile MI (tests/hostile_mi.py) and a real
+For each kind, at once: a hostile MI (tests/helpers/hostile_mi.py) and a real
 `event-datagram run` process with one [[upstream]] at it (events ["*"], expire 6:
 refreshed every 2 s, the worst case). Over the run: the engine's log lines after
 its ready line, its RSS (VmRSS, from the ready line to the end), and from
@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.mi_support import Proc
+from tests.helpers.mi import Proc
 
 KINDS = {  # kind -> (hostile_mi mode, events, transport, can be up after SIGUSR1)
     "truncated": ("truncated", 3, "http", True),
@@ -62,7 +62,7 @@ def metrics(url: str) -> dict[str, float]:
 
 def soak(kind: str, seconds: float, tmp: Path, results: dict[str, dict[str, object]]) -> None:
     mode, events, transport, can_be_up = KINDS[kind]
-    mi = Proc([sys.executable, "-m", "tests.hostile_mi", mode, str(events)])
+    mi = Proc([sys.executable, "-m", "tests.helpers.hostile_mi", mode, str(events)])
     try:
         deadline = time.monotonic() + 20
         while not mi.out and time.monotonic() < deadline:

@@ -4,10 +4,9 @@ for every test that replays them: the wire tests and the ingest relay."""
 from __future__ import annotations
 
 import ast
-import json
 from typing import Any, NamedTuple
 
-from tests.support import VECTORS
+from tests.helpers.support import VECTORS, load_vector
 
 WIRE_JSON = VECTORS / "wire.json"
 
@@ -18,9 +17,7 @@ class Capture(NamedTuple):
 
 
 def _load_wire() -> dict[str, Any] | None:
-    if not WIRE_JSON.is_file():
-        return None
-    data: dict[str, Any] = json.loads(WIRE_JSON.read_text(encoding="utf-8"))
+    data: dict[str, Any] | None = load_vector(WIRE_JSON.name, missing_ok=True)
     return data
 
 

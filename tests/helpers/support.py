@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import socket
 import threading
@@ -18,16 +19,41 @@ from engine.producer import Engine
 from engine.shm.segment import list_segments
 from engine.subscriptions import AllowList
 
-REPO = Path(__file__).resolve().parent.parent  # the checkout: README.md, docs/, grafana/, tests/
+REPO = Path(__file__).resolve().parents[2]  # the checkout: README.md, docs/, grafana/, tests/
 VECTORS = REPO / "tests" / "vectors" / "opensips"  # data, kept byte-identical
 _counter = itertools.count()
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+RING_CAPACITY = 4096  # the `ring` fixture's: the smallest ring, full after a few records
+
+
+class Clock:
+    """A settable clock for code that takes one (`clock=`): call it for the time."""
+
+    def __init__(self, t: float = 1_767_225_600.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
 
 
 def vectors_dir() -> Path:
     if not VECTORS.is_dir():
         raise FileNotFoundError(f"test vectors not found at {VECTORS}")
     return VECTORS
+
+
+def load_vector(name: str, *, missing_ok: bool = False) -> Any:
+    """The one loader of tests/vectors/opensips: the JSON file `name`, decoded (None
+    when it is missing and `missing_ok`; else FileNotFoundError)."""
+    path = VECTORS / name
+    if missing_ok and not path.is_file():
+        return None
+    return json.loads(vectors_dir().joinpath(name).read_text(encoding="utf-8"))
 
 
 def unique_instance(tag: str = "t") -> str:

@@ -1,6 +1,6 @@
 """Helpers for the MI, server and CLI tests: the events and static subscription
 of the captured OpenSIPS sessions, the vectors and their replay, and real
-`event-datagram` processes. (Engines come from tests.support.running_engine.)"""
+`event-datagram` processes. (Engines come from tests.helpers.support.running_engine.)"""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any
 from engine.address import AddressError, parse_destination
 from engine.mi.protocol import handle
 from engine.producer import Engine
-from tests.support import vectors_dir
+from tests.helpers.support import load_vector
 
 # The events of the captured sessions, in OpenSIPS's id order.
 CORE_EVENTS = [
@@ -49,7 +49,7 @@ EXE = str(Path(sys.executable).with_name("event-datagram"))
 
 
 def vectors(name: str) -> Any:
-    return json.loads((vectors_dir() / name).read_text())
+    return load_vector(name)
 
 
 def mi(engine: Engine, request: str | bytes | dict[str, Any]) -> bytes | None:

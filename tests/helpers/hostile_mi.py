@@ -1,5 +1,5 @@
 """A fake OpenSIPS MI on loopback that misbehaves on purpose, run as a process of
-its own: ``python -m tests.hostile_mi MODE [EVENTS]``. It prints one line,
+its own: ``python -m tests.helpers.hostile_mi MODE [EVENTS]``. It prints one line,
 ``ready http://127.0.0.1:PORT/mi udp:127.0.0.1:PORT``, then serves HTTP and UDP
 until killed. SIGUSR1 makes it a well-behaved MI (the upstream "recovers").
 

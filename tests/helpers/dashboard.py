@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any
 
-from tests.support import REPO
+from tests.helpers.support import REPO
 
 GRAFANA = REPO / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "event-datagram.json"
