@@ -21,6 +21,7 @@ from engine.bench.amqp import BrokerFeed
 from engine.bench.baseline import SenderProcess
 from engine.bench.common import available_cpus, peak_rss
 from engine.bench.live import Progress, Scraper, per, stop_engine, wait_idle
+from engine.bench.probes import c_wake
 from engine.bench.receivers import ReceiverPool
 from engine.bench.rounds.api import IDLE_SETTLE_S, IDLE_SUBSCRIBERS, ApiRound
 from engine.bench.rounds.broker import AmqpRound, StreamRound
@@ -35,6 +36,8 @@ from engine.shm.segment import list_segments, unlink_name
 
 LATENCY_RATE_CAP: Final = 50_000.0  # events/s
 LATENCY_FLOOR_DG_PER_S: Final = 400.0  # the default latency rate's floor, in datagrams/s
+C_WAKE_EVENTS: Final = 60  # the C chain in the idle phase: 60 events 50 ms apart, 3 s
+C_WAKE_GAP_MS: Final = 50
 RCVBUF_BUDGET: Final = 1 << 30  # bytes of receive buffer asked for, all sockets together
 RCVBUF_FLOOR: Final = 256 << 10  # ... but at least this per socket (or --rcvbuf-bytes)
 
@@ -236,6 +239,8 @@ class Bench:
         self.idle = {
             "round": result,
             "latency_s": latency_summary(samples, rate, duration) if duration else {},
+            # the kernel's own wake -> send -> recv chain, run now so both share the machine
+            "c_wake": c_wake.run(C_WAKE_EVENTS, C_WAKE_GAP_MS) if duration else {},
         }
         cpu = ", ".join(f"worker {k} {v:.3f}%" for k, v in result["idle_cpu"]["percent"].items())
         lat = self.idle["latency_s"]

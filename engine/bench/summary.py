@@ -359,6 +359,8 @@ def summarize(
         "latency_s": latency["latency_s"] if latency else {},
         "latency": lat_round,
         "idle_latency_s": idle_lat,
+        "idle_latency_c_s": (idle.get("c_wake") or {}) if idle else {},
+        "idle_latency_c_ratio_p50": _c_ratio(idle_lat, idle.get("c_wake") if idle else None),
         "idle_cpu_percent": idle_cpu,
         "idle_latency": idle_round,
         "backlog": _backlog(by["engine"]),
@@ -409,3 +411,10 @@ def _backlog(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "ring_full": sum(b["ring_full"] for b in found),
         "pairs_stale": sum(b["pairs_stale"] for b in found),
     }
+
+
+def _c_ratio(engine: dict[str, Any], c: dict[str, Any] | None) -> float | None:
+    """Engine idle p50 / the C chain's p50 in the same run (issue 20's target: <= 1.5)."""
+    if not c or c.get("status") != "ok" or not engine.get("p50") or not c.get("p50"):
+        return None
+    return float(engine["p50"]) / float(c["p50"])

@@ -146,6 +146,17 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{idle['workers_cpu_percent_while_raising']:.1f}% of a core meanwhile; "
                 f"loss {idle['loss']}"
             )
+        cw = result.get("idle_latency_c_s") or {}
+        if cw.get("status") == "ok":
+            ratio = result.get("idle_latency_c_ratio_p50")
+            lines.append(
+                f"C chain (wake.c, futex wake -> UDP send -> recv, {cw['samples']} events "
+                f"{cw['gap_ms']} ms apart): p50 {format_us(cw['p50'])}, "
+                f"p90 {format_us(cw['p90'])}, p99 {format_us(cw['p99'])}; engine p50 / C p50 "
+                + (f"{ratio:.2f}" if ratio is not None else "n/a")
+            )
+        elif cw:
+            lines.append(f"C chain: {cw['status']} ({cw.get('reason', '')})")
     rss = result["rss_bytes"]
     mib = 1 << 20
     parts = [f"{k} {v / mib:.0f}" for k, v in rss.items() if isinstance(v, int)]

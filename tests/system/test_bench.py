@@ -45,6 +45,8 @@ STABLE_KEYS = [
     ("idle_latency", "idle_cpu", "window_s"),
     ("idle_latency", "events_after_sleep"),
     ("idle_latency", "latency_after_sleep_s"),
+    ("idle_latency_c_s", "status"),
+    ("idle_latency_c_ratio_p50",),
     ("backlog", "max_pending_datagrams"),
     ("backlog", "pending_at_end_of_raising"),
     ("backlog", "ring_full"),
