@@ -80,7 +80,9 @@ class Bench:
         self.rcvbuf = min(args.rcvbuf_bytes, per_socket)
         self.idle: dict[str, Any] | None = None
         per_round = len(self.contenders()) * (args.duration + 14) + args.subscribers / 10
+        c_chain_s = C_WAKE_EVENTS * C_WAKE_GAP_MS / 1000 + 10  # its events, gcc and start-up
         idle_s = args.idle_latency_duration + args.idle_cpu_duration + IDLE_SETTLE_S + 40
+        idle_s += c_chain_s
         self.lifetime_s = args.rounds * per_round + args.latency_duration + idle_s + 180
 
     @staticmethod
