@@ -355,77 +355,122 @@ _WORKER_SERIES: Final[tuple[tuple[bool, str, str, Callable[[WorkerStatistics], i
 )
 
 
+# One table per kind of source: (kind, name, help, value). A gauge or counter takes
+# value(source), a number, or None for no sample; a counter by reason takes a dict.
+GAUGE, COUNTER, BY_REASON = "gauge", "counter", "by_reason"
+_SourceSeries = tuple[tuple[str, str, str, Callable[[SourceStatistics], Any]], ...]
+
+_INGEST_SERIES: Final[_SourceSeries] = (
+    (COUNTER, "ingest_datagrams_total", "Datagrams read from an ingest socket.",
+     lambda s: s.received),
+    (COUNTER, "ingest_events_raised_total",
+     "Ingested notifications raised (with their own bytes) to the subscribers.",
+     lambda s: s.raised),
+    (BY_REASON, "ingest_rejected_total",
+     "Ingested datagrams not forwarded, by reason (malformed, unknown_event, oversize, "
+     "source_not_allowed, engine_stopped).",
+     lambda s: s.rejected),
+    (COUNTER, "ingest_kernel_drops_total",
+     "Datagrams the kernel dropped at a full ingest socket (SO_RXQ_OVFL).",
+     lambda s: s.kernel_drops),
+    (BY_REASON, "ingest_errors_total",
+     "Failures reading an ingest socket, by reason (receive_failed, internal, "
+     "thread_died); the socket is read again with back-off.",
+     lambda s: s.errors),
+)  # fmt: skip
+_UPSTREAM_SERIES: Final[_SourceSeries] = (
+    (GAUGE, "upstream_up",
+     "1 while every event asked for is subscribed at the upstream MI, else 0.",
+     lambda s: s.up or 0),
+    (GAUGE, "upstream_subscribed_events", "Events this engine is subscribed to at the upstream.",
+     lambda s: s.events),
+    (BY_REASON, "upstream_errors_total",
+     "Failed upstream MI calls, by reason (unreachable, timeout, mi_error, bad_reply, "
+     "too_large), and failures of its thread (internal, thread_died).",
+     lambda s: s.errors),
+    (GAUGE, "upstream_refused_events",
+     "Events asked of the upstream that are not taken: no event slot or a bad name "
+     "here, or refused by its MI (upstream_up is 0 while this is not 0).",
+     lambda s: s.refused),
+)  # fmt: skip
+_AMQP_SERIES: Final[_SourceSeries] = (  # broker sources per queue (SPEC section 9)
+    (GAUGE, "amqp_up", "1 while connected and consuming from the broker, else 0.",
+     lambda s: s.up or 0),
+    (COUNTER, "amqp_messages_total", "Messages consumed from the broker queue.",
+     lambda s: s.received),
+    (COUNTER, "amqp_events_raised_total",
+     "Consumed notifications raised (with their own bytes) to the subscribers.",
+     lambda s: s.raised),
+    (BY_REASON, "amqp_rejected_total",
+     "Consumed messages not forwarded, by reason (malformed, unknown_event, oversize, "
+     "engine_stopped, stale).",
+     lambda s: s.rejected),
+    (COUNTER, "amqp_reconnects_total", "Connections made again after one was lost.",
+     lambda s: s.reconnects),
+    (BY_REASON, "amqp_errors_total",
+     "Broker failures, by reason (connect_failed, connection_lost, exchange_missing, "
+     "queue_refused, access_refused, internal, thread_restarted).",
+     lambda s: s.errors),
+    (GAUGE, "amqp_queue_messages",
+     "Messages waiting in the broker queue for this engine (read every 2 s).",
+     lambda s: s.lag),
+)  # fmt: skip
+_STREAM_SERIES: Final[_SourceSeries] = (  # stream sources (SPEC section 14)
+    (GAUGE, "stream_up", "1 while subscribed to the stream, else 0.", lambda s: s.up or 0),
+    (COUNTER, "stream_messages_total", "Messages read from the stream.", lambda s: s.received),
+    (COUNTER, "stream_events_raised_total",
+     "Stream messages raised (their data section's bytes) to the subscribers.",
+     lambda s: s.raised),
+    (BY_REASON, "stream_rejected_total",
+     "Stream messages not forwarded, by reason (malformed, unknown_event, oversize, "
+     "engine_stopped, stale, not_amqp10, no_data).",
+     lambda s: s.rejected),
+    (GAUGE, "stream_stored_offset",
+     "The offset this engine last stored on the broker (it resumes after it).",
+     lambda s: s.offset),
+    (GAUGE, "stream_lag_offsets",
+     "The stream's last offset minus this engine's last handled one (read every 2 s).",
+     lambda s: s.lag),
+    (COUNTER, "stream_missed_offsets_total",
+     "Offsets retention removed before this engine read them (it continued after them).",
+     lambda s: s.missed),
+    (COUNTER, "stream_reconnects_total", "Subscriptions made again after one was lost.",
+     lambda s: s.reconnects),
+    (BY_REASON, "stream_errors_total",
+     "Stream failures, by reason (connect_failed, connection_lost, declare_failed, "
+     "stream_missing, stream_deleted, subscribe_failed).",
+     lambda s: s.errors),
+)  # fmt: skip
+
+# Each kind of source: its series and the label naming one source.
+_SOURCE_KINDS: Final = (
+    ("ingest", "socket", _INGEST_SERIES),
+    ("upstream", "mi", _UPSTREAM_SERIES),
+    ("amqp", "source", _AMQP_SERIES),
+    ("stream", "source", _STREAM_SERIES),
+)
+
+
 def _source_families(stats: EngineStatistics) -> Iterator[Metric]:
-    """Datagram ingest per socket; upstreams per MI (SPEC section 8)."""
-    ingest = [s for s in stats.sources if s.kind == "ingest"]
-    received = CounterMetricFamily(
-        PREFIX + "ingest_datagrams_total",
-        "Datagrams read from an ingest socket.",
-        labels=["socket"],
-    )
-    raised = CounterMetricFamily(
-        PREFIX + "ingest_events_raised_total",
-        "Ingested notifications raised (with their own bytes) to the subscribers.",
-        labels=["socket"],
-    )
-    rejected = CounterMetricFamily(
-        PREFIX + "ingest_rejected_total",
-        "Ingested datagrams not forwarded, by reason (malformed, unknown_event, oversize, "
-        "source_not_allowed, engine_stopped).",
-        labels=["socket", "reason"],
-    )
-    drops = CounterMetricFamily(
-        PREFIX + "ingest_kernel_drops_total",
-        "Datagrams the kernel dropped at a full ingest socket (SO_RXQ_OVFL).",
-        labels=["socket"],
-    )
-    ingest_errors = CounterMetricFamily(
-        PREFIX + "ingest_errors_total",
-        "Failures reading an ingest socket, by reason (receive_failed, internal, "
-        "thread_died); the socket is read again with back-off.",
-        labels=["socket", "reason"],
-    )
-    for s in ingest:
-        received.add_metric([s.name], s.received)
-        raised.add_metric([s.name], s.raised)
-        drops.add_metric([s.name], s.kernel_drops)
-        for reason, n in s.rejected.items():
-            rejected.add_metric([s.name, reason], n)
-        for reason, n in s.errors.items():
-            ingest_errors.add_metric([s.name, reason], n)
-    yield from (received, raised, rejected, drops, ingest_errors)
-    upstreams = [s for s in stats.sources if s.kind == "upstream"]
-    up = GaugeMetricFamily(
-        PREFIX + "upstream_up",
-        "1 while every event asked for is subscribed at the upstream MI, else 0.",
-        labels=["mi"],
-    )
-    events = GaugeMetricFamily(
-        PREFIX + "upstream_subscribed_events",
-        "Events this engine is subscribed to at the upstream.",
-        labels=["mi"],
-    )
-    errors = CounterMetricFamily(
-        PREFIX + "upstream_errors_total",
-        "Failed upstream MI calls, by reason (unreachable, timeout, mi_error, bad_reply, "
-        "too_large), and failures of its thread (internal, thread_died).",
-        labels=["mi", "reason"],
-    )
-    refused = GaugeMetricFamily(
-        PREFIX + "upstream_refused_events",
-        "Events asked of the upstream that are not taken: no event slot or a bad name "
-        "here, or refused by its MI (upstream_up is 0 while this is not 0).",
-        labels=["mi"],
-    )
-    for s in upstreams:
-        up.add_metric([s.name], s.up or 0)
-        events.add_metric([s.name], s.events)
-        refused.add_metric([s.name], s.refused)
-        for reason, n in s.errors.items():
-            errors.add_metric([s.name, reason], n)
-    yield from (up, events, errors, refused)
-    yield from _amqp_families([s for s in stats.sources if s.kind == "amqp"])
-    yield from _stream_families([s for s in stats.sources if s.kind == "stream"])
+    """Every source (SPEC sections 8, 9, 14), one series per source of each kind:
+    ingest per socket, upstreams per MI, brokers and streams per source."""
+    for kind, label, series in _SOURCE_KINDS:
+        sources = [s for s in stats.sources if s.kind == kind]
+        for shape, name, doc, value in series:
+            family: GaugeMetricFamily | CounterMetricFamily
+            if shape == GAUGE:
+                family = GaugeMetricFamily(PREFIX + name, doc, labels=[label])
+            else:
+                labels = [label, "reason"] if shape == BY_REASON else [label]
+                family = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            for s in sources:
+                sample = value(s)
+                if shape == BY_REASON:
+                    for reason, n in sample.items():
+                        family.add_metric([s.name, reason], n)
+                elif sample is not None:
+                    family.add_metric([s.name], sample)
+            yield family
 
 
 def _guard_families(engine: Engine) -> Iterator[Metric]:
@@ -455,121 +500,6 @@ def _guard_families(engine: Engine) -> Iterator[Metric]:
         "UDP MI error replies not sent: over the per-source rate limit.",
         value=suppressed,
     )
-
-
-def _amqp_families(sources: list[SourceStatistics]) -> Iterator[Metric]:
-    """Broker sources per queue (SPEC section 9)."""
-    labels = ["source"]
-    up = GaugeMetricFamily(
-        PREFIX + "amqp_up",
-        "1 while connected and consuming from the broker, else 0.",
-        labels=labels,
-    )
-    received = CounterMetricFamily(
-        PREFIX + "amqp_messages_total", "Messages consumed from the broker queue.", labels=labels
-    )
-    raised = CounterMetricFamily(
-        PREFIX + "amqp_events_raised_total",
-        "Consumed notifications raised (with their own bytes) to the subscribers.",
-        labels=labels,
-    )
-    rejected = CounterMetricFamily(
-        PREFIX + "amqp_rejected_total",
-        "Consumed messages not forwarded, by reason (malformed, unknown_event, oversize, "
-        "engine_stopped, stale).",
-        labels=[*labels, "reason"],
-    )
-    reconnects = CounterMetricFamily(
-        PREFIX + "amqp_reconnects_total",
-        "Connections made again after one was lost.",
-        labels=labels,
-    )
-    errors = CounterMetricFamily(
-        PREFIX + "amqp_errors_total",
-        "Broker failures, by reason (connect_failed, connection_lost, exchange_missing, "
-        "queue_refused, access_refused, internal, thread_restarted).",
-        labels=[*labels, "reason"],
-    )
-    lag = GaugeMetricFamily(
-        PREFIX + "amqp_queue_messages",
-        "Messages waiting in the broker queue for this engine (read every 2 s).",
-        labels=labels,
-    )
-    for s in sources:
-        up.add_metric([s.name], s.up or 0)
-        received.add_metric([s.name], s.received)
-        raised.add_metric([s.name], s.raised)
-        reconnects.add_metric([s.name], s.reconnects)
-        for reason, n in s.rejected.items():
-            rejected.add_metric([s.name, reason], n)
-        for reason, n in s.errors.items():
-            errors.add_metric([s.name, reason], n)
-        if s.lag is not None:
-            lag.add_metric([s.name], s.lag)
-    yield from (up, received, raised, rejected, reconnects, errors, lag)
-
-
-def _stream_families(sources: list[SourceStatistics]) -> Iterator[Metric]:
-    """Stream sources (SPEC section 14), by source (URL without credentials, stream)."""
-    labels = ["source"]
-    up = GaugeMetricFamily(
-        PREFIX + "stream_up", "1 while subscribed to the stream, else 0.", labels=labels
-    )
-    received = CounterMetricFamily(
-        PREFIX + "stream_messages_total", "Messages read from the stream.", labels=labels
-    )
-    raised = CounterMetricFamily(
-        PREFIX + "stream_events_raised_total",
-        "Stream messages raised (their data section's bytes) to the subscribers.",
-        labels=labels,
-    )
-    rejected = CounterMetricFamily(
-        PREFIX + "stream_rejected_total",
-        "Stream messages not forwarded, by reason (malformed, unknown_event, oversize, "
-        "engine_stopped, stale, not_amqp10, no_data).",
-        labels=[*labels, "reason"],
-    )
-    offset = GaugeMetricFamily(
-        PREFIX + "stream_stored_offset",
-        "The offset this engine last stored on the broker (it resumes after it).",
-        labels=labels,
-    )
-    lag = GaugeMetricFamily(
-        PREFIX + "stream_lag_offsets",
-        "The stream's last offset minus this engine's last handled one (read every 2 s).",
-        labels=labels,
-    )
-    missed = CounterMetricFamily(
-        PREFIX + "stream_missed_offsets_total",
-        "Offsets retention removed before this engine read them (it continued after them).",
-        labels=labels,
-    )
-    reconnects = CounterMetricFamily(
-        PREFIX + "stream_reconnects_total",
-        "Subscriptions made again after one was lost.",
-        labels=labels,
-    )
-    errors = CounterMetricFamily(
-        PREFIX + "stream_errors_total",
-        "Stream failures, by reason (connect_failed, connection_lost, declare_failed, "
-        "stream_missing, stream_deleted, subscribe_failed).",
-        labels=[*labels, "reason"],
-    )
-    for s in sources:
-        up.add_metric([s.name], s.up or 0)
-        received.add_metric([s.name], s.received)
-        raised.add_metric([s.name], s.raised)
-        missed.add_metric([s.name], s.missed)
-        reconnects.add_metric([s.name], s.reconnects)
-        for reason, n in s.rejected.items():
-            rejected.add_metric([s.name, reason], n)
-        for reason, n in s.errors.items():
-            errors.add_metric([s.name, reason], n)
-        if s.offset is not None:
-            offset.add_metric([s.name], s.offset)
-        if s.lag is not None:
-            lag.add_metric([s.name], s.lag)
-    yield from (up, received, raised, rejected, offset, lag, missed, reconnects, errors)
 
 
 def _worker_families(stats: EngineStatistics) -> Iterator[Metric]:
