@@ -25,7 +25,7 @@ The core, flat (the main process, or an application embedding the engine):
 The folders:
   shm/              what both sides of shared memory share, each layout defined once:
                     segment.py, ring.py (reader and writer), counters.py, spec.py,
-                    futex.py (sleep and wake), mmsg.py (the sendmmsg/recvmmsg structs)
+                    doorbell.py (sleep and wake), mmsg.py (the sendmmsg/recvmmsg structs)
   sources/          where events come from besides the API: ingest.py (datagram
                     sockets), upstream.py (subscribing at an OpenSIPS MI), amqp.py and
                     stream.py (RabbitMQ), relay.py (validate, raise, count: the one rule)

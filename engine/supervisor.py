@@ -39,6 +39,7 @@ from engine.shm.counters import (
     CounterLayout,
     block_size,
 )
+from engine.shm.doorbell import Doorbell
 from engine.shm.ring import ControlPayload, Ring, check_architecture, segment_size
 from engine.shm.segment import (
     Segment,
@@ -89,6 +90,7 @@ class WorkerProcess:
             [sys.executable, "-P", "-m", "workers"],
             stdin=subprocess.PIPE,
             close_fds=True,
+            pass_fds=(spec.doorbell_fd,),  # its ring's doorbell, at the same number
         )
         self.pid = self.popen.pid
         self.sentinel = os.pidfd_open(self.pid)
@@ -130,6 +132,7 @@ class Supervisor:
         self.host = host
         self.options = options
         self.rings: list[Ring] = []
+        self._doorbells: list[Doorbell] = []  # one per ring, kept across worker restarts
         self.counters: CounterBlock | None = None
         self.cpus: list[int | None] = []
         self.restarts: list[int] = []
@@ -141,6 +144,8 @@ class Supervisor:
         # at that read position, as this thread saw it; None while it makes progress.
         self._waiting_since: list[tuple[int, int] | None] = []
         self.stuck_kills: list[int] = []
+        self.nudges: list[int] = []  # lost wake-ups the supervisor made up for, per worker
+        self._stalled_at: list[tuple[int, int] | None] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._workers_gone = threading.Event()
@@ -180,7 +185,9 @@ class Supervisor:
                 )
                 self._segments.append(ring_seg)
                 Ring.format(ring_seg.buf, opts.ring_bytes)
-                self.rings.append(Ring(ring_seg.buf))
+                doorbell = Doorbell.create()
+                self._doorbells.append(doorbell)
+                self.rings.append(Ring(ring_seg.buf, doorbell))
         except BaseException:
             self._free_segments()
             raise
@@ -191,6 +198,8 @@ class Supervisor:
         self._crashes_at = [(-1, 0)] * workers  # (ring position, errors in a row there)
         self._waiting_since = [None] * workers
         self.stuck_kills = [0] * workers
+        self.nudges = [0] * workers
+        self._stalled_at = [None] * workers
         if producer_cpu is not None:
             self._pin_producer(producer_cpu)
         self.running = True
@@ -269,6 +278,7 @@ class Supervisor:
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK_S
                 self._kill_stuck_workers()
+                self._nudge_stalled_sleepers()
                 try:
                     self.host.tick()
                 except Exception:  # housekeeping must never kill the supervisor
@@ -316,11 +326,25 @@ class Supervisor:
                 unix_wait_ms=opts.unix_wait_ms,
                 max_delay_ms=opts.max_delay_ms,
                 idle_poll_ms=opts.idle_poll_ms,
+                doorbell_fd=self._doorbells[k].fd,
                 sndbuf=opts.sndbuf_bytes,
                 parent_pid=os.getpid(),
                 snapshot=snapshot,
             )
             self._procs[k] = WorkerProcess(spec)
+
+    def _nudge_stalled_sleepers(self) -> None:
+        """Ring for a worker seen asleep with records waiting at the same read position
+        on two ticks in a row: its wake-up was lost (a bug; counted and logged), and
+        it has no time-out of its own to find out (shm/doorbell.py)."""
+        for k, ring in enumerate(self.rings):
+            stalled = ring.stalled_sleep()
+            if stalled is not None and stalled == self._stalled_at[k]:
+                ring.nudge()
+                self.nudges[k] += 1
+                log.warning("worker %d slept with records waiting: woken by the supervisor", k)
+                stalled = None
+            self._stalled_at[k] = stalled
 
     def _kill_stuck_workers(self) -> None:
         """Kill a ready worker whose ring has held records at the same read position,
@@ -483,6 +507,9 @@ class Supervisor:
                 seg.close()
         self._segments.clear()
         self.rings = []
+        for doorbell in self._doorbells:
+            doorbell.close()
+        self._doorbells = []
         self.counters = None
         if self._lock_fd is not None:
             unlock_instance(self._lock_fd, self._lock_path)

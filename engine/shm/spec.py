@@ -28,5 +28,6 @@ class WorkerSpec:
     max_delay_ms: float = 0.0  # an event older than this is dropped as stale; 0 = never
     idle_poll_ms: float = 2.0  # after traffic, poll this long before sleeping until woken
     parent_pid: int = 0
+    doorbell_fd: int = -1  # the ring's doorbell (shm/doorbell.py), inherited at this number
     # The worker's subscriber table as of its ring's read position, oldest first.
     snapshot: list[tuple[int, ControlPayload]] = field(default_factory=list)

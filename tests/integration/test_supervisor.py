@@ -15,7 +15,9 @@ import pytest
 
 from engine.options import EngineOptions
 from engine.producer import Engine, EngineError
+from engine.shm.ring import KIND_EVENT
 from engine.shm.segment import list_segments
+from engine.wire import encode_notification
 from tests.helpers.support import eventually, running_engine, udp_receiver, unique_instance
 
 ENGINE_SCRIPT = textwrap.dedent(
@@ -209,5 +211,30 @@ def test_stop_is_bounded_with_many_stuck_workers() -> None:
             engine.stop()
             took = time.monotonic() - start
         assert took < 8.0, f"stop took {took:.1f} s"  # a second in a row each: 13 s
+    finally:
+        rx.close()
+
+
+def test_a_lost_wake_up_is_made_up_for_by_the_supervisor() -> None:
+    """A record published behind the producer's back (no ring of the doorbell) reaches
+    the subscriber all the same: the supervisor sees the worker asleep with records
+    waiting on two ticks in a row, rings, and counts it."""
+    rx = udp_receiver()
+    try:
+        with running_engine(workers=1, idle_poll_ms=0) as engine:
+            engine.subscribe("E_TEST", rx.socket_text)
+            engine.raise_event("E_TEST", {"seq": 0})
+            assert len(rx.wait_for(1)) == 1
+            supervisor = engine.supervisor
+            ring = supervisor.rings[0]
+            eventually(lambda: ring.asleep, what="the worker asleep")
+            payload = encode_notification("E_TEST", {"seq": 1})
+            with engine.hot_lock():
+                assert ring.try_append(
+                    KIND_EVENT, engine.event_id("E_TEST"), 1, time.monotonic_ns(), payload
+                )
+            assert len(rx.wait_for(2)) == 2, "the worker slept through a published record"
+            assert json.loads(rx.datagrams[1])["params"] == {"seq": 1}
+            assert supervisor.nudges == [1]
     finally:
         rx.close()

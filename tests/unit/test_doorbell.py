@@ -1,0 +1,100 @@
+"""The ring's doorbell (shm/doorbell.py): a real eventfd, a consumer thread asleep on a
+real ring in this process, and the supervisor's lost-wake-up net."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from engine.shm.doorbell import Doorbell
+from engine.shm.ring import KIND_EVENT, Ring
+from engine.shm.segment import Segment
+
+
+@pytest.fixture
+def doorbell() -> Iterator[Doorbell]:
+    bell = Doorbell.create()
+    yield bell
+    bell.close()
+
+
+def test_a_ring_before_the_wait_is_kept(doorbell: Doorbell) -> None:
+    doorbell.ring()
+    doorbell.ring()
+    done = threading.Event()
+
+    def waiter() -> None:
+        doorbell.wait()  # at once: rung before (twice, one wake-up)
+        done.set()
+
+    threading.Thread(target=waiter, daemon=True).start()
+    assert done.wait(5), "a ring that landed before the wait was lost"
+
+
+def test_wait_resets_the_count_so_the_next_wait_sleeps(doorbell: Doorbell) -> None:
+    doorbell.ring()
+    doorbell.wait()
+    woke = threading.Event()
+
+    def waiter() -> None:
+        doorbell.wait()
+        woke.set()
+
+    threading.Thread(target=waiter, daemon=True).start()
+    assert not woke.wait(0.2), "the wait returned without a new ring"
+    doorbell.ring()
+    assert woke.wait(5), "a ring did not wake the waiter"
+
+
+def test_a_consumer_without_a_doorbell_cannot_sleep(ring: Ring) -> None:
+    with pytest.raises(RuntimeError, match="no doorbell"):
+        ring.sleep(ring.read_pos)
+
+
+def test_the_consumer_sleeps_until_the_producer_rings(segment: Segment, doorbell: Doorbell) -> None:
+    producer = Ring(segment.buf, doorbell)
+    consumer = Ring(segment.buf, doorbell)
+    try:
+        woke = threading.Event()
+
+        def worker() -> None:
+            consumer.sleep(consumer.read_pos)
+            woke.set()
+
+        threading.Thread(target=worker, daemon=True).start()
+        deadline = time.monotonic() + 5
+        while producer.sleeps == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert producer.stalled_sleep() is None  # asleep, nothing published: not stalled
+        assert producer.try_append(KIND_EVENT, 1, 1, time.monotonic_ns(), b"x")
+        assert not woke.wait(0.1), "the consumer woke before anyone rang"
+        assert producer.stalled_sleep() is not None  # asleep with a record waiting
+        assert producer.wake_if_sleeping()
+        assert not producer.wake_if_sleeping()  # one ring per sleep
+        assert woke.wait(5), "the ring did not wake the consumer"
+        assert producer.stalled_sleep() is None
+    finally:
+        producer.release()
+        consumer.release()
+
+
+def test_a_record_published_before_the_sleep_is_not_slept_through(
+    segment: Segment, doorbell: Doorbell
+) -> None:
+    ring = Ring(segment.buf, doorbell)
+    try:
+        read_pos = ring.read_pos
+        assert ring.try_append(KIND_EVENT, 1, 1, time.monotonic_ns(), b"x")
+        done = threading.Event()
+
+        def worker() -> None:
+            ring.sleep(read_pos)  # the last look sees the record: no wait at all
+            done.set()
+
+        threading.Thread(target=worker, daemon=True).start()
+        assert done.wait(5), "the consumer slept with a record published"
+    finally:
+        ring.release()
