@@ -1,5 +1,8 @@
 """The bench's receivers: real processes that count and check every datagram.
 
+Why this is long: the receiving loop, the per-datagram checks and the parent's
+side of the pipe protocol change together, and are read together.
+
 Each receiver process binds some of the subscriber sockets (UDP on 127.0.0.1,
 UDP on ::1, UNIX datagram in the bench's temporary directory), asks for a big
 receive buffer (SO_RCVBUFFORCE when allowed, else SO_RCVBUF, which the kernel
@@ -10,7 +13,9 @@ compared, so a truncated or corrupted datagram counts as invalid, never as
 received. Per socket a byte per sequence number finds duplicates; in the latency
 phases the receive time minus the raise time of every datagram is kept (in the
 idle phase with its sequence number, so the bench can tell which events found a
-worker asleep).
+worker asleep). In the idle phase each datagram is read with `socket.recv_into`
+and stamped as it returns, like wake.c's receiver, and checked only after every
+ready socket was read (`_drain_each`, `_check_held`).
 
 One process may hold any number of sockets (the bench's default is one process
 for all of them, 1,000 included): epoll says which sockets have datagrams, and
@@ -164,6 +169,8 @@ class _Receiver:
         self.latencies = array.array("q")
         self.latency_seqs = array.array("q")
         self.errors: dict[str, int] = {}
+        # The idle phase's datagrams read but not yet checked: (socket, bytes, size, ns).
+        self.held: list[tuple[_Socket, bytes, int, int]] = []
         for s in self.sockets:
             s.reset()
 
@@ -183,6 +190,8 @@ class _Receiver:
                             return
                     else:
                         self._drain(self.by_fd[fd], MAX_CALLS)
+                if self.held:
+                    self._check_held()
         finally:
             ep.close()
             self.close()
@@ -205,6 +214,7 @@ class _Receiver:
         elif msg[0] == "report":
             for s in self.sockets:  # what is already queued belongs to this round
                 self._drain(s, 1 << 16)
+            self._check_held()
             self.conn.send(self._report())
             if self.spec.mode in LATENCY_MODES:
                 self.conn.send_bytes(self.latencies.tobytes())
@@ -215,6 +225,9 @@ class _Receiver:
         return True
 
     def _drain(self, s: _Socket, max_calls: int) -> None:
+        if self.spec.mode == "idle":
+            self._drain_each(s, max_calls)
+            return
         fd = s.sock.fileno()
         vlen = self.vlen
         recvmmsg = self.recvmmsg
@@ -231,6 +244,44 @@ class _Receiver:
             self.counters[s.index] += n
             if n < vlen:
                 return
+
+    def _drain_each(self, s: _Socket, max_calls: int) -> None:
+        """The idle phase's reads: one `socket.recv_into` per datagram, its receive time
+        taken as it returns, as wake.c's receiver does with recv(2) (a built-in: after
+        a pause, ctypes' recvmmsg path is tens of microseconds longer). The datagrams
+        are only copied aside here and checked by `_check_held()` once every ready
+        socket has been read, so checking one event's first datagram does not delay
+        the receive time of its others."""
+        sock = s.sock
+        slot = self.slot
+        first = self.view[:slot]
+        try:
+            for _ in range(max_calls):
+                try:
+                    size = sock.recv_into(first, slot, MSG_DONTWAIT | MSG_TRUNC)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                    self.errors[name] = self.errors.get(name, 0) + 1
+                    return
+                self.held.append((s, bytes(first[: min(size, slot)]), size, time.monotonic_ns()))
+        finally:
+            first.release()
+
+    def _check_held(self) -> None:
+        """Check the datagrams `_drain_each` set aside, each with its receive time: put
+        back where recvmmsg's first would land, so `_consume` reads it the same way."""
+        words = self.words
+        view = self.view
+        slot = self.slot
+        for s, data, size, now in self.held:
+            view[: len(data)] = data
+            words[_LEN_WORD] = len(data)
+            words[_FLAGS_WORD] = MSG_TRUNC if size > slot else 0
+            self._consume(s, 1, now)
+            self.counters[s.index] += 1
+        self.held.clear()
 
     def _consume(self, s: _Socket, n: int, now: int) -> None:
         """Check n datagrams just received on s; `now` is their receive time."""

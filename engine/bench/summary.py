@@ -249,6 +249,9 @@ def summarize(
         identity += [f"idle phase: {e}" for e in idle_round.get("identity_errors", [])]
     idle_cpu: dict[str, float] = dict(idle_round["idle_cpu"]["percent"]) if idle_round else {}
     idle_lat: dict[str, Any] = idle["latency_s"] if idle else {}
+    idle_first: dict[str, Any] = (
+        idle_round.get("latency_first_datagram_s") or {} if idle_round else {}
+    )
     worst_idle_cpu = max(idle_cpu.values()) if idle_cpu else None
     idle_p99 = idle_lat.get("p99")
     eng_rx = engine.get("datagrams_received_per_s")
@@ -361,6 +364,10 @@ def summarize(
         "idle_latency_s": idle_lat,
         "idle_latency_c_s": (idle.get("c_wake") or {}) if idle else {},
         "idle_latency_c_ratio_p50": _c_ratio(idle_lat, idle.get("c_wake") if idle else None),
+        "idle_latency_first_s": idle_first,
+        "idle_latency_c_ratio_first_p50": _c_ratio(
+            idle_first, idle.get("c_wake") if idle else None
+        ),
         "idle_cpu_percent": idle_cpu,
         "idle_latency": idle_round,
         "backlog": _backlog(by["engine"]),

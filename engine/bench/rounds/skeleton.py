@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 DRAIN_FLOOR_DG_PER_S: Final = 20_000.0  # the slowest drain the time cap allows for
 DRAIN_CAP_FLOOR_S: Final = 60.0
+BENCH_FULL_RING_WAIT_MS: Final = 1000.0  # engine.full_ring_wait_ms in every engine round
 
 
 class BenchHost(Protocol):
@@ -146,6 +147,10 @@ class EngineRound(Round):
             instance=self.instance,
             workers=self.args.workers,
             full_ring_policy=self.args.full_ring_policy,
+            # "wait" here means as fast as the workers send: a worker descheduled for
+            # more than the default 10 ms on a busy 2-core machine must not turn the
+            # producer's wait into a drop (a stall past this is still one, counted).
+            full_ring_wait_ms=BENCH_FULL_RING_WAIT_MS,
             ring_bytes=self.args.ring_bytes,
         )
         self.engine = Engine(self.options, events=[EVENT])
