@@ -80,7 +80,8 @@ class Bench:
         self.rcvbuf = min(args.rcvbuf_bytes, per_socket)
         self.idle: dict[str, Any] | None = None
         per_round = len(self.contenders()) * (args.duration + 14) + args.subscribers / 10
-        c_chain_s = C_WAKE_EVENTS * C_WAKE_GAP_MS / 1000 + 10  # its events, gcc and start-up
+        # the C chain and the Python one: their events, gcc and start-up
+        c_chain_s = 2 * C_WAKE_EVENTS * C_WAKE_GAP_MS / 1000 + 20
         idle_s = args.idle_latency_duration + args.idle_cpu_duration + IDLE_SETTLE_S + 40
         idle_s += c_chain_s
         self.lifetime_s = args.rounds * per_round + args.latency_duration + idle_s + 180
@@ -250,6 +251,8 @@ class Bench:
             "latency_s": latency_summary(samples, rate, duration) if duration else {},
             # the kernel's own wake -> send -> recv chain, run now so both share the machine
             "c_wake": c_wake.run(C_WAKE_EVENTS, C_WAKE_GAP_MS) if duration else {},
+            # the same chain in Python: what CPython itself costs it
+            "py_wake": c_wake.run_python(C_WAKE_EVENTS, C_WAKE_GAP_MS) if duration else {},
         }
         cpu = ", ".join(f"worker {k} {v:.3f}%" for k, v in result["idle_cpu"]["percent"].items())
         lat = self.idle["latency_s"]

@@ -364,6 +364,7 @@ def summarize(
         "idle_latency_s": idle_lat,
         "idle_latency_c_s": (idle.get("c_wake") or {}) if idle else {},
         "idle_latency_c_ratio_p50": _c_ratio(idle_lat, idle.get("c_wake") if idle else None),
+        "idle_latency_py_s": (idle.get("py_wake") or {}) if idle else {},
         "idle_latency_first_s": idle_first,
         "idle_latency_c_ratio_first_p50": _c_ratio(
             idle_first, idle.get("c_wake") if idle else None

@@ -155,6 +155,13 @@ def format_table(result: dict[str, Any]) -> str:
                 f"p90 {format_us(cw['p90'])}, p99 {format_us(cw['p99'])}; engine p50 / C p50 "
                 + (f"{ratio:.2f}" if ratio is not None else "n/a")
             )
+            py = result.get("idle_latency_py_s") or {}
+            if py.get("status") == "ok":
+                lines.append(
+                    f"  the same chain in Python (py_wake.py: eventfd, socket.send, recv): "
+                    f"p50 {format_us(py['p50'])}, p99 {format_us(py['p99'])}; Python / C "
+                    f"{py['p50'] / cw['p50']:.2f}"
+                )
             first = result.get("idle_latency_first_s") or {}
             first_ratio = result.get("idle_latency_c_ratio_first_p50")
             if first.get("p50") is not None:

@@ -43,3 +43,10 @@ def test_short_real_run_reports_ordered_percentiles() -> None:
 def test_without_gcc_it_is_skipped_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "")
     assert c_wake.run(events=2, gap_ms=1) == {"status": "skipped", "reason": "gcc not found"}
+
+
+def test_the_python_chain_runs_and_reports_in_the_same_shape() -> None:
+    got = c_wake.run_python(events=10, gap_ms=5)
+    assert got["status"] == "ok", got
+    assert got["samples"] == 10 and got["gap_ms"] == 5
+    assert 0 < got["p50"] <= got["p90"] <= got["p99"] <= got["max"]

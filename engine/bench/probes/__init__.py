@@ -3,6 +3,7 @@
 http_auth.py (what TLS and basic auth cost the HTTP MI and /metrics),
 amqp_sizes.py (broker throughput by message size), fanout_scale.py (tens of
 thousands of subscribers on one engine), routing.py (groups and filters against
-plain subscribers; also `event-datagram bench --routing`). One is run by the bench
-itself: c_wake.py compiles and runs wake.c (the kernel's own first-event-after-a-pause
-chain in C) in the idle phase, beside the engine's figures."""
+plain subscribers; also `event-datagram bench --routing`). Two are run by the bench
+itself, in the idle phase beside the engine's figures: c_wake.py compiles and runs
+wake.c (the kernel's own first-event-after-a-pause chain in C), and runs
+py_wake.py (the same chain in Python: CPython's own floor)."""

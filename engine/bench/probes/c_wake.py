@@ -1,13 +1,15 @@
 """The C chain beside the engine: wake.c (producer futex-wakes a sleeping process
 pinned to the other core, which sends one UDP datagram to a receiver blocked in
 recv) compiled with gcc at bench time and run in the idle phase, so the engine's
-first-event latency is read against the kernel's own cost in the same run."""
+first-event latency is read against the kernel's own cost in the same run; and the
+same chain in Python (py_wake.py), CPython's own floor, run beside it."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Final
@@ -33,6 +35,25 @@ def parse(output: str) -> dict[str, Any] | None:
         "p99": p99 / 1e6,
         "max": mx / 1e6,
     }
+
+
+def run_python(events: int = 100, gap_ms: int = 50) -> dict[str, Any]:
+    """The same chain in Python (py_wake.py, in a fresh interpreter): CPython's own
+    floor for the engine's idle latency. {"status": "ok", p50.. in s} or "failed"."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "engine.bench.probes.py_wake", str(events), str(gap_ms)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S + events * gap_ms / 1000,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:200]}
+    found = parse(done.stdout)
+    if found is None:
+        return {"status": "failed", "reason": f"unparsed output: {done.stdout[:200]!r}"}
+    return {"status": "ok", **found}
 
 
 def run(events: int = 100, gap_ms: int = 50) -> dict[str, Any]:
