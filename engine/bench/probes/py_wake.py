@@ -14,6 +14,7 @@ prints wake.c's line: "n=N gap=GAPms: p50 .. us, p90 .. us, p99 .. us, max .. us
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import socket
@@ -23,10 +24,8 @@ import time
 
 
 def _pin(cpu: int) -> None:
-    try:
+    with contextlib.suppress(OSError):  # fewer CPUs: run where allowed
         os.sched_setaffinity(0, {cpu})
-    except OSError:
-        pass  # fewer CPUs: run where allowed
 
 
 def main(n: int = 100, gap_ms: int = 50) -> str:
