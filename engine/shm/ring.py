@@ -219,14 +219,18 @@ class Ring:
         if doorbell is None:
             raise RuntimeError("this ring has no doorbell: its consumer cannot sleep")
         words = self.words
-        words[_SLEEP_SEQ] += 1  # odd: asleep
+        seq = int(words[_SLEEP_SEQ])
+        # The next odd value: asleep. (A consumer killed in its sleep left it odd: its
+        # successor must not make it even by going to sleep, or no one would ring.)
+        asleep = seq + 2 if seq & 1 else seq + 1
+        words[_SLEEP_SEQ] = asleep
         try:
             with _FENCE:  # the odd sequence is visible before the last look below
                 pass
             if words[_WRITE_POS] == read_pos:
                 doorbell.wait()
         finally:
-            words[_SLEEP_SEQ] += 1  # even: awake
+            words[_SLEEP_SEQ] = asleep + 1  # even: awake
 
     @property
     def asleep(self) -> bool:

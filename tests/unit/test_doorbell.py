@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from engine.shm.doorbell import Doorbell
-from engine.shm.ring import KIND_EVENT, Ring
+from engine.shm.ring import _SLEEP_SEQ, KIND_EVENT, Ring
 from engine.shm.segment import Segment
 
 
@@ -98,3 +98,32 @@ def test_a_record_published_before_the_sleep_is_not_slept_through(
         assert done.wait(5), "the consumer slept with a record published"
     finally:
         ring.release()
+
+
+def test_a_consumer_killed_in_its_sleep_does_not_leave_its_successor_unwakeable(
+    segment: Segment, doorbell: Doorbell
+) -> None:
+    """A worker SIGKILLed asleep leaves the sleep sequence odd; the restarted worker's
+    sleep must still read as asleep to the producer, or nothing would ring it."""
+    producer = Ring(segment.buf, doorbell)
+    successor = Ring(segment.buf, doorbell)
+    try:
+        producer.words[_SLEEP_SEQ] = 5  # odd: its sleeper died without waking
+        woke = threading.Event()
+
+        def worker() -> None:
+            successor.sleep(successor.read_pos)
+            woke.set()
+
+        threading.Thread(target=worker, daemon=True).start()
+        deadline = time.monotonic() + 5
+        while producer.words[_SLEEP_SEQ] == 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert producer.asleep
+        assert producer.try_append(KIND_EVENT, 1, 1, time.monotonic_ns(), b"x")
+        assert producer.wake_if_sleeping(), "the producer did not see the successor asleep"
+        assert woke.wait(5)
+        assert not producer.asleep
+    finally:
+        producer.release()
+        successor.release()
