@@ -29,7 +29,7 @@ The folders:
   sources/          where events come from besides the API: ingest.py (datagram
                     sockets), upstream.py (subscribing at an OpenSIPS MI), amqp.py and
                     stream.py (RabbitMQ), relay.py (validate, raise, count: the one rule)
-  mi/               the OpenSIPS control interface: protocol.py, commands.py, http.py
+  mi/               the OpenSIPS control interface: protocol.py, dispatch.py, commands.py, http.py
                     (parsing, pure), server.py (HTTP), datagram.py (UDP), fifo.py, client.py
   cli/              the `event-datagram` command: main.py (verbs), run.py, listen.py,
                     explain.py, reload.py (SIGHUP), logs.py, notify.py (systemd's sd_notify)

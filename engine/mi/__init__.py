@@ -1,6 +1,7 @@
 """The OpenSIPS management interface (MI), served and spoken.
 
-protocol.py JSON-RPC 2.0 envelope: parse a request, dispatch, build the reply
+protocol.py JSON-RPC 2.0 envelope: the error codes, parse a request, build the reply
+dispatch.py handle(): one request run end to end (parse, command, reply)
 commands.py the commands (evi:subscribe, evi:list, ...), OpenSIPS's replies
 server.py   the HTTP listener (POST /mi, GET /metrics, /health, /ready): event loop, TLS
 http.py     HTTP parsing (bytes in, a request or a status out) and the request checks

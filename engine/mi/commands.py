@@ -28,6 +28,7 @@ import msgspec
 
 from engine.address import AddressError
 from engine.errors import EngineError, MIError
+from engine.mi.protocol import INVALID_PARAMS, METHOD_NOT_FOUND, SERVER_ERROR
 from engine.subscriptions import (
     DEFAULT_EXPIRE,
     NotAllowed,
@@ -41,12 +42,6 @@ from engine.wire import PayloadTooLarge, WireError, repeated_key
 
 if TYPE_CHECKING:
     from engine.producer import Engine
-
-PARSE_ERROR: Final = -32700
-INVALID_REQUEST: Final = -32600
-METHOD_NOT_FOUND: Final = -32601
-INVALID_PARAMS: Final = -32602
-SERVER_ERROR: Final = -32000
 
 INT_MIN: Final = -(2**31)
 INT_MAX: Final = 2**31 - 1

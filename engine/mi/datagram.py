@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from engine.address import format_listen
 from engine.mi.datagram_guard import DatagramGuard, parse_datagram_allow
-from engine.mi.protocol import error_reply, handle
+from engine.mi.dispatch import handle
+from engine.mi.protocol import error_reply
 
 if TYPE_CHECKING:
     from engine.producer import Engine

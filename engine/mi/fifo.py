@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from engine.mi.commands import PARSE_ERROR
-from engine.mi.protocol import error_reply, handle
+from engine.mi.dispatch import handle
+from engine.mi.protocol import PARSE_ERROR, error_reply
 
 if TYPE_CHECKING:
     from engine.producer import Engine

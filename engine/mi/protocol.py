@@ -1,9 +1,8 @@
-"""The OpenSIPS management interface (MI): JSON-RPC 2.0 dispatch, transport-free.
-
-``handle(engine, request_bytes)`` takes one request exactly as a transport
-received it and returns the reply bytes, or None when no reply is due (a
-notification: a request without ``id``). Every transport (HTTP, UDP datagram,
-FIFO; engine/server.py, engine/mi_fifo.py) calls it and nothing else.
+"""The OpenSIPS management interface's JSON-RPC 2.0 envelope, transport-free: the
+error codes, ``parse_request`` (bytes in, a ``Request`` or a ``BadRequest``
+out), and the replies (``result_reply``, ``error_reply``). It knows no command:
+dispatch.py runs a parsed request against the commands (commands.py), which
+raise ``MIError`` with the codes defined here.
 
 Replies are built the way OpenSIPS prints them (cJSON, unformatted): keys
 ``jsonrpc``, ``result`` | ``error``, ``id`` in that order, no spaces, the
@@ -14,43 +13,39 @@ JSON-RPC request -> -32600 (both also answered when there is no ``id``, with
 ``"id":null``), unknown method -> -32601, params that match none of the
 command's recipes -> -32602 with OpenSIPS's ``data`` text; ``params`` that is
 an empty array or object counts as no params.
-
-The commands themselves live in engine/mi_commands.py.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import msgspec
 
 from engine.errors import BadRequest, MIError
-from engine.mi.commands import (
-    INVALID_PARAMS,
-    INVALID_REQUEST,
-    PARSE_ERROR,
-    SERVER_ERROR,
-    run,
-)
-
-if TYPE_CHECKING:
-    from engine.producer import Engine
 
 __all__ = [
+    "INVALID_PARAMS",
+    "INVALID_REQUEST",
+    "METHOD_NOT_FOUND",
+    "PARSE_ERROR",
+    "SERVER_ERROR",
     "BadRequest",
     "MIError",
     "Request",
     "error_reply",
-    "handle",
     "parse_request",
     "result_reply",
 ]
 
-log = logging.getLogger("event_datagram.mi")
+# JSON-RPC 2.0's error codes, as OpenSIPS answers them.
+PARSE_ERROR: Final = -32700
+INVALID_REQUEST: Final = -32600
+METHOD_NOT_FOUND: Final = -32601
+INVALID_PARAMS: Final = -32602
+SERVER_ERROR: Final = -32000
 
 _NULL: Final = b"null"
 _decode_request: Final = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
@@ -158,29 +153,3 @@ def _string_field(fields: dict[str, msgspec.Raw], name: str) -> str | None:
         return _decode_str(raw)
     except (msgspec.DecodeError, RecursionError):
         return None
-
-
-def handle(engine: Engine, data: bytes) -> bytes | None:
-    """Run one MI request against ``engine``; return the reply, or None for none.
-
-    Never raises: anything unexpected becomes a -32000 "Server error" reply
-    (and is logged), so a transport can always keep serving.
-    """
-    try:
-        request = parse_request(data)
-    except BadRequest as bad:
-        return error_reply(bad.code, bad.message, bad.data, bad.id_json)
-    except Exception:  # pragma: no cover - a bug; keep the transport alive
-        log.exception("MI request could not be parsed")
-        return error_reply(SERVER_ERROR, "Server error")
-    reply_id = _NULL if request.id is None else request.id
-    try:
-        reply = result_reply(run(engine, request.method, request.params), reply_id)
-    except MIError as err:
-        reply = error_reply(err.code, err.message, err.data, reply_id)
-    except RecursionError:
-        reply = error_reply(INVALID_PARAMS, "Invalid params", "nested too deeply", reply_id)
-    except Exception as exc:
-        log.exception("MI command %r failed", request.method)
-        reply = error_reply(SERVER_ERROR, "Server error", type(exc).__name__, reply_id)
-    return None if request.id is None else reply

@@ -60,7 +60,8 @@ from typing import TYPE_CHECKING, Final
 from engine.address import format_listen
 from engine.mi import http as checks
 from engine.mi import webconfig
-from engine.mi.protocol import error_reply, handle
+from engine.mi.dispatch import handle
+from engine.mi.protocol import error_reply
 
 if TYPE_CHECKING:
     from engine.producer import Engine

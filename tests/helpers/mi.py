@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.address import AddressError, parse_destination
-from engine.mi.protocol import handle
+from engine.mi.dispatch import handle
 from engine.producer import Engine
 from tests.helpers.support import load_vector
 

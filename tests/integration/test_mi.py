@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.mi.protocol import handle
+from engine.mi.dispatch import handle
 from engine.producer import Engine
 from engine.wire import MAX_PAYLOAD
 from tests.helpers.mi import ONE_WORKER, STATIC, mi

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from engine.mi.commands import SERVER
-from engine.mi.protocol import handle
+from engine.mi.dispatch import handle
 from tests.helpers.mi import (
     MI_EVENTS,
     NAMES_EVENTS,

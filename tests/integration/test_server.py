@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from engine.mi.datagram import DatagramServer
-from engine.mi.protocol import handle
+from engine.mi.dispatch import handle
 from engine.mi.server import HTTPServer
 from engine.producer import Engine
 from tests.helpers.mi import EVENTS_REPLY, ONE_WORKER
