@@ -241,6 +241,13 @@ def engine_process(workdir: Path, broker: LocalBroker, upstream: str) -> Iterato
             what="`event-datagram run` to answer on /mi",
             log=log,
         )
+        # The MI answers before every source has started: the ready line comes after.
+        wait_until(
+            lambda: READY_INGEST.search(log.read_bytes()) is not None,
+            timeout=30,
+            what="the ready line naming the ingest socket",
+            log=log,
+        )
         found = READY_INGEST.search(log.read_bytes())
         assert found, "the ready line names no ingest socket:\n" + log.read_text()[-3000:]
         ingest = (found.group(1).decode(), int(found.group(2)))
