@@ -190,34 +190,15 @@ class Fanout:
         if not targets or router is None:
             self.drops["no_subscribers"] += 1
             return RaiseResult(name, len(payload), 0, 0, 0)
-        rings = router.rings
-        routes = router.routes
         ts = time.monotonic_ns()
-        wait_s = self._wait_s
+        admit = self._admit
         queued = dropped = pairs = 0
-        bound = self._max_pending
         for worker, fanout in targets:
-            route = routes[worker]
-            if route.pending:  # control records first: the event must not overtake them
-                ok = False
-            elif (
-                bound
-                and route.pairs_queued - route.consumed_seen + fanout > bound
-                and not self._backlog_room(worker, fanout, wait_s)
-            ):
-                ok = False  # a backlog of datagrams, not only of bytes, is bounded
-            elif wait_s:
-                ok = rings[worker].append(KIND_EVENT, eid, fanout, ts, payload, wait_s)
-            else:  # payloads are <= MAX_PAYLOAD, always under the ring's record limit
-                ok = rings[worker].try_append(KIND_EVENT, eid, fanout, ts, payload)
-            if ok:
+            if admit(worker, eid, fanout, ts, payload, False):
                 queued += 1
                 pairs += fanout
-                route.pairs_queued += fanout
             else:
                 dropped += 1
-                route.pairs_dropped += fanout
-                route.records_dropped += 1
         if dropped:
             self.drops["ring_full"] += 1
         else:
@@ -231,7 +212,7 @@ class Fanout:
         per target worker, the run's records are staged with one Ring.stage_many;
         whatever that does not take (a full ring, the ring's end, a backlog near
         engine.max_pending_datagrams, an oversize payload) goes one event at a
-        time through _stage_one, which decides exactly as _queue does. Returns
+        time through _admit, the rule _queue applies. Returns
         (oversize, the rings whose write position moved, to wake)."""
         router = self.router
         raised = self.raised
@@ -276,7 +257,7 @@ class Fanout:
                     k += rings[worker].stage_many(eid, fanout, ts, payloads, i, j)
                     route.pairs_queued += fanout * (k - i)
                 for e in range(k, j):
-                    if e not in big and not self._stage_one(worker, eid, fanout, ts, payloads[e]):
+                    if e not in big and not self._admit(worker, eid, fanout, ts, payloads[e], True):
                         if failed is None:
                             failed = set()
                         failed.add(e)
@@ -284,7 +265,7 @@ class Fanout:
             ring_full += full
             queued += m - len(big) - full
         touched = [ring for ring in rings if ring.publish()]
-        if self._waited:  # published while waiting for room (see _stage_one)
+        if self._waited:  # published while waiting for room (see _admit)
             touched.extend(r for r in self._waited if r not in touched)
         self.events_queued += queued
         drops = self.drops
@@ -292,47 +273,48 @@ class Fanout:
         drops["no_subscribers"] += no_subscribers
         return oversize, touched
 
-    def _stage_one(self, worker: int, eid: int, fanout: int, ts: int, payload: bytes) -> bool:
-        """One record of a batch for one worker, decided exactly as _queue decides
-        (control records first, the backlog bound, the full-ring policy) and
-        counted in its route; True if the ring took it."""
-        assert self.router is not None
-        rings = self.router.rings
-        route = self.router.routes[worker]
-        ring = rings[worker]
+    def _admit(
+        self, worker: int, eid: int, fanout: int, ts: int, payload: bytes, batch: bool
+    ) -> bool:
+        """The admission rule of both raise paths: one event record for `worker` (its
+        `fanout` subscribers of `eid`), counted in its route; True if its ring took
+        it. Control records first (an event must not overtake a pending subscribe or
+        unsubscribe); then the backlog bound (engine.max_pending_datagrams: a backlog
+        of datagrams, not only of bytes); then room in the ring: dropped, or with the
+        "wait" policy waited for a bounded time. In a batch (`batch`) the record is
+        staged, and before any wait what the batch staged is published and the
+        workers are woken (they must see it to make room). _queue_batch stages a
+        whole run at once only where this rule passes for every event of it."""
+        router = self.router
+        assert router is not None
+        route = router.routes[worker]
+        ring = router.rings[worker]
         wait_s = self._wait_s
         bound = self._max_pending
-        if route.pending:  # control records first: the event must not overtake them
-            ok = False
-        elif (
+        if route.pending or (
             bound
             and route.pairs_queued - route.consumed_seen + fanout > bound
-            and not self._backlog_room_in_batch(worker, fanout, wait_s)
+            and not self._backlog_room(worker, fanout, wait_s, batch)
         ):
-            ok = False  # a backlog of datagrams, not only of bytes, is bounded
-        elif ring.stage(KIND_EVENT, eid, fanout, ts, payload):
-            ok = True
-        elif wait_s:  # the worker must see what is staged to make room for it
-            self._publish_and_wake(rings)
-            ok = ring.append(KIND_EVENT, eid, fanout, ts, payload, wait_s)
-            self._waited.append(ring)  # published by append: woken after the batch
-        else:
-            ring.note_drop()
             ok = False
+        elif batch:
+            ok = ring.stage(KIND_EVENT, eid, fanout, ts, payload)
+            if not ok and wait_s:
+                self._publish_and_wake(router.rings)
+                ok = ring.append(KIND_EVENT, eid, fanout, ts, payload, wait_s)
+                self._waited.append(ring)  # published by append: woken after the batch
+            elif not ok:
+                ring.note_drop()
+        elif wait_s:
+            ok = ring.append(KIND_EVENT, eid, fanout, ts, payload, wait_s)
+        else:  # payloads are <= MAX_PAYLOAD, always under the ring's record limit
+            ok = ring.try_append(KIND_EVENT, eid, fanout, ts, payload)
         if ok:
             route.pairs_queued += fanout
         else:
             route.pairs_dropped += fanout
             route.records_dropped += 1
         return ok
-
-    def _backlog_room_in_batch(self, worker: int, fanout: int, wait_s: float) -> bool:
-        """_backlog_room inside a batch: before it may wait for the worker to drain,
-        what the batch staged is published and sleeping workers are woken."""
-        if wait_s:
-            assert self.router is not None
-            self._publish_and_wake(self.router.rings)
-        return self._backlog_room(worker, fanout, wait_s)
 
     def _publish_and_wake(self, rings: list[Ring]) -> None:
         """Publish every ring's staged records, cross a full barrier, wake the
@@ -344,12 +326,15 @@ class Fanout:
         for ring in rings:
             ring.wake_if_sleeping()
 
-    def _backlog_room(self, worker: int, fanout: int, wait_s: float) -> bool:
+    def _backlog_room(self, worker: int, fanout: int, wait_s: float, batch: bool) -> bool:
         """Whether `worker`'s pending datagrams plus `fanout` fit under
         engine.max_pending_datagrams, with its consumed count read afresh (waiting up
-        to `wait_s` for it to drain). An empty backlog always takes an event, however
-        many subscribers it has."""
+        to `wait_s` for it to drain; in a batch, after publishing what it staged and
+        waking the workers). An empty backlog always takes an event, however many
+        subscribers it has."""
         assert self.router is not None
+        if batch and wait_s:
+            self._publish_and_wake(self.router.rings)
         route = self.router.routes[worker]
         region = self.regions[worker]
         deadline = time.monotonic() + wait_s
