@@ -360,6 +360,7 @@ def summarize(
         + (lat_round.get("oversize", 0) if lat_round else 0)
         + (idle_round.get("oversize", 0) if idle_round else 0),
         "latency_s": latency["latency_s"] if latency else {},
+        "latency_engine_raise_to_send_le_s": _engine_quantiles(lat_round),
         "latency": lat_round,
         "idle_latency_s": idle_lat,
         "idle_latency_c_s": (idle.get("c_wake") or {}) if idle else {},
@@ -419,6 +420,27 @@ def _backlog(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "ring_full": sum(b["ring_full"] for b in found),
         "pairs_stale": sum(b["pairs_stale"] for b in found),
     }
+
+
+def _engine_quantiles(round_record: dict[str, Any] | None) -> dict[str, Any]:
+    """The latency phase's raise -> sent as the workers' own histogram has it (the
+    engine's part of raise -> receive, whatever the receivers add): per quantile, the
+    upper bound of the bucket it falls in, in seconds ("+Inf" past the last)."""
+    hist = (round_record or {}).get("engine_raise_to_send")
+    if not hist:
+        return {}
+    counts, bounds = hist["counts"], hist["le_s"]
+    total = sum(counts)
+    out: dict[str, Any] = {"samples": total}
+    for name, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999)):
+        seen = 0
+        out[name] = None
+        for bound, count in zip(bounds, counts, strict=True):
+            seen += count
+            if total and seen >= q * total:
+                out[name] = bound
+                break
+    return out
 
 
 def _c_ratio(engine: dict[str, Any], c: dict[str, Any] | None) -> float | None:

@@ -113,6 +113,14 @@ def format_table(result: dict[str, Any]) -> str:
             f"p99.9 {format_us(lat['p999'])}, max {format_us(lat['max'])}; "
             f"loss {result['loss']['latency_phase']}"
         )
+        own = result.get("latency_engine_raise_to_send_le_s") or {}
+        if own.get("p99") is not None:
+            lines.append(
+                f"  of which the engine's raise->sent (the workers' histogram, bucket bounds): "
+                f"p50 <= {_le(own['p50'])}, p99 <= {_le(own['p99'])}, "
+                f"p99.9 <= {_le(own['p999'])}; the rest is the receivers' (2-core machine: "
+                f"they share the producer's CPU)"
+            )
     backlog = result["backlog"]
     if backlog:
         lines.append(
@@ -290,3 +298,8 @@ def _stream_lines(result: dict[str, Any]) -> list[str]:
                 f"+{costs['added_per_engine_us']:.1f} per added engine"
             )
     return lines
+
+
+def _le(bound: float | str | None) -> str:
+    """A histogram bucket bound for the table."""
+    return bound if isinstance(bound, str) else format_us(bound) if bound is not None else "n/a"
