@@ -26,7 +26,7 @@ from typing import Any, Final
 from engine.shm.counters import REASONS
 from engine.shm.mmsg import SENDMMSG, IoVec, MMsgHdr
 
-MSG_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0x40)
+MSG_DONTWAIT: Final = int(getattr(socket, "MSG_DONTWAIT", 0x40))  # an int, not an enum flag
 UIO_MAXIOV: Final = 1024  # most messages one sendmmsg takes
 
 # Errors after which the rest of this subscriber's batch would fail the same way

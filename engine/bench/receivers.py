@@ -62,8 +62,10 @@ from engine.bench.common import BenchPayload, Child, prepare_child, read_sysctl
 from engine.bench.receiver_sockets import open_socket, udp_drops
 from engine.shm.mmsg import IoVec, MMsgHdr, MsgHdr
 
-MSG_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0x40)
-MSG_TRUNC: Final = getattr(socket, "MSG_TRUNC", 0x20)
+MSG_DONTWAIT: Final = int(
+    getattr(socket, "MSG_DONTWAIT", 0x40)
+)  # ints: an enum flag's &, | are slow
+MSG_TRUNC: Final = int(getattr(socket, "MSG_TRUNC", 0x20))
 MAX_CALLS: Final = 32  # recvmmsg calls per socket per wake-up
 BUFFER_BUDGET: Final = 8 << 20  # bytes of receive slots per process
 LATENCY_CAP: Final = 4_000_000  # latency samples kept per process per round
