@@ -328,6 +328,12 @@ _WORKER_SERIES: Final[tuple[tuple[bool, str, str, Callable[[WorkerStatistics], i
         lambda w: w.sleeps,
     ),
     (
+        False,
+        "worker_lost_wakeups_total",
+        "Times the supervisor woke the worker, asleep with records waiting (expected 0).",
+        lambda w: w.lost_wakeups,
+    ),
+    (
         True,
         "pairs_in_ring",
         "(event, subscriber) pairs in the worker's ring, not yet sent or failed.",

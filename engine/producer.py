@@ -374,6 +374,7 @@ class Engine:
                         pairs_filtered=scalars["pairs_filtered"],
                         failovers=scalars["failovers"],
                         sleeps=ring.sleeps,
+                        lost_wakeups=self.supervisor.nudges[k],
                         redelivered_pairs=scalars["redelivered_pairs"],
                         subscribers=scalars["subscribers"],
                         shared_subscribers=scalars["shared_subscribers"],

@@ -32,6 +32,9 @@ class WorkerStatistics:
     sleeps: int  # times the worker went to sleep until woken (idle)
     pairs_filtered: int = 0  # pairs not sent: the subscription's filter did not match
     failovers: int = 0  # datagrams a failed group member passed on to another member
+    # times the supervisor rang for this worker asleep with records waiting (a lost
+    # wake-up: expected 0; shm/doorbell.py)
+    lost_wakeups: int = 0
 
     @property
     def pairs_in_ring(self) -> int:

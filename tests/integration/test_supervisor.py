@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.metrics import exposition
 from engine.options import EngineOptions
 from engine.producer import Engine, EngineError
 from engine.shm.ring import KIND_EVENT
@@ -236,5 +237,8 @@ def test_a_lost_wake_up_is_made_up_for_by_the_supervisor() -> None:
             assert len(rx.wait_for(2)) == 2, "the worker slept through a published record"
             assert json.loads(rx.datagrams[1])["params"] == {"seq": 1}
             assert supervisor.nudges == [1]
+            assert engine.statistics().workers[0].lost_wakeups == 1
+            body, _ = exposition(engine)
+            assert b'event_datagram_worker_lost_wakeups_total{worker="0"} 1.0' in body, body
     finally:
         rx.close()
