@@ -37,12 +37,12 @@ def parse(output: str) -> dict[str, Any] | None:
     }
 
 
-def run_python(events: int = 100, gap_ms: int = 50) -> dict[str, Any]:
-    """The same chain in Python (py_wake.py, in a fresh interpreter): CPython's own
-    floor for the engine's idle latency. {"status": "ok", p50.. in s} or "failed"."""
+def _chain(command: list[str], events: int, gap_ms: int) -> dict[str, Any]:
+    """Run one chain program (`command` + events + gap) and read its line:
+    {"status": "ok", p50.. in s} or {"status": "failed", "reason": ...}."""
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "engine.bench.probes.py_wake", str(events), str(gap_ms)],
+            [*command, str(events), str(gap_ms)],
             check=True,
             capture_output=True,
             text=True,
@@ -54,6 +54,12 @@ def run_python(events: int = 100, gap_ms: int = 50) -> dict[str, Any]:
     if found is None:
         return {"status": "failed", "reason": f"unparsed output: {done.stdout[:200]!r}"}
     return {"status": "ok", **found}
+
+
+def run_python(events: int = 100, gap_ms: int = 50) -> dict[str, Any]:
+    """The same chain in Python (py_wake.py, in a fresh interpreter): CPython's own
+    floor for the engine's idle latency. {"status": "ok", p50.. in s} or "failed"."""
+    return _chain([sys.executable, "-m", "engine.bench.probes.py_wake"], events, gap_ms)
 
 
 def run(events: int = 100, gap_ms: int = 50) -> dict[str, Any]:
@@ -73,16 +79,6 @@ def run(events: int = 100, gap_ms: int = 50) -> dict[str, Any]:
                 capture_output=True,
                 timeout=TIMEOUT_S,
             )
-            done = subprocess.run(
-                [str(exe), str(events), str(gap_ms)],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT_S + events * gap_ms / 1000,
-            )
         except (OSError, subprocess.SubprocessError) as e:
             return {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:200]}
-    found = parse(done.stdout)
-    if found is None:
-        return {"status": "failed", "reason": f"unparsed output: {done.stdout[:200]!r}"}
-    return {"status": "ok", **found}
+        return _chain([str(exe)], events, gap_ms)
