@@ -100,6 +100,7 @@ class Engine:
         self._fanout = fanout = Fanout(self.options, self._clock)
         self._hot = fanout.hot
         self._raise = fanout.raise_one  # bound once: no extra lookup per event
+        self._wake_ahead = fanout.wake_ahead
         self.supervisor = Supervisor(self.options, self)
         self._next_expiry: float | None = None
         self.final_statistics: EngineStatistics | None = None
@@ -246,12 +247,13 @@ class Engine:
         eid = self._event_ids.get(name)
         if eid is None:
             eid = self._learn_event(name)  # raises UnknownEvent
+        ts = self._wake_ahead(eid)  # a sleeping worker wakes while we encode
         try:
             payload = encode_notification(name, params)
         except PayloadTooLarge:
             self._fanout.count_oversize(eid)
             raise
-        return self._raise(name, eid, payload)
+        return self._raise(name, eid, payload, ts)
 
     def raise_encoded(self, name: str, payload: bytes) -> RaiseResult:
         """Queue an event whose notification is already encoded (a source relays
@@ -264,10 +266,11 @@ class Engine:
         eid = self._event_ids.get(name)
         if eid is None:
             eid = self._learn_event(name)  # raises UnknownEvent
+        ts = self._wake_ahead(eid)
         if len(payload) > MAX_PAYLOAD:
             self._fanout.count_oversize(eid)
             raise PayloadTooLarge(name, len(payload), MAX_PAYLOAD)
-        return self._raise(name, eid, payload)
+        return self._raise(name, eid, payload, ts)
 
     def event_id(self, name: str) -> int:
         """The id of event `name`, for raise_encoded_batch. Raises UnknownEvent."""
@@ -287,6 +290,8 @@ class Engine:
         oversize, as raise_encoded counts it) and not queued. Returns how many were.
         Raises EngineError when stopped, before anything of the batch is counted.
         """
+        if eids:
+            self._wake_ahead(eids[0])  # its workers wake while the batch is staged
         return self._fanout.raise_batch(eids, payloads)
 
     def _learn_event(self, name: str) -> int:

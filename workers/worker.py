@@ -40,6 +40,11 @@ from workers.table import FD_RESERVE, Subscriber, SubscriberTable, raise_fd_limi
 # rings (no CPU at all while idle).
 IDLE_SPINS: Final = 200
 SHORT_SLEEP_S: Final = 50e-6
+# Woken from the doorbell, spin this long for the record: the producer rings ahead
+# of its append after a pause (engine/fanout.py, wake_ahead), and a short sleep
+# here would cost another wake-up. A wake with no record after it costs this much.
+WOKEN_SPIN_NS: Final = 1_000_000
+WOKEN: Final = -1  # spin_until's value right after a wake-up: no deadline yet
 # Most datagrams one batch may carry: with thousands of subscribers a batch ends
 # (and commits the progress the producer's backlog bound reads) every ~0.1 s.
 BATCH_MAX_PAIRS: Final = 32_768
@@ -159,6 +164,7 @@ class Worker:
         rpos = ring.read_pos
         idle = 0
         last_busy = time.monotonic_ns()
+        spin_until = 0  # after a wake-up: spin (no sleep) until then
         eids: list[int] = []
         lengths: list[int] = []
         stamps: list[int] = []
@@ -170,6 +176,11 @@ class Worker:
                 if idle < IDLE_SPINS:
                     continue
                 now = time.monotonic_ns()
+                if now < spin_until:
+                    continue
+                if spin_until == WOKEN:  # just woken: spin a while for the record
+                    spin_until = now + WOKEN_SPIN_NS
+                    continue
                 beat(now)
                 if now - last_busy < poll_ns:  # traffic is recent: poll
                     time.sleep(SHORT_SLEEP_S)
@@ -179,9 +190,11 @@ class Worker:
                 # Until the producer rings (no time-out: the engine's death kills us,
                 # PR_SET_PDEATHSIG, and the supervisor rings if a wake-up was lost).
                 ring.sleep(rpos)
-                beat(time.monotonic_ns())
+                # Straight back to the ring: after a pause every step is slow (cold
+                # caches), so nothing (no clock, no heartbeat) comes before the send.
+                spin_until = WOKEN
                 continue
-            idle = 0
+            idle = spin_until = 0
             stale_before = time.monotonic_ns() - max_delay_ns if max_delay_ns else 0
             pos, records, consumed, n, control = read_batch(
                 rpos, wpos, batch_max, iov, base, eids, lengths, stamps, stale_before, stale,
@@ -339,14 +352,12 @@ class Worker:
 
     def _deliver(self, sub: Subscriber, start: int, count: int) -> int:
         """Send entries [start, start+count) to one subscriber; count failures by reason."""
-        # A batch to thousands of subscribers takes a while: beat per subscriber, so
-        # the supervisor tells a busy worker from a stuck one.
-        self.region.beat(time.monotonic_ns())
         sender = self.sender
         # Own connected socket (subscribers on shared sockets go by _send_shared).
         if not sub.connected:
             now = time.monotonic()
             if now < sub.retry_at or not self.table.connect(sub, now):
+                self.region.beat(time.monotonic_ns())
                 sender.errors[:] = [(i, sub.last_errno) for i in range(start, start + count)]
                 self._count_failures(sub, count)
                 if sub.slot >= 0:
@@ -358,6 +369,10 @@ class Worker:
         if wait and not self.batch_deadline:
             self.batch_deadline = time.monotonic() + self.unix_wait_s
         sent = sender.send(sub.sock, start, count, self.batch_deadline if wait else 0.0)
+        # A batch to thousands of subscribers takes a while: beat per subscriber, so
+        # the supervisor tells a busy worker from a stuck one (after the send: the
+        # first datagram after a pause goes out sooner).
+        self.region.beat(time.monotonic_ns())
         if sub.transport == UNIX:
             if sender.errors and wait and not sender.sent_after_wait:
                 sub.stalled = True  # waited in vain: do not hold up the batch for it again

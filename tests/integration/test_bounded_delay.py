@@ -10,6 +10,9 @@ import signal
 import socket
 import time
 
+import pytest
+
+from engine.errors import WireError
 from tests.helpers.support import eventually, running_engine, settle, udp_receiver
 
 
@@ -85,7 +88,8 @@ def test_a_backlog_is_bounded_in_datagrams_with_1000_subscribers() -> None:
 def test_no_wake_up_is_lost_when_a_raise_races_the_worker_going_to_sleep() -> None:
     # idle_poll_ms 0: the worker goes to sleep right after its spins, so raises
     # land before, during and after its announcement, thousands of times. A lost
-    # wake-up would leave a datagram waiting for the worker's 1 s sleep time-out.
+    # wake-up would leave a datagram waiting for the supervisor's nudge (two ticks).
+    # Each raise also rings the sleeping worker ahead of its append (wake_ahead).
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rx.bind(("127.0.0.1", 0))
     rx.settimeout(0.5)
@@ -133,5 +137,37 @@ def test_a_worker_killed_while_asleep_is_restarted_and_delivers() -> None:
             engine.raise_event("E_TEST", {"seq": 1})
             assert len(rx.wait_for(1)) == 1
             engine.statistics().check_identity()
+    finally:
+        rx.close()
+
+
+def test_a_worker_rung_ahead_of_an_event_that_never_comes_sleeps_again() -> None:
+    """raise_event rings a sleeping worker before it encodes (Fanout.wake_ahead); when
+    the encoding then fails, the worker woke for nothing: it must spin a moment, go
+    back to sleep and still be woken by the next event, with nothing sent meanwhile."""
+    rx = udp_receiver()
+    try:
+        with running_engine(idle_poll_ms=0) as engine:
+            engine.subscribe("E_TEST", rx.socket_text)
+            engine.raise_event("E_TEST", {"seq": 0})
+            assert len(rx.wait_for(1)) == 1
+            ring = engine.supervisor.rings[0]
+            for _ in range(3):
+                eventually(lambda: ring.asleep, what="the worker asleep")
+                sleeps = ring.sleeps
+                with pytest.raises(WireError):
+                    engine.raise_event("E_TEST", {"bad": object()})  # not JSON
+                # It woke (rung ahead of an append that never came) and slept again.
+                eventually(
+                    lambda s=sleeps: ring.sleeps == s + 1 and ring.asleep, what="a new sleep"
+                )
+                assert engine.supervisor.nudges[0] == 0  # no wake-up was lost
+            assert len(rx.quiet(expect=1)) == 1  # nothing was sent for the refused events
+            engine.raise_event("E_TEST", {"seq": 1})
+            got = [json.loads(d)["params"]["seq"] for d in rx.wait_for(2)]
+            assert got == [0, 1]
+            stats = engine.statistics()
+            stats.check_identity()
+            assert stats.pairs_sent == 2
     finally:
         rx.close()

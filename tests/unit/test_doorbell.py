@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from engine.shm.doorbell import Doorbell
-from engine.shm.ring import _SLEEP_SEQ, KIND_EVENT, Ring
+from engine.shm.ring import _FENCE, _SLEEP_SEQ, KIND_EVENT, Ring
 from engine.shm.segment import Segment
 
 
@@ -127,3 +127,65 @@ def test_a_consumer_killed_in_its_sleep_does_not_leave_its_successor_unwakeable(
     finally:
         producer.release()
         successor.release()
+
+
+def test_a_ring_ahead_of_the_append_never_strands_the_record(
+    segment: Segment, doorbell: Doorbell
+) -> None:
+    """The producer rings before it appends (Fanout.wake_ahead), then appends and
+    wakes as usual. A consumer woken ahead that finds nothing and sleeps again at
+    once (the worst case: the worker spins a while first) must be rung again by the
+    usual wake: the early ring's bookkeeping must not swallow it."""
+    producer = Ring(segment.buf, doorbell)
+    consumer = Ring(segment.buf, doorbell)
+    records = 300
+    seen: list[int] = []
+    woken_empty = 0
+    failed: list[BaseException] = []
+
+    def worker() -> None:
+        nonlocal woken_empty
+        try:
+            rpos = consumer.read_pos
+            total = 0
+            while len(seen) < records:
+                wpos = consumer.write_pos
+                if wpos == rpos:
+                    consumer.sleep(rpos)
+                    if consumer.write_pos == rpos:
+                        woken_empty += 1  # woken ahead of the record: sleep again
+                    continue
+                for pos, nxt, _kind, eid, _fanout, _ts, _length in consumer.records(rpos, wpos):
+                    seen.append(eid)
+                    rpos = nxt
+                    total += 1
+                    assert pos < nxt
+                consumer.set_read_pos(rpos, total)
+        except BaseException as exc:  # reported by the test thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        for k in range(records):
+            deadline = time.monotonic() + 5
+            while not producer.asleep and time.monotonic() < deadline:
+                time.sleep(0)  # until the consumer sleeps on what it has
+            producer.wake_if_sleeping()  # ahead: nothing appended yet
+            if k % 2:
+                time.sleep(0.0002)  # let the consumer wake, find nothing, sleep again
+            assert producer.try_append(KIND_EVENT, k, 1, time.monotonic_ns(), b"x")
+            with _FENCE:
+                pass
+            producer.wake_if_sleeping()  # the usual wake, after the append
+            deadline = time.monotonic() + 5
+            while len(seen) <= k and time.monotonic() < deadline and not failed:
+                time.sleep(0.0005)
+            assert not failed, failed
+            assert len(seen) == k + 1, f"record {k} was stranded: its wake-up was lost"
+        assert seen == list(range(records))
+        assert woken_empty > 0  # the race was really run: woken ahead, slept again
+    finally:
+        thread.join(5)
+        producer.release()
+        consumer.release()
