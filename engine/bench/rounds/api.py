@@ -25,7 +25,7 @@ from engine.wire import PayloadTooLarge
 
 CHUNK: Final = 64  # raises between two looks at the clock
 IDLE_SUBSCRIBERS: Final = 4  # the idle phase's subscribers: the default bench's
-IDLE_SETTLE_S: Final = 1.0  # quiet before the idle CPU window (workers sleep after 100 ms)
+IDLE_SETTLE_S: Final = 1.0  # quiet before the idle CPU window (workers sleep after 2 ms)
 
 
 class ApiRound(EngineRound):
