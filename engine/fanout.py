@@ -53,6 +53,11 @@ class RaiseResult(NamedTuple):
         return self.workers_queued == 0 and self.workers_dropped == 0
 
 
+# RaiseResult's own constructor is a Python-level function (~0.1 us of the ~3 us a
+# raise costs); the tuple's, given the class, builds the same object at C speed.
+_new_result = tuple.__new__
+
+
 def _runs(eids: Sequence[int]) -> list[tuple[int, int, int]]:
     """The runs of equal ids in `eids` as (id, start, end): one when all are equal
     (checked at C speed: the usual batch, one event type)."""
@@ -210,7 +215,7 @@ class Fanout:
         targets = router.targets.get(eid) if router is not None else None
         if not targets or router is None:
             self.drops["no_subscribers"] += 1
-            return RaiseResult(name, len(payload), 0, 0, 0)
+            return _new_result(RaiseResult, (name, len(payload), 0, 0, 0))
         admit = self._admit
         queued = dropped = pairs = 0
         for worker, fanout in targets:
@@ -223,7 +228,7 @@ class Fanout:
             self.drops["ring_full"] += 1
         else:
             self.events_queued += 1
-        return RaiseResult(name, len(payload), queued, dropped, pairs)
+        return _new_result(RaiseResult, (name, len(payload), queued, dropped, pairs))
 
     def _queue_batch(
         self, eids: Sequence[int], payloads: Sequence[bytes]
