@@ -172,11 +172,13 @@ def format_table(result: dict[str, Any]) -> str:
                 )
             first = result.get("idle_latency_first_s") or {}
             first_ratio = result.get("idle_latency_c_ratio_first_p50")
+            py_ratio = result.get("idle_latency_py_ratio_first_p50")
             if first.get("p50") is not None:
                 lines.append(
                     f"  each event's first datagram (the C chain's shape: one wake, one send): "
                     f"p50 {format_us(first['p50'])}, p99 {format_us(first['p99'])}; engine / C "
                     + (f"{first_ratio:.2f}" if first_ratio is not None else "n/a")
+                    + (f", engine / Python {py_ratio:.2f}" if py_ratio is not None else "")
                 )
         elif cw:
             lines.append(f"C chain: {cw['status']} ({cw.get('reason', '')})")

@@ -159,6 +159,16 @@ def check_idle(doc: dict[str, Any], subscribers: int) -> None:
     assert all(isinstance(v, float) and 0 <= v < 100 for v in cpu.values()), cpu
     assert idle["idle_cpu"]["window_s"] >= 1.0
     assert all(n >= 0 for n in idle["idle_cpu"]["sleeps"].values())
+    first = doc["idle_latency_first_s"]
+    ratios = {
+        "idle_latency_c_ratio_first_p50": doc["idle_latency_c_s"],
+        "idle_latency_py_ratio_first_p50": doc["idle_latency_py_s"],
+    }
+    for key, chain in ratios.items():
+        if chain.get("status") == "ok":
+            assert doc[key] == first["p50"] / chain["p50"], key
+        else:
+            assert doc[key] is None, key
     targets = doc["targets"]
     assert targets["idle_cpu_percent"]["value"] == max(cpu.values())
     assert targets["idle_cpu_percent"]["target"] == 0.1
