@@ -21,6 +21,19 @@ def doorbell() -> Iterator[Doorbell]:
     bell.close()
 
 
+def start_sleeper(ring: Ring) -> threading.Event:
+    """A consumer thread asleep on `ring` from its read position; the event is set
+    when its sleep returns."""
+    woke = threading.Event()
+
+    def worker() -> None:
+        ring.sleep(ring.read_pos)
+        woke.set()
+
+    threading.Thread(target=worker, daemon=True).start()
+    return woke
+
+
 def test_a_ring_before_the_wait_is_kept(doorbell: Doorbell) -> None:
     doorbell.ring()
     doorbell.ring()
@@ -58,13 +71,7 @@ def test_the_consumer_sleeps_until_the_producer_rings(segment: Segment, doorbell
     producer = Ring(segment.buf, doorbell)
     consumer = Ring(segment.buf, doorbell)
     try:
-        woke = threading.Event()
-
-        def worker() -> None:
-            consumer.sleep(consumer.read_pos)
-            woke.set()
-
-        threading.Thread(target=worker, daemon=True).start()
+        woke = start_sleeper(consumer)
         deadline = time.monotonic() + 5
         while producer.sleeps == 0 and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -109,13 +116,7 @@ def test_a_consumer_killed_in_its_sleep_does_not_leave_its_successor_unwakeable(
     successor = Ring(segment.buf, doorbell)
     try:
         producer.words[_SLEEP_SEQ] = 5  # odd: its sleeper died without waking
-        woke = threading.Event()
-
-        def worker() -> None:
-            successor.sleep(successor.read_pos)
-            woke.set()
-
-        threading.Thread(target=worker, daemon=True).start()
+        woke = start_sleeper(successor)
         deadline = time.monotonic() + 5
         while producer.words[_SLEEP_SEQ] == 5 and time.monotonic() < deadline:
             time.sleep(0.005)
