@@ -26,6 +26,7 @@ TARGET_WORKERS_EFFICIENCY: Final = 0.9  # ceiling's CPU per datagram / the worke
 TARGET_PATH_EFFICIENCY: Final = 0.65  # ... / (producer + workers)
 TARGET_IDLE_CPU_PERCENT: Final = 0.1  # of one core, per worker
 TARGET_IDLE_P99_S: Final = 200e-6
+TARGET_IDLE_FIRST_VS_C: Final = 1.5  # first datagram after a pause / wake.c, p50 (issue 20)
 CDF_QUANTILES: Final = tuple([i / 100 for i in range(100)] + [0.995, 0.999, 0.9995, 0.9999, 1.0])
 
 
@@ -254,6 +255,8 @@ def summarize(
     )
     worst_idle_cpu = max(idle_cpu.values()) if idle_cpu else None
     idle_p99 = idle_lat.get("p99")
+    c_wake = idle.get("c_wake") if idle else None
+    idle_first_vs_c = _c_ratio(idle_first, c_wake)
     eng_rx = engine.get("datagrams_received_per_s")
     eng_tx = engine.get("datagrams_sent_per_s")
     ceil_tx = ceiling.get("datagrams_sent_per_s")
@@ -280,6 +283,11 @@ def summarize(
         "latency_phase_loss": {"value": lat_loss, "target": 0, "met": lat_loss == 0},
         "idle_cpu_percent": _target_below(worst_idle_cpu, TARGET_IDLE_CPU_PERCENT),
         "idle_latency_p99_s": _target_below(idle_p99, TARGET_IDLE_P99_S),
+        "idle_first_datagram_vs_c_p50": {
+            "value": idle_first_vs_c,
+            "target": TARGET_IDLE_FIRST_VS_C,
+            "met": idle_first_vs_c is not None and idle_first_vs_c <= TARGET_IDLE_FIRST_VS_C,
+        },
     }
     engine_drops = _merge_counts([r["drops"] for r in by["engine"]])
     head = headline(by["engine"], by["ceiling"])
@@ -364,12 +372,10 @@ def summarize(
         "latency": lat_round,
         "idle_latency_s": idle_lat,
         "idle_latency_c_s": (idle.get("c_wake") or {}) if idle else {},
-        "idle_latency_c_ratio_p50": _c_ratio(idle_lat, idle.get("c_wake") if idle else None),
+        "idle_latency_c_ratio_p50": _c_ratio(idle_lat, c_wake),
         "idle_latency_py_s": (idle.get("py_wake") or {}) if idle else {},
         "idle_latency_first_s": idle_first,
-        "idle_latency_c_ratio_first_p50": _c_ratio(
-            idle_first, idle.get("c_wake") if idle else None
-        ),
+        "idle_latency_c_ratio_first_p50": idle_first_vs_c,
         "idle_latency_py_ratio_first_p50": _c_ratio(
             idle_first, idle.get("py_wake") if idle else None
         ),

@@ -220,6 +220,7 @@ def format_table(result: dict[str, Any]) -> str:
                 "latency_phase_loss",
                 "idle_cpu_percent",
                 "idle_latency_p99_s",
+                "idle_first_datagram_vs_c_p50",
                 "cpu_efficiency_vs_ceiling_workers",
                 "cpu_efficiency_vs_ceiling_producer_and_workers",
             )

@@ -52,6 +52,7 @@ STABLE_KEYS = [
     ("backlog", "ring_full"),
     ("targets", "idle_cpu_percent", "met"),
     ("targets", "idle_latency_p99_s", "met"),
+    ("targets", "idle_first_datagram_vs_c_p50", "met"),
     ("cpu_s", "engine", "producer"),
     ("cpu_s", "engine", "workers"),
     ("cpu_s", "engine", "receivers"),
@@ -177,6 +178,12 @@ def check_idle(doc: dict[str, Any], subscribers: int) -> None:
         "target": 200e-6,
         "met": lat["p99"] < 200e-6,
     }
+    first_vs_c = doc["idle_latency_c_ratio_first_p50"]
+    assert targets["idle_first_datagram_vs_c_p50"] == {
+        "value": first_vs_c,
+        "target": 1.5,
+        "met": first_vs_c is not None and first_vs_c <= 1.5,
+    }
 
 
 def check_clean(doc: dict[str, Any]) -> None:
@@ -224,6 +231,7 @@ def test_udp_run_through_the_cli_writes_complete_consistent_json(
     assert "datagrams/s received" in table and "engine / baseline" in table
     assert "idle: worker CPU" in table and "idle latency raise->receive" in table
     assert "idle_cpu_percent" in table and "idle_latency_p99_s" in table
+    assert "idle_first_datagram_vs_c_p50" in table
     if plot is not None:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
