@@ -256,6 +256,7 @@ def summarize(
     worst_idle_cpu = max(idle_cpu.values()) if idle_cpu else None
     idle_p99 = idle_lat.get("p99")
     c_wake = idle.get("c_wake") if idle else None
+    py_wake = idle.get("py_wake") if idle else None
     idle_first_vs_c = _c_ratio(idle_first, c_wake)
     eng_rx = engine.get("datagrams_received_per_s")
     eng_tx = engine.get("datagrams_sent_per_s")
@@ -371,14 +372,12 @@ def summarize(
         "latency_engine_raise_to_send_le_s": _engine_quantiles(lat_round),
         "latency": lat_round,
         "idle_latency_s": idle_lat,
-        "idle_latency_c_s": (idle.get("c_wake") or {}) if idle else {},
+        "idle_latency_c_s": c_wake or {},
         "idle_latency_c_ratio_p50": _c_ratio(idle_lat, c_wake),
-        "idle_latency_py_s": (idle.get("py_wake") or {}) if idle else {},
+        "idle_latency_py_s": py_wake or {},
         "idle_latency_first_s": idle_first,
         "idle_latency_c_ratio_first_p50": idle_first_vs_c,
-        "idle_latency_py_ratio_first_p50": _c_ratio(
-            idle_first, idle.get("py_wake") if idle else None
-        ),
+        "idle_latency_py_ratio_first_p50": _c_ratio(idle_first, py_wake),
         "idle_cpu_percent": idle_cpu,
         "idle_latency": idle_round,
         "backlog": _backlog(by["engine"]),
